@@ -1,0 +1,131 @@
+"""Parameter accounting for TeRA and the adapters it is compared with, per layer and per model.
+
+Every method is counted the same way for a ``(d_out, d_in)`` layer:
+
+=============  ======================  ==================================  =====================================
+method         trainable per layer     frozen, stored once                 max rank(ΔW)
+=============  ======================  ==================================  =====================================
+LoRA r         r (d_in + d_out)        0                                   min(r, d_out, d_in)
+VeRA r         d_out + r               A (r × d_in), B (d_out × r),         min(r, d_out, d_in)
+                                       shared by all layers
+HiRA r         r (d_in + d_out)        0 (reuses W0: ΔW = W0 ⊙ BA)          min(rank(W0)·r, d_out, d_in)
+TeRA spec      Σ_n len(λ_n)            ∏ R_n + Σ K_n R_n per shape group    min(∏ R_row, ∏ R_col, d_out, d_in)
+=============  ======================  ==================================  =====================================
+
+VeRA follows PEFT: one shared (A, B) pair sized by the largest d_in and d_out of the targets.
+HiRA's bound assumes a full-rank W0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .spec import TeRASpec
+
+__all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]
+
+METHODS = ("tera", "lora", "vera", "hira")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Counts for one adapted ``(d_out, d_in)`` layer under one method."""
+
+    method: str
+    d_out: int
+    d_in: int
+    trainable: int
+    max_rank: int
+
+
+@dataclass(frozen=True)
+class MethodTotals:
+    """Totals over a list of layers: trainable numbers, frozen shared numbers, and ranks."""
+
+    method: str
+    label: str
+    trainable: int
+    frozen_shared: int
+    min_max_rank: int
+    layers: tuple[LayerCost, ...]
+
+    @property
+    def full_rank_layers(self) -> int:
+        """Layers whose maximum rank is min(d_out, d_in)."""
+        return sum(lc.max_rank == min(lc.d_out, lc.d_in) for lc in self.layers)
+
+
+def _check_rank(method: str, r: object) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"{method} rank r must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def layer_cost(method: str, d_out: int, d_in: int, *, r: int | None = None, spec: TeRASpec | None = None) -> LayerCost:
+    """Counts for one layer. ``method`` is one of ``METHODS``; LoRA/VeRA/HiRA need ``r``, TeRA a ``spec``."""
+    if method == "tera":
+        if spec is None or spec.shape != (d_out, d_in):
+            raise ValueError(f"method 'tera' needs a TeRASpec of shape {(d_out, d_in)}, got {spec}")
+        return LayerCost("tera", d_out, d_in, spec.num_trainable, spec.max_rank)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    r = _check_rank(method, r)
+    cap = min(d_out, d_in)
+    if method == "lora":
+        return LayerCost(method, d_out, d_in, r * (d_out + d_in), min(r, cap))
+    if method == "vera":
+        return LayerCost(method, d_out, d_in, d_out + r, min(r, cap))
+    return LayerCost(method, d_out, d_in, r * (d_out + d_in), min(cap * r, cap))
+
+
+def method_totals(
+    method: str,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    r: int | None = None,
+    order: int | tuple[int, int] = 6,
+    ranks="full",
+    diag: str = "rank",
+    specs: Iterable[TeRASpec] | None = None,
+) -> MethodTotals:
+    """Totals over the layers ``shapes`` (a list of ``(d_out, d_in)``, repeats allowed).
+
+    For TeRA, specs come from :meth:`TeRASpec.from_shape` with ``order``, ``ranks`` and
+    ``diag`` (or are given as ``specs``, one per shape); frozen factors are counted once per
+    distinct spec (shape group).
+    """
+    shapes = [(int(o), int(i)) for o, i in shapes]
+    if not shapes:
+        raise ValueError("method_totals needs at least one (d_out, d_in) layer shape")
+    if method == "tera":
+        spec_list = list(specs) if specs is not None else [
+            TeRASpec.from_shape(o, i, order=order, ranks=ranks, diag=diag) for o, i in shapes
+        ]
+        if len(spec_list) != len(shapes):
+            raise ValueError(f"got {len(spec_list)} specs for {len(shapes)} layer shapes")
+        layers = tuple(layer_cost("tera", o, i, spec=s) for (o, i), s in zip(shapes, spec_list))
+        frozen = sum(s.num_frozen for s in set(spec_list))
+        ranks_label = "full" if ranks == "full" else f"ranks={ranks}"
+        label = f"TeRA order {order}, {ranks_label}" + ("" if diag == "rank" else f", diag={diag}")
+    else:
+        layers = tuple(layer_cost(method, o, i, r=r) for o, i in shapes)
+        frozen = 0
+        if method == "vera":
+            frozen = int(r) * (max(i for _, i in shapes) + max(o for o, _ in shapes))
+        label = f"{dict(lora='LoRA', vera='VeRA', hira='HiRA')[method]} r={r}"
+    return MethodTotals(
+        method=method,
+        label=label,
+        trainable=sum(lc.trainable for lc in layers),
+        frozen_shared=frozen,
+        min_max_rank=min(lc.max_rank for lc in layers),
+        layers=layers,
+    )
+
+
+def total_params(shapes: Sequence[tuple[int, int]]) -> int:
+    """Numbers in the dense weights of ``shapes`` (what full fine-tuning trains)."""
+    return sum(math.prod(s) for s in shapes)

@@ -1,0 +1,171 @@
+"""Frozen random factors (core G, matrices U_n) and trainable scales λ_n of a TeRA network.
+
+Factors are drawn on the CPU in float64 with one generator per tensor, seeded from
+``(seed, tensor name, shape)`` by SHA-256 — never from draw order — so the same seed yields
+bit-identical factors in any process, on any device and in any model, whatever else was drawn
+before. Convert with :meth:`TeRAFactors.to` / :meth:`TeRAFactors.as_torch`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from ._backend import Array, is_torch, to_like
+from .spec import TeRASpec
+
+__all__ = ["TeRAFactors", "random_factors", "init_scales", "FACTOR_INITS", "SCALE_INITS"]
+
+FACTOR_INITS = ("orthogonal", "gaussian", "uniform")
+SCALE_INITS = ("zero_start", "ones", "random")
+FactorInit = Literal["orthogonal", "gaussian", "uniform"]
+ScaleInit = Literal["zero_start", "ones", "random"]
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _generator(seed: int, name: str, shape: tuple[int, ...]) -> np.random.Generator:
+    key = f"tera_tn|{seed}|{name}|{'x'.join(map(str, shape))}".encode()
+    digest = hashlib.sha256(key).digest()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, "little"))))
+
+
+@dataclass(frozen=True)
+class TeRAFactors:
+    """The frozen part of a TeRA network, shared by every layer of one spec (a shape group).
+
+    Attributes:
+        core: ``G`` of shape ``spec.ranks``.
+        factors: ``U_n`` of shape ``(K_n, R_n)``, one per mode; ``None`` for ``diag="identity"``.
+    """
+
+    core: Array
+    factors: tuple[Optional[Array], ...]
+
+    def to(self, like: Array) -> "TeRAFactors":
+        """Converted to the backend, dtype and device of ``like`` (numpy array or torch tensor)."""
+        return TeRAFactors(
+            to_like(self.core, like),
+            tuple(None if u is None else to_like(u, like) for u in self.factors),
+        )
+
+    def as_torch(self, dtype=None, device=None) -> "TeRAFactors":
+        """As torch tensors (default dtype float32, CPU)."""
+        import torch
+
+        like = torch.empty(0, dtype=dtype or torch.float32, device=device)
+        return self.to(like)
+
+    def as_numpy(self, dtype=np.float64) -> "TeRAFactors":
+        return self.to(np.empty(0, dtype=dtype))
+
+    def check(self, spec: TeRASpec) -> None:
+        """Raise ValueError when the shapes do not match ``spec``."""
+        if tuple(self.core.shape) != spec.ranks:
+            raise ValueError(f"core has shape {tuple(self.core.shape)}, expected {spec.ranks} for {spec}")
+        if len(self.factors) != spec.order:
+            raise ValueError(f"got {len(self.factors)} factor matrices, expected {spec.order} for {spec}")
+        for n, (u, k, r) in enumerate(zip(self.factors, spec.modes, spec.ranks)):
+            if spec.diag == "identity":
+                if u is not None:
+                    raise ValueError(f"diag='identity' takes no factor matrices, got one for mode {n}")
+            elif u is None or tuple(u.shape) != (k, r):
+                got = None if u is None else tuple(u.shape)
+                raise ValueError(f"factor U_{n} has shape {got}, expected {(k, r)} for {spec}")
+
+
+def _factor(gen: np.random.Generator, k: int, r: int, init: str) -> np.ndarray:
+    if init == "orthogonal":
+        q, rr = np.linalg.qr(gen.standard_normal((k, r)))
+        # Fixing the signs makes the draw a deterministic function of the Gaussian sample.
+        return q * np.where(np.diag(rr) < 0, -1.0, 1.0)
+    if init == "gaussian":
+        return gen.standard_normal((k, r)) / math.sqrt(k)
+    bound = math.sqrt(3.0 / k)
+    return gen.uniform(-bound, bound, size=(k, r))
+
+
+def random_factors(spec: TeRASpec, seed: int, *, init: FactorInit = "orthogonal") -> TeRAFactors:
+    """Seeded frozen factors for ``spec`` (numpy, float64, generated on the CPU).
+
+    * core ``G``: i.i.d. N(0, 1/∏R_col), so the frozen map ``x ↦ G_mat x`` has gain O(1).
+    * ``U_n`` of shape ``(K_n, R_n)``: orthonormal columns (QR of a Gaussian, default), or
+      i.i.d. Gaussian / uniform entries of variance 1/K_n (unit expected column norm).
+    * ``diag="identity"``: no factor matrices (``U_n = I``).
+    """
+    seed = _check_seed(seed)
+    if init not in FACTOR_INITS:
+        raise ValueError(f"init must be one of {FACTOR_INITS}, got {init!r}")
+    col_rank = math.prod(spec.ranks[spec.n_row :])
+    core = _generator(seed, "core", spec.ranks).standard_normal(spec.ranks) / math.sqrt(col_rank)
+    if spec.diag == "identity":
+        factors: tuple[Optional[np.ndarray], ...] = (None,) * spec.order
+    else:
+        factors = tuple(
+            _factor(_generator(seed, f"factor{n}", (k, r)), k, r, init)
+            for n, (k, r) in enumerate(zip(spec.modes, spec.ranks))
+        )
+    return TeRAFactors(core, factors)
+
+
+def init_scales(
+    spec: TeRASpec,
+    init: ScaleInit = "zero_start",
+    *,
+    zero_mode: int = 0,
+    seed: int | None = None,
+    like: Array | None = None,
+) -> tuple[Array, ...]:
+    """Trainable vectors λ_n, of lengths ``spec.scale_sizes``.
+
+    * ``"zero_start"`` (default): ``λ_{zero_mode} = 0``, all others 1. ΔW is exactly 0 but,
+      being multilinear in the λ_n, its gradient with respect to ``λ_{zero_mode}`` is not.
+    * ``"ones"``: all 1.
+    * ``"random"``: |λ| uniform in [0.5, 2] with random signs (needs ``seed``): a well-conditioned
+      generic point, used for rank analysis.
+
+    Returned as float64 numpy arrays, or converted to the backend/dtype/device of ``like``.
+    """
+    if init not in SCALE_INITS:
+        raise ValueError(f"init must be one of {SCALE_INITS}, got {init!r}")
+    sizes = spec.scale_sizes
+    if init == "random":
+        if seed is None:
+            raise ValueError("init='random' needs a seed")
+        seed = _check_seed(seed)
+        scales = []
+        for n, size in enumerate(sizes):
+            gen = _generator(seed, f"scale{n}", (size,))
+            scales.append(gen.uniform(0.5, 2.0, size) * gen.choice([-1.0, 1.0], size))
+    else:
+        if init == "zero_start" and not (isinstance(zero_mode, numbers.Integral) and 0 <= zero_mode < spec.order):
+            raise ValueError(f"zero_mode must be a mode index in [0, {spec.order}), got {zero_mode!r}")
+        scales = [np.ones(size) for size in sizes]
+        if init == "zero_start":
+            scales[zero_mode] = np.zeros(sizes[zero_mode])
+    out = tuple(scales)
+    if like is not None:
+        out = tuple(to_like(s, like) for s in out)
+    return out
+
+
+def check_scales(spec: TeRASpec, scales: tuple[Array, ...]) -> None:
+    """Raise ValueError when ``scales`` do not match ``spec.scale_sizes``."""
+    if isinstance(scales, (np.ndarray,)) or is_torch(scales) or len(scales) != spec.order:
+        got = "an array" if not isinstance(scales, (tuple, list)) else f"{len(scales)} vectors"
+        raise ValueError(f"scales must be a sequence of {spec.order} vectors (one per mode), got {got}")
+    for n, (s, size) in enumerate(zip(scales, spec.scale_sizes)):
+        if tuple(s.shape) != (size,):
+            raise ValueError(
+                f"scales[{n}] has shape {tuple(s.shape)}, expected ({size},) for diag={spec.diag!r} "
+                f"(len R_n for 'rank', K_n for 'mode'/'identity')"
+            )

@@ -1,0 +1,130 @@
+"""The TeRA network: ``ΔW = α · matricize(G ×_1 A_1 … ×_N A_N)`` and its rank theorem.
+
+``A_n`` combines the frozen factor ``U_n`` with the trainable vector ``λ_n`` according to
+``spec.diag`` (see :mod:`tera_tn.spec`). Everything here works on numpy arrays and torch
+tensors alike; the result takes the backend, dtype and device of the scales (a torch tensor
+if any operand is one) and torch results are differentiable with respect to the scales.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ._backend import Array, pick_like, to_like, to_numpy
+from .factors import TeRAFactors, check_scales
+from .modeproduct import multi_mode_product
+from .spec import TeRASpec
+
+__all__ = ["scaled_factors", "delta_weight", "theoretical_rank", "kron_vectors"]
+
+
+def _prepare(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array]) -> tuple[TeRAFactors, tuple[Array, ...]]:
+    if not isinstance(spec, TeRASpec):
+        raise ValueError(f"expected a TeRASpec, got {type(spec).__name__}")
+    check_scales(spec, tuple(scales))
+    factors.check(spec)
+    like = pick_like(*scales, factors.core)
+    return factors.to(like), tuple(to_like(s, like) for s in scales)
+
+
+def scaled_factors(
+    spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float = 1.0
+) -> tuple[Optional[Array], ...]:
+    """``A_n = U_n diag(λ_n)`` (rank side) or ``diag(λ_n) U_n`` (mode side), shape ``(K_n, R_n)``.
+
+    ``alpha`` is folded into ``A_1`` (cheaper than scaling the result). Returns ``None``
+    entries for ``diag="identity"``, whose ``A_n = diag(λ_n)`` is never formed.
+    """
+    factors, scales = _prepare(spec, factors, scales)
+    if spec.diag == "identity":
+        return (None,) * spec.order
+    out = []
+    for n, (u, lam) in enumerate(zip(factors.factors, scales)):
+        a = u * lam[None, :] if spec.diag == "rank" else lam[:, None] * u
+        out.append(a * alpha if n == 0 and alpha != 1.0 else a)
+    return tuple(out)
+
+
+def kron_vectors(vectors: Sequence[Array]) -> Array:
+    """``v_1 ⊗ … ⊗ v_k`` for 1-D arrays, C-order (the first vector is the most significant)."""
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = (out[:, None] * v[None, :]).reshape(-1)
+    return out
+
+
+def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float = 1.0) -> Array:
+    """Materialize ``ΔW`` of shape ``(d_out, d_in)``.
+
+    Args:
+        spec: the tensorization and parameterization.
+        factors: frozen core and factor matrices matching ``spec``.
+        scales: the N vectors λ_n, lengths ``spec.scale_sizes``.
+        alpha: global scaling α.
+
+    The network is contracted as a chain of mode products expressed as GEMMs in the cheapest
+    order (:func:`tera_tn.modeproduct.multi_mode_product`); ``diag="identity"`` uses
+    ``ΔW = α G_mat ⊙ (u vᵀ)`` with ``u = ⊗λ_row``, ``v = ⊗λ_col``. Padding is sliced away.
+    """
+    factors, scales = _prepare(spec, factors, scales)
+    po, pi = spec.padded_shape
+    if spec.diag == "identity":
+        p = spec.n_row
+        u = kron_vectors(scales[:p]) * alpha
+        v = kron_vectors(scales[p:])
+        x = factors.core.reshape(po, pi) * u[:, None] * v[None, :]
+    else:
+        mats = scaled_factors(spec, factors, scales, alpha)
+        x = multi_mode_product(factors.core, list(mats)).reshape(po, pi)
+    if (po, pi) != spec.shape:
+        x = x[: spec.d_out, : spec.d_in]
+    return x
+
+
+def _prefix_rank(masks: list[np.ndarray], cols: list[int], d: int) -> int:
+    """Generic rank of the first ``d`` rows (C-order) of ``A_1 ⊗ … ⊗ A_k``.
+
+    ``A_n`` has zero rows where ``masks[n]`` is False and its other rows are in general
+    position in ``R^{cols[n]}`` (any ``m ≤ cols[n]`` of them are independent). The kept rows
+    are all rows with a leading digit below ``q`` plus a prefix of the block at digit ``q``;
+    the latter adds its own prefix rank while the first ``q`` rows of ``A_1`` do not yet span.
+    """
+    if not masks:
+        return 1 if d >= 1 else 0
+    k1 = masks[0].size
+    rest_size = math.prod(m.size for m in masks[1:])
+    rest_rank = math.prod(min(int(m.sum()), c) for m, c in zip(masks[1:], cols[1:]))
+    q, rem = divmod(min(d, k1 * rest_size), rest_size)
+    nz = int(masks[0][:q].sum())
+    if nz >= cols[0]:
+        return cols[0] * rest_rank
+    rank = nz * rest_rank
+    if rem and q < k1 and masks[0][q]:
+        rank += _prefix_rank(masks[1:], cols[1:], rem)
+    return rank
+
+
+def theoretical_rank(spec: TeRASpec, scales: Sequence[Array]) -> int:
+    """The almost-sure rank of ΔW for generic frozen factors (tera-math §4), without materializing.
+
+    With every ``U_n`` of full column rank, a generic core and ``α ≠ 0``, and no padding:
+    ``rank(ΔW) = min(∏_row r_n, ∏_col r_n)`` where ``r_n = nnz(λ_n)`` for ``diag="rank"`` and
+    ``"identity"``, and ``r_n = min(nnz(λ_n), R_n)`` for ``diag="mode"``. With padding the kept
+    rows/columns are C-order prefixes of the padded Kronecker factors and the exact prefix rank
+    is used instead. Exact zeros in λ count as zeros; any other value counts as non-zero.
+    """
+    check_scales(spec, tuple(scales))
+    nonzero = [to_numpy(s) != 0 for s in scales]
+    if spec.diag == "rank":
+        # U_n diag(λ_n): all K_n rows are generic in the span of the nnz(λ_n) kept columns.
+        masks = [np.ones(k, dtype=bool) for k in spec.modes]
+        cols = [int(m.sum()) for m in nonzero]
+    else:
+        # diag(λ_n) U_n zeroes rows; U_n = I (identity) has rows in general position too.
+        masks = nonzero
+        cols = list(spec.ranks)
+    p = spec.n_row
+    return min(_prefix_rank(masks[:p], cols[:p], spec.d_out), _prefix_rank(masks[p:], cols[p:], spec.d_in))

@@ -1,0 +1,258 @@
+"""`TeRASpec`: how one (d_out, d_in) weight update is tensorized and parameterized.
+
+Conventions (stated once, used everywhere in tera_tn):
+
+* A linear layer computes ``y = W0 @ x`` with ``W0`` of shape ``(d_out, d_in)``.
+* The update is tensorized in C-order (row-major): ``ΔW[i, j] = X[i_1..i_P, j_1..j_Q]`` where
+  ``i = ravel_multi_index((i_1..i_P), row_modes)`` and likewise for ``j``; the first mode is the
+  most significant digit. Row modes come first, column modes after.
+* When ``prod(row_modes) > d_out`` (padding), the update is computed at the padded size and rows
+  ``d_out..`` are sliced away; the same for columns. Padding never leaks into results.
+* The network is ``X = G ×_1 A_1 … ×_N A_N`` with frozen core ``G`` of shape ``ranks`` and
+  ``A_n`` built from a frozen factor ``U_n`` (shape ``(K_n, R_n)``) and a trainable vector
+  ``λ_n``: ``A_n = U_n diag(λ_n)`` for ``diag="rank"`` (len R_n), ``A_n = diag(λ_n) U_n`` for
+  ``diag="mode"`` (len K_n), ``A_n = diag(λ_n)`` for ``diag="identity"`` (``U_n = I``, R_n = K_n).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal, Sequence, Union
+
+from .factorize import padded_factorization
+
+__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS"]
+
+Diag = Literal["rank", "mode", "identity"]
+DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity")
+RanksArg = Union[None, str, int, float, Sequence[int]]
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _check_modes(name: str, modes: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers, got {modes!r}")
+    if len(modes) == 0:
+        raise ValueError(f"{name} must hold at least one mode size, got an empty sequence")
+    return tuple(_check_size(f"{name}[{k}]", m) for k, m in enumerate(modes))
+
+
+@dataclass(frozen=True)
+class TeRASpec:
+    """Immutable description of one tensorized, TeRA-parameterized weight update.
+
+    Attributes:
+        row_modes: ``(I_1..I_P)``, product ≥ ``d_out``.
+        col_modes: ``(J_1..J_Q)``, product ≥ ``d_in``.
+        ranks: Tucker ranks ``(R_1..R_N)``, ``N = P + Q``, each ``1 ≤ R_n ≤ K_n``; ``None`` at
+            construction means full ranks ``R_n = K_n``.
+        diag: where the trainable diagonal sits: ``"rank"`` (default, ``U_n Λ_n``), ``"mode"``
+            (``Λ_n U_n``) or ``"identity"`` (``U_n = I``, full ranks only).
+        d_out, d_in: the true weight shape; ``None`` means the mode products (no padding).
+
+    Build one with :meth:`from_shape` (automatic balanced factorization with padding) or
+    directly from explicit modes, e.g. ``TeRASpec((16, 16, 16), (16, 16, 16))``.
+    """
+
+    row_modes: tuple[int, ...]
+    col_modes: tuple[int, ...]
+    ranks: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    diag: Diag = "rank"
+    d_out: int = field(default=None)  # type: ignore[assignment]
+    d_in: int = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        rows = _check_modes("row_modes", self.row_modes)
+        cols = _check_modes("col_modes", self.col_modes)
+        modes = rows + cols
+        if self.diag not in DIAG_PLACEMENTS:
+            raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
+        if self.ranks is None:
+            ranks = modes
+        else:
+            ranks = _check_modes("ranks", self.ranks)
+            if len(ranks) != len(modes):
+                raise ValueError(
+                    f"ranks has {len(ranks)} entries but the spec has {len(modes)} modes "
+                    f"(row_modes={rows}, col_modes={cols}); give one rank per mode"
+                )
+            for n, (r, k) in enumerate(zip(ranks, modes)):
+                if r > k:
+                    raise ValueError(f"ranks[{n}]={r} exceeds mode size K_{n}={k}; expected 1 <= R_n <= K_n")
+        if self.diag == "identity" and ranks != modes:
+            raise ValueError(
+                f"diag='identity' uses U_n = I and needs full ranks {modes}, got ranks={ranks}"
+            )
+        d_out = math.prod(rows) if self.d_out is None else _check_size("d_out", self.d_out)
+        d_in = math.prod(cols) if self.d_in is None else _check_size("d_in", self.d_in)
+        if d_out > math.prod(rows):
+            raise ValueError(
+                f"row_modes {rows} multiply to {math.prod(rows)}, less than d_out={d_out}; "
+                f"expected a product >= d_out"
+            )
+        if d_in > math.prod(cols):
+            raise ValueError(
+                f"col_modes {cols} multiply to {math.prod(cols)}, less than d_in={d_in}; "
+                f"expected a product >= d_in"
+            )
+        for name, value in (("row_modes", rows), ("col_modes", cols), ("ranks", ranks), ("d_out", d_out), ("d_in", d_in)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_shape(
+        cls,
+        d_out: int,
+        d_in: int,
+        *,
+        order: int | tuple[int, int] = 6,
+        ranks: RanksArg = "full",
+        diag: Diag = "rank",
+        max_imbalance: float = 2.0,
+        max_padding: float = 0.25,
+    ) -> "TeRASpec":
+        """A spec for a ``(d_out, d_in)`` weight with balanced mode sizes.
+
+        Args:
+            d_out, d_in: weight shape (PyTorch convention, ``y = W @ x``).
+            order: total number of modes ``N``, split between rows and columns in proportion to
+                ``log d_out : log d_in``; or an explicit ``(P, Q)``.
+            ranks: ``"full"`` (``R_n = K_n``), a fraction in (0, 1] (``R_n = ceil(f·K_n)``), an
+                int ``r`` (``R_n = min(r, K_n)``), or an explicit per-mode tuple.
+            diag: ``"rank"``, ``"mode"`` or ``"identity"``.
+            max_imbalance: a split is balanced when its largest mode is at most this many times
+                the geometric mean; otherwise the size is padded to the nearest one that is.
+            max_padding: largest padding accepted, as a fraction of the size.
+        """
+        d_out = _check_size("d_out", d_out)
+        d_in = _check_size("d_in", d_in)
+        p, q = cls._split_order(d_out, d_in, order)
+        for side, d, k in (("row", d_out, p), ("column", d_in, q)):
+            if 2**k > d * (1.0 + max_padding):
+                raise ValueError(
+                    f"order {order} asks for {k} {side} modes of d={d}, but {k} modes of size >= 2 "
+                    f"need d >= {2**k}; use a lower order"
+                )
+        rows = padded_factorization(d_out, p, max_imbalance=max_imbalance, max_padding=max_padding)
+        cols = padded_factorization(d_in, q, max_imbalance=max_imbalance, max_padding=max_padding)
+        resolved = cls._resolve_ranks(rows + cols, ranks)
+        return cls(rows, cols, resolved, diag, d_out, d_in)
+
+    @staticmethod
+    def _split_order(d_out: int, d_in: int, order: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(order, tuple):
+            if len(order) != 2:
+                raise ValueError(f"order as a tuple must be (row_order, col_order), got {order!r}")
+            p = _check_size("order[0] (row modes)", order[0])
+            q = _check_size("order[1] (column modes)", order[1])
+            return p, q
+        n = _check_size("order", order)
+        if n < 2:
+            raise ValueError(f"order must be >= 2 (at least one row and one column mode), got {n}")
+        total = math.log(d_out) + math.log(d_in)
+        p = round(n * math.log(d_out) / total) if total > 0 else n // 2
+        p = min(max(p, 1), n - 1)
+        return p, n - p
+
+    @staticmethod
+    def _resolve_ranks(modes: tuple[int, ...], ranks: RanksArg) -> tuple[int, ...] | None:
+        if ranks is None or (isinstance(ranks, str) and ranks == "full"):
+            return None
+        if isinstance(ranks, str):
+            raise ValueError(f"ranks must be 'full', a fraction, an int or a tuple, got {ranks!r}")
+        if isinstance(ranks, bool):
+            raise ValueError(f"ranks must be 'full', a fraction, an int or a tuple, got {ranks!r}")
+        if isinstance(ranks, float):
+            if not 0.0 < ranks <= 1.0:
+                raise ValueError(f"ranks as a fraction must be in (0, 1], got {ranks}")
+            return tuple(max(1, math.ceil(ranks * k - 1e-9)) for k in modes)
+        if isinstance(ranks, int):
+            r = _check_size("ranks", ranks)
+            return tuple(min(r, k) for k in modes)
+        return tuple(ranks)
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def modes(self) -> tuple[int, ...]:
+        """All mode sizes ``K = (I_1..I_P, J_1..J_Q)``."""
+        return self.row_modes + self.col_modes
+
+    @property
+    def order(self) -> int:
+        """Number of modes ``N = P + Q``."""
+        return len(self.row_modes) + len(self.col_modes)
+
+    @property
+    def n_row(self) -> int:
+        """Number of row modes ``P``."""
+        return len(self.row_modes)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """``(prod(row_modes), prod(col_modes))``: the shape the network computes before slicing."""
+        return math.prod(self.row_modes), math.prod(self.col_modes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight shape ``(d_out, d_in)``."""
+        return self.d_out, self.d_in
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        """Padded rows and columns ``(prod(row_modes) - d_out, prod(col_modes) - d_in)``."""
+        po, pi = self.padded_shape
+        return po - self.d_out, pi - self.d_in
+
+    @property
+    def padding_overhead(self) -> float:
+        """Extra entries computed because of padding, as a fraction of ``d_out·d_in``."""
+        po, pi = self.padded_shape
+        return po * pi / (self.d_out * self.d_in) - 1.0
+
+    @property
+    def scale_sizes(self) -> tuple[int, ...]:
+        """Length of each trainable vector λ_n: ``R_n`` for ``diag="rank"``, else ``K_n``."""
+        return self.ranks if self.diag == "rank" else self.modes
+
+    @property
+    def is_full_rank(self) -> bool:
+        return self.ranks == self.modes
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable numbers per adapted layer: ``Σ_n len(λ_n)``."""
+        return sum(self.scale_sizes)
+
+    @property
+    def num_frozen(self) -> int:
+        """Frozen numbers per shape group: core ``∏ R_n`` plus factors ``Σ K_n R_n`` (none for identity)."""
+        core = math.prod(self.ranks)
+        if self.diag == "identity":
+            return core
+        return core + sum(k * r for k, r in zip(self.modes, self.ranks))
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank ΔW reaches for generic λ: ``min(∏ R_row, ∏ R_col, d_out, d_in)``."""
+        p = self.n_row
+        return min(math.prod(self.ranks[:p]), math.prod(self.ranks[p:]), self.d_out, self.d_in)
+
+    def __str__(self) -> str:
+        rows = "·".join(map(str, self.row_modes))
+        cols = "·".join(map(str, self.col_modes))
+        ranks = "full" if self.is_full_rank else "(" + ",".join(map(str, self.ranks)) + ")"
+        pad = ""
+        if self.padding != (0, 0):
+            pad = f", padded {self.padded_shape[0]}×{self.padded_shape[1]} (+{self.padding_overhead:.2%})"
+        return (
+            f"TeRASpec({self.d_out}×{self.d_in} = [{rows}]×[{cols}], ranks {ranks}, "
+            f"diag={self.diag}{pad}; trains {self.num_trainable}, max rank {self.max_rank})"
+        )

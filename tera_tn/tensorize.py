@@ -1,0 +1,40 @@
+"""Tensorize a weight matrix into the spec's modes and back (C-order, zero padding).
+
+``tensorize(spec, W)`` pads ``W`` of shape ``(d_out, d_in)`` with zeros to the padded shape and
+reshapes it to ``spec.modes``; ``matricize(spec, X)`` reverses it and slices the padding away.
+``matricize(spec, tensorize(spec, W)) == W`` exactly, for numpy arrays and torch tensors.
+"""
+
+from __future__ import annotations
+
+from ._backend import Array, is_torch
+from .spec import TeRASpec
+
+__all__ = ["tensorize", "matricize"]
+
+
+def _pad2d(w: Array, rows: int, cols: int) -> Array:
+    if rows == 0 and cols == 0:
+        return w
+    if is_torch(w):
+        import torch.nn.functional as F
+
+        return F.pad(w, (0, cols, 0, rows))
+    import numpy as np
+
+    return np.pad(w, ((0, rows), (0, cols)))
+
+
+def tensorize(spec: TeRASpec, w: Array) -> Array:
+    """``W`` of shape ``(d_out, d_in)`` → tensor of shape ``spec.modes`` (zero-padded, C-order)."""
+    if tuple(w.shape) != spec.shape:
+        raise ValueError(f"tensorize expects a matrix of shape {spec.shape} for {spec}, got {tuple(w.shape)}")
+    pad_rows, pad_cols = spec.padding
+    return _pad2d(w, pad_rows, pad_cols).reshape(spec.modes)
+
+
+def matricize(spec: TeRASpec, x: Array) -> Array:
+    """Tensor of shape ``spec.modes`` → matrix of shape ``(d_out, d_in)`` (padding sliced away)."""
+    if tuple(x.shape) != spec.modes:
+        raise ValueError(f"matricize expects a tensor of shape {spec.modes} for {spec}, got {tuple(x.shape)}")
+    return x.reshape(spec.padded_shape)[: spec.d_out, : spec.d_in]
