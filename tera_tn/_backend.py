@@ -24,6 +24,21 @@ def pick_like(*arrays: Array) -> Array:
     return arrays[0]
 
 
+def floating_like(like: Array, *others: Array) -> Array:
+    """``like`` itself when it is floating point, else an empty array of the floating dtype its
+    values promote to (integer inputs must not drag float operands down to integers)."""
+    if is_torch(like):
+        import torch
+
+        if like.is_floating_point() or like.is_complex():
+            return like
+        return torch.empty(0, dtype=torch.get_default_dtype(), device=like.device)
+    if np.issubdtype(like.dtype, np.inexact):
+        return like
+    dtype = np.result_type(like.dtype, *(np.asarray(o).dtype for o in others if not is_torch(o)), np.float32)
+    return np.empty(0, dtype=dtype)
+
+
 def to_like(x: Array, like: Array) -> Array:
     """``x`` converted to the backend, dtype and device of ``like`` (no copy when it already matches)."""
     if is_torch(like):

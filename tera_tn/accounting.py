@@ -66,6 +66,9 @@ def _check_rank(method: str, r: object) -> int:
 
 def layer_cost(method: str, d_out: int, d_in: int, *, r: int | None = None, spec: TeRASpec | None = None) -> LayerCost:
     """Counts for one layer. ``method`` is one of ``METHODS``; LoRA/VeRA/HiRA need ``r``, TeRA a ``spec``."""
+    for name, d in (("d_out", d_out), ("d_in", d_in)):
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+            raise ValueError(f"{name} must be a positive integer, got {d!r}")
     if method == "tera":
         if spec is None or spec.shape != (d_out, d_in):
             raise ValueError(f"method 'tera' needs a TeRASpec of shape {(d_out, d_in)}, got {spec}")
@@ -97,7 +100,6 @@ def method_totals(
     ``diag`` (or are given as ``specs``, one per shape); frozen factors are counted once per
     distinct spec (shape group).
     """
-    shapes = [(int(o), int(i)) for o, i in shapes]
     if not shapes:
         raise ValueError("method_totals needs at least one (d_out, d_in) layer shape")
     if method == "tera":

@@ -21,7 +21,7 @@ from typing import Literal, Sequence
 
 import opt_einsum as oe
 
-from ._backend import Array, backend_key, is_torch, pick_like, to_like
+from ._backend import Array, backend_key, floating_like, is_torch, pick_like, to_like
 from .costmodel import CostModel, cost_model
 from .factors import TeRAFactors, check_scales
 from .modeproduct import chain_steps
@@ -258,7 +258,7 @@ def apply(
     factors.check(spec)
     if x.ndim == 0 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x must have shape (..., {spec.d_in}) for {spec}, got {tuple(x.shape)}")
-    like = pick_like(x, *scales, factors.core)
+    like = floating_like(pick_like(x, *scales, factors.core), *scales, factors.core)
     x = to_like(x, like)
     batch = tuple(x.shape[:-1])
     n = math.prod(batch)

@@ -147,7 +147,9 @@ def init_scales(
             gen = _generator(seed, f"scale{n}", (size,))
             scales.append(gen.uniform(0.5, 2.0, size) * gen.choice([-1.0, 1.0], size))
     else:
-        if init == "zero_start" and not (isinstance(zero_mode, numbers.Integral) and 0 <= zero_mode < spec.order):
+        if init == "zero_start" and (
+            isinstance(zero_mode, bool) or not isinstance(zero_mode, numbers.Integral) or not 0 <= zero_mode < spec.order
+        ):
             raise ValueError(f"zero_mode must be a mode index in [0, {spec.order}), got {zero_mode!r}")
         scales = [np.ones(size) for size in sizes]
         if init == "zero_start":

@@ -8,7 +8,6 @@ if any operand is one) and torch results are differentiable with respect to the 
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from ._backend import Array, pick_like, to_like, to_numpy
 from .factors import TeRAFactors, check_scales
 from .modeproduct import multi_mode_product
-from .spec import TeRASpec
+from .spec import TeRASpec, prefix_rank
 
 __all__ = ["scaled_factors", "delta_weight", "theoretical_rank", "kron_vectors"]
 
@@ -84,29 +83,6 @@ def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], 
     return x
 
 
-def _prefix_rank(masks: list[np.ndarray], cols: list[int], d: int) -> int:
-    """Generic rank of the first ``d`` rows (C-order) of ``A_1 ⊗ … ⊗ A_k``.
-
-    ``A_n`` has zero rows where ``masks[n]`` is False and its other rows are in general
-    position in ``R^{cols[n]}`` (any ``m ≤ cols[n]`` of them are independent). The kept rows
-    are all rows with a leading digit below ``q`` plus a prefix of the block at digit ``q``;
-    the latter adds its own prefix rank while the first ``q`` rows of ``A_1`` do not yet span.
-    """
-    if not masks:
-        return 1 if d >= 1 else 0
-    k1 = masks[0].size
-    rest_size = math.prod(m.size for m in masks[1:])
-    rest_rank = math.prod(min(int(m.sum()), c) for m, c in zip(masks[1:], cols[1:]))
-    q, rem = divmod(min(d, k1 * rest_size), rest_size)
-    nz = int(masks[0][:q].sum())
-    if nz >= cols[0]:
-        return cols[0] * rest_rank
-    rank = nz * rest_rank
-    if rem and q < k1 and masks[0][q]:
-        rank += _prefix_rank(masks[1:], cols[1:], rem)
-    return rank
-
-
 def theoretical_rank(spec: TeRASpec, scales: Sequence[Array]) -> int:
     """The almost-sure rank of ΔW for generic frozen factors (tera-math §4), without materializing.
 
@@ -127,4 +103,4 @@ def theoretical_rank(spec: TeRASpec, scales: Sequence[Array]) -> int:
         masks = nonzero
         cols = list(spec.ranks)
     p = spec.n_row
-    return min(_prefix_rank(masks[:p], cols[:p], spec.d_out), _prefix_rank(masks[p:], cols[p:], spec.d_in))
+    return min(prefix_rank(masks[:p], cols[:p], spec.d_out), prefix_rank(masks[p:], cols[p:], spec.d_in))

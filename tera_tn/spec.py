@@ -21,6 +21,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Literal, Sequence, Union
 
+import numpy as np
+
 from .factorize import padded_factorization
 
 __all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS"]
@@ -174,7 +176,7 @@ class TeRASpec:
             if not 0.0 < ranks <= 1.0:
                 raise ValueError(f"ranks as a fraction must be in (0, 1], got {ranks}")
             return tuple(max(1, math.ceil(ranks * k - 1e-9)) for k in modes)
-        if isinstance(ranks, int):
+        if isinstance(ranks, numbers.Integral):
             r = _check_size("ranks", ranks)
             return tuple(min(r, k) for k in modes)
         return tuple(ranks)
@@ -241,9 +243,16 @@ class TeRASpec:
 
     @property
     def max_rank(self) -> int:
-        """Largest rank ΔW reaches for generic λ: ``min(∏ R_row, ∏ R_col, d_out, d_in)``."""
+        """Largest rank ΔW reaches for generic λ.
+
+        ``min(∏ R_row, ∏ R_col)`` without padding; with padding, the rank of the kept C-order
+        prefix of rows/columns of the Kronecker factors (see :func:`prefix_rank`), which is at
+        most ``min(d_out, d_in)`` and can be lower when padding meets reduced ranks.
+        """
         p = self.n_row
-        return min(math.prod(self.ranks[:p]), math.prod(self.ranks[p:]), self.d_out, self.d_in)
+        masks = [np.ones(k, dtype=bool) for k in self.modes]
+        ranks = list(self.ranks)
+        return min(prefix_rank(masks[:p], ranks[:p], self.d_out), prefix_rank(masks[p:], ranks[p:], self.d_in))
 
     def __str__(self) -> str:
         rows = "·".join(map(str, self.row_modes))
@@ -256,3 +265,26 @@ class TeRASpec:
             f"TeRASpec({self.d_out}×{self.d_in} = [{rows}]×[{cols}], ranks {ranks}, "
             f"diag={self.diag}{pad}; trains {self.num_trainable}, max rank {self.max_rank})"
         )
+
+
+def prefix_rank(masks: list[np.ndarray], cols: list[int], d: int) -> int:
+    """Generic rank of the first ``d`` rows (C-order) of ``A_1 ⊗ … ⊗ A_k``.
+
+    ``A_n`` has zero rows where ``masks[n]`` is False and its other rows are in general
+    position in ``R^{cols[n]}`` (any ``m ≤ cols[n]`` of them are independent). The kept rows
+    are all rows with a leading digit below ``q`` plus a prefix of the block at digit ``q``;
+    the latter adds its own prefix rank while the first ``q`` rows of ``A_1`` do not yet span.
+    """
+    if not masks:
+        return 1 if d >= 1 else 0
+    k1 = masks[0].size
+    rest_size = math.prod(m.size for m in masks[1:])
+    rest_rank = math.prod(min(int(m.sum()), c) for m, c in zip(masks[1:], cols[1:]))
+    q, rem = divmod(min(d, k1 * rest_size), rest_size)
+    nz = int(masks[0][:q].sum())
+    if nz >= cols[0]:
+        return cols[0] * rest_rank
+    rank = nz * rest_rank
+    if rem and q < k1 and masks[0][q]:
+        rank += prefix_rank(masks[1:], cols[1:], rem)
+    return rank
