@@ -11,6 +11,7 @@ from .costmodel import CostModel, calibrate
 from .factors import TeRAFactors, init_scales, random_factors
 from .network import delta_weight, scaled_factors, theoretical_rank
 from .spec import TeRASpec
+from .spectrum import tera_conditioning, tera_singular_values
 from .tensorize import matricize, tensorize
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "CostModel",
     "calibrate",
     "theoretical_rank",
+    "tera_singular_values",
+    "tera_conditioning",
     "tensorize",
     "matricize",
     "LayerCost",

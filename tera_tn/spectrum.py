@@ -1,0 +1,427 @@
+"""Exact singular values of a TeRA update ΔW from its structure, and a conditioning report.
+
+Matrix form (tera-math §3), with ``A_n`` the scaled factors (``U_n diag(λ_n)``, ``diag(λ_n) U_n``
+or ``diag(λ_n)``) and C-order Kronecker products::
+
+    ΔW = α · B_row · G_mat · B_colᵀ,   B_row = (A_1 ⊗ … ⊗ A_P)[:d_out],  B_col = (A_{P+1} ⊗ … ⊗ A_N)[:d_in]
+
+``G_mat`` is the core reshaped to ``(∏R_row, ∏R_col)``. If ``B_row = Q_row S_row`` with
+orthonormal columns in ``Q_row`` (a thin QR), and likewise for columns, then
+``ΔW = Q_row (α S_row G_mat S_colᵀ) Q_colᵀ`` and orthonormal factors do not change singular
+values::
+
+    σ(ΔW) = σ(α · S_row · G_mat · S_colᵀ)        (a ≤ ∏R_row × ∏R_col matrix)
+
+*Unpadded side.* ``⊗A_n = ⊗(Q_n R_n) = (⊗Q_n)(⊗R_n)`` and ``⊗Q_n`` has orthonormal columns, so
+``S = ⊗R_n`` is never formed: the small ``R_n`` are applied to the core by mode products.
+
+*Padded side.* Keeping the first ``d`` rows of a Kronecker product breaks that identity
+(the QR of a row-sliced Kronecker product is not the Kronecker product of QRs). The kept rows
+are a C-order prefix: with ``rest = A_2 ⊗ … ⊗ A_k`` of ``s`` rows and ``d = q·s + t``,
+
+    (A_1 ⊗ rest)[:d] = [ A_1[:q] ⊗ rest ;  A_1[q] ⊗ rest[:t] ]
+
+The two blocks occupy disjoint rows, so a block-diagonal orthonormal factor pulls out of both:
+``A_1[:q] ⊗ rest = (Q ⊗ Q_rest)(R ⊗ R_rest)`` and ``A_1[q] ⊗ rest[:t] = (1 ⊗ Q')(A_1[q] ⊗ S')``
+with ``rest[:t] = Q' S'`` recursively. Stacking ``[R ⊗ R_rest ; A_1[q] ⊗ S']`` (then one small QR
+to compress it to ``∏R`` rows) gives ``S`` exactly, using only orthogonal transformations —
+no Gram matrix, so small singular values keep their accuracy.
+
+Cost: QRs of ``K_n × R_n`` factors, mode products on the core, and one SVD of the
+``∏R_row × ∏R_col`` core-sized matrix, instead of ``d_out·d_in·ΣK_n`` to materialize plus the
+SVD of ``d_out × d_in``. At full ranks the core is as large as ΔW, so the saving is only the
+materialization; at ranks ``K_n/2`` of an order-6 4096² layer the SVD is 512 × 512 instead
+of 4096 × 4096 (see ``bench/bench_spectrum.py``). ``diag="identity"`` has a full-size core,
+so the structured route is exact but not cheaper there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ._backend import Array, is_torch, pick_like, to_like, to_numpy
+from .factors import TeRAFactors, check_scales
+from .modeproduct import multi_mode_product
+from .network import scaled_factors, theoretical_rank
+from .rank import RankSummary, dtype_eps, summarize_singular_values
+from .spec import TeRASpec
+
+__all__ = [
+    "tera_singular_values",
+    "tera_rank_summary",
+    "TeRAConditioning",
+    "tera_conditioning",
+    "theoretical_multilinear_ranks",
+    "prefix_kron_r",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# backend helpers (numpy / torch)
+# --------------------------------------------------------------------------------------------
+def _needs_grad(*arrays: Array) -> bool:
+    if not any(is_torch(a) for a in arrays):
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(is_torch(a) and a.requires_grad for a in arrays)
+
+
+def _qr_r(a: Array, grad: bool) -> Array:
+    """``R`` of the thin QR ``a = Q R``: shape ``(min(m, n), n)``."""
+    if is_torch(a):
+        import torch
+
+        # mode="r" has no backward (it needs Q), so pay for Q only when a gradient is wanted.
+        return torch.linalg.qr(a, mode="reduced" if grad else "r")[1]
+    return np.linalg.qr(a, mode="r")
+
+
+def _kron(mats: Sequence[Array], like: Array) -> Array:
+    if not mats:
+        if is_torch(like):
+            import torch
+
+            return torch.ones((1, 1), dtype=like.dtype, device=like.device)
+        return np.ones((1, 1), dtype=like.dtype)
+    out = mats[0]
+    for m in mats[1:]:
+        if is_torch(out):
+            import torch
+
+            # torch.kron views its inputs and fails on non-contiguous slices such as A_1[q:q+1].
+            out = torch.kron(out.contiguous(), m.contiguous())
+        else:
+            out = np.kron(out, m)
+    return out
+
+
+def _vstack(mats: Sequence[Array]) -> Array:
+    if is_torch(mats[0]):
+        import torch
+
+        return torch.cat(list(mats), dim=0)
+    return np.concatenate(list(mats), axis=0)
+
+
+def _svdvals(a: Array) -> Array:
+    if is_torch(a):
+        import torch
+
+        return torch.linalg.svdvals(a)
+    return np.linalg.svd(a, compute_uv=False)
+
+
+def _zeros(n: int, like: Array) -> Array:
+    if is_torch(like):
+        import torch
+
+        return torch.zeros(n, dtype=like.dtype, device=like.device)
+    return np.zeros(n, dtype=like.dtype)
+
+
+def _compute_like(like: Array) -> Array:
+    """Half-precision inputs are decomposed in float32 (no half QR/SVD in LAPACK or torch CPU)."""
+    if is_torch(like):
+        import torch
+
+        if like.dtype in (torch.float16, torch.bfloat16):
+            return torch.empty(0, dtype=torch.float32, device=like.device)
+        return like
+    like = np.asarray(like)
+    if like.dtype == np.float16 or not np.issubdtype(like.dtype, np.floating):
+        return np.empty(0, dtype=np.float32 if like.dtype == np.float16 else np.float64)
+    return like
+
+
+# --------------------------------------------------------------------------------------------
+# structured R factors
+# --------------------------------------------------------------------------------------------
+def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Array:
+    """An ``S`` with ``(A_1 ⊗ … ⊗ A_k)[:d] = Q S`` for some ``Q`` with orthonormal columns.
+
+    Args:
+        mats: ``A_n`` of shape ``(K_n, R_n)`` (numpy or torch, one backend), C-order Kronecker.
+        d: number of leading rows kept, ``1 ≤ d ≤ ∏K_n``.
+
+    Returns:
+        ``S`` of shape ``(s, ∏R_n)`` with ``s ≤ min(d, ∏R_n)``, upper-triangular up to the
+        Kronecker structure, such that ``Sᵀ S = Bᵀ B`` and ``σ(S M) = σ(B M)`` for any ``M``
+        (``B`` the sliced product). When ``d = ∏K_n`` it is ``⊗ R_n`` (Kronecker of the factor
+        QRs); otherwise the prefix recursion of the module docstring.
+    """
+    mats = list(mats)
+    if not mats:
+        raise ValueError("prefix_kron_r needs at least one matrix")
+    sizes = [int(a.shape[0]) for a in mats]
+    total = math.prod(sizes)
+    if not 1 <= d <= total:
+        raise ValueError(f"d must be in [1, {total}] (rows of the Kronecker product), got {d}")
+    like = mats[0]
+    if d == total:
+        return _kron([_qr_r(a, _grad) for a in mats], like)
+    rest_size = total // sizes[0]
+    q, t = divmod(d, rest_size)
+    blocks = []
+    if q:
+        # Rows with leading digit < q: a full Kronecker product of A_1[:q] with the rest.
+        blocks.append(_kron([_qr_r(mats[0][:q], _grad)] + [_qr_r(a, _grad) for a in mats[1:]], like))
+    if t:
+        # Rows with leading digit q: one row of A_1 times a prefix of the rest (recursion).
+        blocks.append(_kron([mats[0][q : q + 1], prefix_kron_r(mats[1:], t, _grad=_grad)], like))
+    s = blocks[0] if len(blocks) == 1 else _vstack(blocks)
+    # Compress to at most ∏R rows; the extra QR is small and keeps the final SVD square-ish.
+    return _qr_r(s, _grad) if s.shape[0] > s.shape[1] else s
+
+
+def _scaled(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float):
+    """Scaled factors ``A_n`` (α folded into ``A_1``) in a decomposable dtype, and ``like``."""
+    if not isinstance(spec, TeRASpec):
+        raise ValueError(f"expected a TeRASpec, got {type(spec).__name__}")
+    check_scales(spec, tuple(scales))
+    factors.check(spec)
+    like = _compute_like(pick_like(*scales, factors.core))
+    scales = [to_like(s, like) for s in scales]
+    factors = factors.to(like)
+    if spec.diag == "identity":
+        if is_torch(like):
+            import torch
+
+            mats = [torch.diag(s) for s in scales]
+        else:
+            mats = [np.diag(s) for s in scales]
+        mats[0] = mats[0] * alpha
+    else:
+        mats = list(scaled_factors(spec, factors, scales, alpha))
+    return mats, factors.core, like
+
+
+def _core_matrix(spec: TeRASpec, mats: list, core: Array, grad: bool) -> Array:
+    """``S_row · G_mat · S_colᵀ`` (α already inside ``mats[0]``)."""
+    p = spec.n_row
+    rows_padded, cols_padded = (x > 0 for x in spec.padding)
+    modal: list[Optional[Array]] = [None] * spec.order
+    # Unpadded sides: apply the small R_n by mode products (never forming ⊗R_n).
+    if not rows_padded:
+        modal[:p] = [_qr_r(a, grad) for a in mats[:p]]
+    if not cols_padded:
+        modal[p:] = [_qr_r(a, grad) for a in mats[p:]]
+    x = multi_mode_product(core, modal)
+    x = x.reshape(math.prod(x.shape[:p]), math.prod(x.shape[p:]))
+    if rows_padded:
+        x = prefix_kron_r(mats[:p], spec.d_out, _grad=grad) @ x
+    if cols_padded:
+        x = x @ prefix_kron_r(mats[p:], spec.d_in, _grad=grad).T
+    return x
+
+
+def tera_singular_values(
+    spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float = 1.0
+) -> Array:
+    """All ``min(d_out, d_in)`` singular values of ``ΔW``, descending, without forming ΔW.
+
+    Args:
+        spec: the tensorization (any diag placement, reduced ranks, padding).
+        factors: frozen core ``G`` (shape ``spec.ranks``) and ``U_n`` (``(K_n, R_n)``).
+        scales: the ``N`` vectors ``λ_n`` (lengths ``spec.scale_sizes``).
+        alpha: the global scale α (singular values scale by ``|α|``).
+
+    Returns:
+        A 1-D array of length ``min(d_out, d_in)`` in the backend/device of the scales (a torch
+        tensor if any operand is one), dtype float32 for half-precision inputs, else theirs.
+        Entries past ``min(rows, cols)`` of the small core matrix are exact zeros — ΔW has at
+        most that rank. Equal to ``svdvals(delta_weight(...))`` up to rounding (tested), and
+        differentiable with respect to torch scales.
+
+    Cost: QR of each ``K_n × R_n`` factor, mode products on the core and an SVD of a
+    ``≤ ∏R_row × ∏R_col`` matrix (see the module docstring for padded specs).
+    """
+    mats, core, like = _scaled(spec, factors, scales, alpha)
+    grad = _needs_grad(*mats, core)
+    sv = _svdvals(_core_matrix(spec, mats, core, grad))
+    k = min(spec.d_out, spec.d_in)
+    if sv.shape[0] < k:
+        sv = _vstack([sv, _zeros(k - sv.shape[0], sv)])
+    return sv
+
+
+def tera_rank_summary(
+    spec: TeRASpec,
+    factors: TeRAFactors,
+    scales: Sequence[Array],
+    alpha: float = 1.0,
+    *,
+    dtype: object = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    energy: float = 0.99,
+) -> RankSummary:
+    """:class:`tera_tn.rank.RankSummary` of ΔW from its structured spectrum.
+
+    ``dtype`` picks whose eps sets the default threshold ``max(d_out, d_in)·eps·σ_max``
+    (default: the computation dtype). ``dtype="float32"`` predicts what a dense float32 SVD of
+    the materialized ΔW would report, even when the spectrum was computed in float64.
+    """
+    sv = tera_singular_values(spec, factors, scales, alpha)
+    if dtype is None:
+        dtype = str(sv.dtype).removeprefix("torch.")
+    return summarize_singular_values(sv, spec.shape, dtype, rtol=rtol, atol=atol, energy=energy)
+
+
+# --------------------------------------------------------------------------------------------
+# conditioning
+# --------------------------------------------------------------------------------------------
+def _cond(s: np.ndarray) -> float:
+    s = np.sort(np.abs(s))[::-1]
+    if s.size == 0:
+        return 1.0
+    return float(s[0] / s[-1]) if s[-1] > 0 else math.inf
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class TeRAConditioning:
+    """Why the numerical rank of ΔW can fall short of its theoretical rank.
+
+    Singular values of a Kronecker product are products of the factors' singular values, so
+    ``cond(⊗A_n) = ∏ cond(A_n)``: modest per-factor conditioning multiplies across modes.
+    ``σ_r(ΔW) ≥ σ_min(B_row)·σ_r(G_mat)·σ_min(B_col)`` then bounds how small the last
+    theoretically non-zero singular value can get; when ``σ_r/σ_1`` drops below
+    ``max(d_out, d_in)·eps(dtype)`` a dense SVD in that dtype cannot tell it from rounding noise.
+
+    Attributes:
+        spec: ``str(spec)``.
+        shape: ``(d_out, d_in)``.
+        theoretical_rank: the almost-sure rank (tera-math §4).
+        factor_conditions: ``cond(A_n)`` of each scaled ``K_n × R_n`` factor (``inf`` if it
+            lost column rank, e.g. a zero in λ_n).
+        row_condition, col_condition: ``∏ cond(A_n)`` over row/column modes — exactly
+            ``cond(⊗A_n)`` without padding, an estimate with it.
+        core_condition: ``cond(G_mat)`` over its ``min(∏R_row, ∏R_col)`` singular values
+            (``None`` when ``include_core=False``).
+        condition_on_rank: ``σ_1 / σ_r`` of ΔW with ``r`` the theoretical rank — the number that
+            decides whether a dense SVD sees rank ``r``.
+        numerical_rank_by_dtype: ``#{σ_i > max(d_out, d_in)·eps(dtype)·σ_1}`` for float64,
+            float32, bfloat16 and float16: what a dense SVD of ΔW stored in that dtype reports
+            (to within the dtype's own rounding noise near the threshold). A dtype is left out
+            when ``max(d_out, d_in)·eps ≥ 1`` (the rule then reports 0 for any matrix).
+        spectrum: :class:`RankSummary` at the float64 threshold.
+    """
+
+    spec: str
+    shape: tuple[int, int]
+    theoretical_rank: int
+    factor_conditions: tuple[float, ...]
+    row_condition: float
+    col_condition: float
+    core_condition: Optional[float]
+    condition_on_rank: float
+    numerical_rank_by_dtype: dict = field(default_factory=dict)
+    spectrum: Optional[RankSummary] = None
+
+    @property
+    def rank_gap(self) -> dict:
+        """``theoretical_rank − numerical rank`` per dtype."""
+        return {k: self.theoretical_rank - v for k, v in self.numerical_rank_by_dtype.items()}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spectrum"] = None if self.spectrum is None else self.spectrum.to_dict()
+        d["rank_gap"] = self.rank_gap
+        return _jsonable(d)
+
+    def __str__(self) -> str:
+        f = lambda x: "inf" if x is None or math.isinf(x) else f"{x:.3g}"  # noqa: E731
+        lines = [
+            f"Conditioning of ΔW for {self.spec}",
+            f"  theoretical rank {self.theoretical_rank}; σ_1/σ_r = {f(self.condition_on_rank)}",
+            f"  cond(A_n): " + ", ".join(f(c) for c in self.factor_conditions),
+            f"  cond(⊗A_row) ≈ {f(self.row_condition)}, cond(⊗A_col) ≈ {f(self.col_condition)}"
+            + ("" if self.core_condition is None else f", cond(G_mat) = {f(self.core_condition)}"),
+            "  numerical rank at max(m,n)·eps·σ_1: "
+            + ", ".join(
+                f"{k} {v} (gap {self.theoretical_rank - v})" for k, v in self.numerical_rank_by_dtype.items()
+            ),
+        ]
+        return "\n".join(lines)
+
+
+def tera_conditioning(
+    spec: TeRASpec,
+    factors: TeRAFactors,
+    scales: Sequence[Array],
+    alpha: float = 1.0,
+    *,
+    include_core: bool = True,
+) -> TeRAConditioning:
+    """Conditioning report of ΔW (see :class:`TeRAConditioning`), computed in float64.
+
+    Uses the structured spectrum (:func:`tera_singular_values`) and the singular values of
+    each small factor. ``include_core`` adds ``cond(G_mat)``, one more SVD of the
+    ``∏R_row × ∏R_col`` core (as large as ΔW at full ranks).
+    """
+    f64 = factors.as_numpy(np.float64)
+    s64 = [np.asarray(to_numpy(s), dtype=np.float64) for s in scales]
+    mats, core, _ = _scaled(spec, f64, s64, alpha)
+    sv = np.asarray(tera_singular_values(spec, f64, s64, alpha), dtype=np.float64)
+    r = theoretical_rank(spec, s64)
+    p = spec.n_row
+    conds = tuple(_cond(np.linalg.svd(a, compute_uv=False)) for a in mats)
+    core_cond = None
+    if include_core:
+        rows = math.prod(spec.ranks[:p])
+        core_cond = _cond(np.linalg.svd(np.asarray(f64.core).reshape(rows, -1), compute_uv=False))
+    by_dtype = {}
+    for name in ("float64", "float32", "bfloat16", "float16"):
+        rtol = max(spec.shape) * dtype_eps(name)
+        if rtol >= 1.0:
+            # max(m, n)·eps ≥ 1 (bfloat16 from 128 rows on): the default rule would call every
+            # matrix rank 0, which says nothing about ΔW, so that dtype is left out.
+            continue
+        by_dtype[name] = int(np.count_nonzero(sv > rtol * (float(sv[0]) if sv.size else 0.0)))
+    cond_r = math.inf if r == 0 or sv[r - 1] == 0 else float(sv[0] / sv[r - 1])
+    return TeRAConditioning(
+        spec=str(spec),
+        shape=spec.shape,
+        theoretical_rank=r,
+        factor_conditions=conds,
+        row_condition=math.prod(conds[:p]),
+        col_condition=math.prod(conds[p:]),
+        core_condition=core_cond,
+        condition_on_rank=cond_r,
+        numerical_rank_by_dtype=by_dtype,
+        spectrum=summarize_singular_values(sv, spec.shape, "float64"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# multilinear ranks
+# --------------------------------------------------------------------------------------------
+def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tuple[int, ...]:
+    """Almost-sure multilinear ranks of the network tensor ``X`` (shape ``spec.modes``).
+
+    ``X = G' ×_1 B_1 … ×_N B_N`` with ``B_n`` of full column rank ``r_n`` (``r_n = nnz(λ_n)``
+    for ``"rank"``/``"identity"``, ``min(nnz(λ_n), R_n)`` for ``"mode"``) and a generic core
+    ``G'`` of shape ``(r_1..r_N)``, so the mode-n unfolding has rank ``min(r_n, ∏_{m≠n} r_m)``.
+
+    This is the tensor before padding is sliced away; for unpadded specs it equals
+    ``multilinear_ranks(tensorize(spec, ΔW))``.
+    """
+    check_scales(spec, tuple(scales))
+    nnz = [int(np.count_nonzero(to_numpy(s))) for s in scales]
+    r = nnz if spec.diag != "mode" else [min(z, k) for z, k in zip(nnz, spec.ranks)]
+    total = math.prod(r)
+    return tuple(min(rn, total // rn) if rn else 0 for rn in r)

@@ -1,0 +1,232 @@
+"""Model-level reports (tera_tn.report) and shape sets (tera_tn.shapes)."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import save as st_save
+
+from tera_tn import TeRASpec, method_totals
+from tera_tn.report import (
+    DEFAULT_METHODS,
+    Method,
+    adapter_file_bytes,
+    adapter_tensors,
+    model_report,
+    safetensors_size,
+)
+from tera_tn.shapes import MODEL_CONFIGS, LayerShape, available_models, linear_shapes, model_config, model_shapes
+
+_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _real_size(tensors, dtype="F32", metadata=None) -> int:
+    arrays = {k: np.zeros(v, dtype=_NP[dtype]) for k, v in tensors.items()}
+    return len(st_save(arrays, metadata=metadata))
+
+
+names = st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1, max_size=40)
+
+
+@given(
+    st.dictionaries(names, st.lists(st.integers(0, 7), min_size=0, max_size=3), max_size=6),
+    st.sampled_from(("F32", "F16", "F64")),
+    st.one_of(st.none(), st.dictionaries(names, names, max_size=2)),
+)
+def test_safetensors_size_formula_matches_a_real_save(tensors, dtype, metadata):
+    assert safetensors_size(tensors, dtype, metadata) == _real_size(tensors, dtype, metadata)
+
+
+@pytest.mark.parametrize("method", ["tera:order=4", "tera:order=6,ranks=0.5,diag=mode", "lora:r=8", "vera:r=64", "hira:r=4"])
+def test_adapter_file_bytes_match_a_real_save(method):
+    layers = model_shapes("all-MiniLM-L6-v2")
+    tensors = adapter_tensors(method, layers)
+    assert adapter_file_bytes(method, layers) == _real_size(tensors, metadata={"format": "pt"})
+    # The data part is exactly the trainable count in fp32.
+    m = Method.parse(method)
+    kw = {"r": m.r} if m.kind != "tera" else {"order": m.order, "ranks": m.ranks, "diag": m.diag}
+    trainable = method_totals(m.kind, [l.shape for l in layers], **kw).trainable
+    assert sum(int(np.prod(s)) for s in tensors.values()) == trainable
+
+
+def test_builtin_shape_sets():
+    expect = {
+        "all-MiniLM-L6-v2": (36, {(384, 384): 24, (1536, 384): 6, (384, 1536): 6}),
+        "bert-base": (72, {(768, 768): 48, (3072, 768): 12, (768, 3072): 12}),
+        "roberta-base": (72, {(768, 768): 48, (3072, 768): 12, (768, 3072): 12}),
+        "roberta-large": (144, {(1024, 1024): 96, (4096, 1024): 24, (1024, 4096): 24}),
+        "llama-2-7b": (224, {(4096, 4096): 128, (11008, 4096): 64, (4096, 11008): 32}),
+        "llama-3-8b": (224, {(4096, 4096): 64, (1024, 4096): 64, (14336, 4096): 64, (4096, 14336): 32}),
+    }
+    assert set(expect) <= set(available_models())
+    for name, (n, counts) in expect.items():
+        layers = model_shapes(name)
+        assert len(layers) == n
+        got: dict = {}
+        for layer in layers:
+            got[layer.shape] = got.get(layer.shape, 0) + 1
+        assert got == counts, name
+    k = model_shapes("llama-3-8b", ["k_proj"])
+    assert {l.shape for l in k} == {(1024, 4096)} and len(k) == 32
+    assert model_config("bert-base-uncased").name == "bert-base"
+    assert model_config("LLAMA-2-7B").name == "llama-2-7b"
+
+
+def test_target_module_selection():
+    assert len(model_shapes("bert-base", ["query", "value"])) == 24
+    assert len(model_shapes("bert-base", ["q", "v"])) == 24
+    # PEFT suffix rule: "output.dense" also matches "attention.output.dense".
+    assert len(model_shapes("bert-base", ["output.dense"])) == 24
+    assert len(model_shapes("llama-2-7b", r".*\.(q|v)_proj")) == 64
+    with pytest.raises(ValueError, match="matches no layer"):
+        model_shapes("bert-base", ["nope"])
+    with pytest.raises(ValueError, match="unknown model"):
+        model_shapes("gpt-17")
+    with pytest.raises(ValueError, match="target_modules"):
+        model_shapes("bert-base", [])
+
+
+@pytest.mark.slow
+def test_linear_shapes_of_a_real_bert_match_the_builtin_minilm_set():
+    transformers = pytest.importorskip("transformers")
+    cfg = MODEL_CONFIGS["all-MiniLM-L6-v2"]
+    bert_cfg = transformers.BertConfig(
+        vocab_size=64,  # the vocabulary does not change the block shapes; keeps the model small
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+    )
+    model = transformers.BertModel(bert_cfg)
+    walked = linear_shapes(model, r"encoder\..*")
+    builtin = model_shapes("all-MiniLM-L6-v2")
+    assert [(l.name, l.shape) for l in walked] == [(l.name, l.shape) for l in builtin]
+    assert any(l.name == "pooler.dense" for l in linear_shapes(model))
+
+
+def test_linear_shapes_of_a_real_gqa_llama():
+    transformers = pytest.importorskip("transformers")
+    llama_cfg = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(llama_cfg)
+    layers = linear_shapes(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    from tera_tn.shapes import ModelConfig
+
+    mine = ModelConfig("tiny", "llama", 64, 176, 2, 8, 2, "test")
+    expected = [(mine.module_prefix(i) + s, (o, d)) for i in range(2) for s, _, o, d in mine.block_layers()]
+    assert [(l.name, l.shape) for l in layers] == expected
+    assert {l.shape for l in layers if l.kind == "k_proj"} == {(16, 64)}
+
+
+def test_linear_shapes_of_a_plain_torch_model_and_errors():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert [(l.name, l.shape) for l in linear_shapes(model)] == [("0", (16, 8)), ("2", (4, 16))]
+    with pytest.raises(ValueError, match="nn.Module"):
+        linear_shapes([(1, 2)])
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        linear_shapes(torch.nn.ReLU())
+    rep = model_report(model, ["lora:r=2", "tera:order=2"])
+    assert rep.n_layers == 2 and rep.rows[0].trainable == 2 * (8 + 16) + 2 * (16 + 4)
+
+
+def test_llama2_report_matches_the_worked_example():
+    """tera-math §8: q,k,v,up,down of LLaMA-2-7B, TeRA order 6 full ranks, LoRA 32, VeRA 256."""
+    rep = model_report(
+        "llama-2-7b", ["tera:order=6", "lora:r=32", "vera:r=256", "hira:r=32", "tera:order=6,ranks=0.5"],
+        target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        achieved="theoretical",  # the structured route is exercised on MiniLM below (cheaper)
+    )
+    rows = {r.label: r for r in rep.rows}
+    assert rows["TeRA order 6"].trainable == 17_088
+    assert rows["LoRA r=32"].trainable == 56_098_816
+    assert rows["VeRA r=256"].trainable == 917_504
+    assert rows["TeRA order 6"].max_rank == 4096 and rows["TeRA order 6"].full_rank_layers == 160
+    assert rows["TeRA order 6"].achieved_rank == 4096 and rows["TeRA order 6"].achieved_source == "theoretical"
+    assert rows["LoRA r=32"].max_rank == 32 and rows["LoRA r=32"].achieved_rank is None
+    assert rows["HiRA r=32"].max_rank == 4096
+    reduced = rows["TeRA order 6, ranks=0.5"]
+    assert reduced.achieved_rank == reduced.max_rank == 512
+    # Adapter file sizes: data in fp32 plus a header that is small next to it for LoRA.
+    assert 4 * 56_098_816 < rows["LoRA r=32"].adapter_bytes < 4 * 56_098_816 * 1.001
+    assert rows["TeRA order 6"].adapter_bytes < 100 * 4 * 17_088
+
+
+# ≥ 4 so order 3 (two modes of size ≥ 2 on one side) always exists.
+shape_lists = st.lists(st.tuples(st.integers(4, 80), st.integers(4, 80)), min_size=1, max_size=5)
+
+
+@given(shape_lists, st.sampled_from(("theoretical", "structured")))
+def test_report_rows_agree_with_accounting(shapes, achieved):
+    methods = ["tera:order=2", "tera:order=3,ranks=0.5", "lora:r=3", "vera:r=5", "hira:r=2"]
+    rep = model_report(shapes, methods, achieved=achieved)
+    assert rep.dense_params == sum(o * i for o, i in shapes)
+    for row, m in zip(rep.rows, methods):
+        mm = Method.parse(m)
+        kw = {"r": mm.r} if mm.kind != "tera" else {"order": mm.order, "ranks": mm.ranks}
+        tot = method_totals(mm.kind, shapes, **kw)
+        assert (row.trainable, row.frozen_shared, row.max_rank) == (tot.trainable, tot.frozen_shared, tot.min_max_rank)
+        assert row.adapter_bytes == _real_size(adapter_tensors(m, shapes), metadata={"format": "pt"})
+        if mm.kind == "tera":
+            # Random λ has no zeros: the achieved rank is the maximum rank of each group.
+            assert row.achieved_rank == min(g.max_rank for g in row.groups)
+            assert all(g.achieved_rank == g.max_rank for g in row.groups)
+    d = json.loads(rep.to_json())
+    assert [m["label"] for m in d["methods"]] == [r.label for r in rep.rows]
+
+
+def test_structured_achieved_rank_on_minilm():
+    rep = model_report(
+        "all-MiniLM-L6-v2", ["tera:order=6", "tera:order=6,ranks=0.5"], target_modules=["query", "value"], achieved="auto"
+    )
+    for row in rep.rows:
+        assert row.achieved_source == "structured"
+        assert row.achieved_rank == row.max_rank
+        for g in row.groups:
+            assert g.achieved_rank_float32 is not None and g.achieved_rank_float32 <= g.achieved_rank
+
+
+def test_table_and_json_output():
+    rep = model_report("all-MiniLM-L6-v2", DEFAULT_METHODS, achieved="theoretical")
+    for use_rich in (True, False):
+        text = rep.to_table(use_rich=use_rich)
+        for r in rep.rows:
+            assert r.label in text
+        assert "all-MiniLM-L6-v2" in text
+    d = rep.to_dict()
+    assert d["n_layers"] == 36 and len(d["methods"]) == len(DEFAULT_METHODS)
+    assert json.loads(rep.to_json(indent=None)) == json.loads(json.dumps(d))
+    assert str(rep) == rep.to_table()
+
+
+def test_method_parsing():
+    assert Method.parse("lora:32") == Method("lora", r=32)
+    assert Method.parse("LoRA:r=8") == Method("lora", r=8)
+    assert Method.parse("tera:4") == Method("tera", order=4)
+    assert Method.parse("tera:order=3x3,ranks=2/2/2/2/2/2,diag=mode") == Method("tera", order=(3, 3), ranks=(2,) * 6, diag="mode")
+    assert Method.parse("tera:ranks=0.5").ranks == 0.5 and Method.parse("tera:ranks=4").ranks == 4
+    assert Method.parse("tera:ranks=0.5").label == "TeRA order 6, ranks=0.5"
+    for bad in ("", "dora:8", "lora", "lora:r=x", "tera:r=4", "vera:order=3", "tera:foo=1"):
+        with pytest.raises(ValueError):
+            Method.parse(bad)
+
+
+def test_report_errors():
+    with pytest.raises(ValueError, match="achieved"):
+        model_report([(4, 4)], ["lora:1"], achieved="dense")
+    with pytest.raises(ValueError, match="at least one layer"):
+        model_report([], ["lora:1"])
+    with pytest.raises(ValueError, match="TeRA order 9"):
+        model_report([(4, 4)], ["tera:order=9"])
+    with pytest.raises(ValueError, match="unique"):
+        model_report([LayerShape("a", 2, 2), LayerShape("a", 3, 3)], ["lora:1"])
+    with pytest.raises(ValueError, match="d_out, d_in"):
+        model_report([(4,)], ["lora:1"])
+    assert TeRASpec.from_shape(384, 384, order=6).num_trainable == 44
