@@ -181,6 +181,32 @@ class TeRASpec:
             return tuple(min(r, k) for k in modes)
         return tuple(ranks)
 
+    def to_dict(self) -> dict:
+        """JSON-ready form (lists of ints); :meth:`from_dict` inverts it exactly."""
+        return {
+            "row_modes": list(self.row_modes),
+            "col_modes": list(self.col_modes),
+            "ranks": list(self.ranks),
+            "diag": self.diag,
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeRASpec":
+        """A spec from :meth:`to_dict` output (validated like any other construction)."""
+        if not isinstance(d, dict) or "row_modes" not in d or "col_modes" not in d:
+            raise ValueError(f"a spec dict needs 'row_modes' and 'col_modes', got {d!r}")
+        ranks = d.get("ranks")
+        return cls(
+            tuple(d["row_modes"]),
+            tuple(d["col_modes"]),
+            None if ranks is None else tuple(ranks),
+            d.get("diag", "rank"),
+            d.get("d_out"),
+            d.get("d_in"),
+        )
+
     # --- derived sizes -------------------------------------------------------------------
     @property
     def modes(self) -> tuple[int, ...]:

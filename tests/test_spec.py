@@ -76,6 +76,22 @@ def test_spec_is_frozen_hashable_and_canonical(spec):
         spec.diag = "mode"  # type: ignore[misc]
 
 
+@given(specs(max_side=None))
+def test_dict_round_trip_is_exact_and_json_ready(spec):
+    import json
+
+    d = spec.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert TeRASpec.from_dict(d) == spec
+
+
+def test_from_dict_rejects_incomplete_dicts():
+    with pytest.raises(ValueError, match="row_modes"):
+        TeRASpec.from_dict({"col_modes": [2]})
+    with pytest.raises(ValueError, match="ranks\\[0\\]=3"):
+        TeRASpec.from_dict({"row_modes": [2], "col_modes": [2], "ranks": [3, 2]})
+
+
 def test_defaults():
     s = TeRASpec((16, 16, 16), (16, 16, 16))
     assert s.ranks == (16,) * 6 and s.diag == "rank" and s.shape == (4096, 4096)

@@ -1,0 +1,399 @@
+"""Memory-lean autograd for a TeRA linear layer: ``y = x (W0 + ΔW)ᵀ + b``.
+
+Shapes: ``x`` is ``(n, d_in)`` (callers flatten leading dims), ``W0`` is ``(d_out, d_in)``,
+``y`` is ``(n, d_out)``. The update is written in the Kronecker form of tera-math §3:
+
+* ``diag="rank"`` / ``"identity"``: ``ΔW = α P (G_mat ⊙ u vᵀ) Qᵀ`` with ``P = ⊗U_row``,
+  ``Q = ⊗U_col`` (``I`` for identity), ``u = ⊗λ_row``, ``v = ⊗λ_col`` (lengths ``∏R``).
+* ``diag="mode"``: ``ΔW = α diag(u) P G_mat Qᵀ diag(v)`` with ``u``, ``v`` of lengths ``∏K``.
+
+``P`` and ``Q`` are never formed: multiplying by them is a chain of small mode products
+(:func:`project` / :func:`expand`). Padding (``∏K > d``) is handled by zero-padding ``x`` and
+``g`` and slicing the outputs.
+
+Two strategies, both exact:
+
+* ``"materialize"``: forward builds ``W0 + ΔW`` (one chain of mode products, base added in the
+  same pass) and runs ONE GEMM. Backward recomputes the chain instead of keeping a
+  ``d_out × d_in`` tensor alive per layer, takes ``grad_x = g (W0 + ΔW)`` and gets the λ
+  gradients from ``H = (g P)ᵀ (x Q)`` (``∏R_row × ∏R_col``, built in cache-sized row blocks
+  and reduced against ``G`` at once) — never from the dense ``gᵀ x``.
+* ``"factored"``: forward is the base GEMM plus ``x → Q → G → P`` (no ``d_out × d_in``
+  intermediate); backward shares the ``(g P ⊙ u) G_mat`` product between ``grad_x`` and the
+  column-scale gradients and reuses the forward's core output for the row scales.
+
+Computation runs in the dtype of ``x`` (fp32, bf16, fp16): the GEMMs are the cost and must run
+in the input dtype to be fast, and BLAS accumulates half-precision GEMMs in fp32 internally.
+λ stay fp32 parameters; their (small) gradients are returned in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..modeproduct import multi_mode_product
+from ..network import kron_vectors
+from ..spec import TeRASpec
+
+__all__ = [
+    "FrozenNetwork",
+    "TeRALinearFunction",
+    "tera_linear",
+    "merged_weight",
+    "project",
+    "expand",
+]
+
+# Elements of H = (gP)ᵀ(xQ) per row block: bounds the backward's transient to 16 MB of fp32
+# instead of a full ∏R_row × ∏R_col matrix. Much smaller blocks are slower: every block
+# GEMM re-packs the whole (n × ∏R_col) right operand (measured: 256-row blocks at 4096² took
+# 2× the time of one GEMM, 1024-row blocks about the same as one GEMM).
+_H_BLOCK_ELEMS = 1 << 22
+
+
+# Multiply-adds below which the network's small kernels run on one thread (see _serial).
+_SERIAL_WORK = 1 << 22
+
+
+@contextmanager
+def _serial(active: bool):
+    """Run the enclosed (small) kernels single-threaded when ``active``.
+
+    The factored path is a dozen GEMMs of a few thousand multiply-adds. Multi-threaded, each
+    pays a fork/join, and on a loaded machine a 2-thread (96×8)@(8×8) GEMM was measured at
+    24 ms (waiting for the second thread to be scheduled) against 4 µs on one thread.
+    ``torch.set_num_threads`` costs ~0.2 µs, so toggling it around the small kernels is free.
+    """
+    threads = torch.get_num_threads() if active else 1
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _small(t: torch.Tensor, work: int) -> bool:
+    """Whether a kernel of ``work`` multiply-adds on ``t``'s device should run on one thread."""
+    return t.device.type == "cpu" and work < _SERIAL_WORK
+
+
+def _core_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for the core GEMMs: one thread when small (reduced ranks, few tokens)."""
+    with _serial(_small(a, a.shape[0] * b.shape[0] * b.shape[1])):
+        return a @ b
+
+
+@dataclass(frozen=True)
+class FrozenNetwork:
+    """Frozen operands of one shape group, in one dtype and on one device.
+
+    Attributes:
+        spec: the spec they belong to.
+        core: ``G`` of shape ``spec.ranks``.
+        factors: ``U_n`` of shape ``(K_n, R_n)``; all ``None`` for ``diag="identity"``.
+    """
+
+    spec: TeRASpec
+    core: torch.Tensor
+    factors: tuple[Optional[torch.Tensor], ...]
+
+    @property
+    def g_mat(self) -> torch.Tensor:
+        """``G`` as a ``(∏R_row, ∏R_col)`` matrix (a view)."""
+        p = self.spec.n_row
+        return self.core.reshape(math.prod(self.spec.ranks[:p]), math.prod(self.spec.ranks[p:]))
+
+    @property
+    def row_factors(self) -> tuple[Optional[torch.Tensor], ...]:
+        return self.factors[: self.spec.n_row]
+
+    @property
+    def col_factors(self) -> tuple[Optional[torch.Tensor], ...]:
+        return self.factors[self.spec.n_row :]
+
+
+# --- the building blocks ---------------------------------------------------------------------
+
+
+def project(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], modes: Sequence[int]) -> torch.Tensor:
+    """``t ⊗U`` : ``(n, ∏K)`` → ``(n, ∏R)``, contracting mode ``i`` of ``t`` (size ``K_i``) with ``U_i``.
+
+    ``t`` is read in C-order as ``(n, K_1..K_m)``; ``None`` factors are identities.
+    """
+    n = t.shape[0]
+    sizes = list(modes)
+    with _serial(_small(t, t.numel() * sum(modes))):
+        for i, u in enumerate(factors):
+            if u is None:
+                continue
+            lead = n * math.prod(sizes[:i])
+            trail = math.prod(sizes[i + 1 :])
+            k, r = u.shape
+            if trail == 1:
+                # Last mode: one plain GEMM beats a batch of (r×k)@(k×1) products.
+                t = t.reshape(lead, k) @ u
+            else:
+                t = torch.matmul(u.T, t.reshape(lead, k, trail))
+            sizes[i] = r
+    return t.reshape(n, math.prod(sizes))
+
+
+def expand(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], ranks: Sequence[int]) -> torch.Tensor:
+    """``t ⊗Uᵀ`` : ``(n, ∏R)`` → ``(n, ∏K)``, the adjoint of :func:`project`."""
+    n = t.shape[0]
+    sizes = list(ranks)
+    work = n * math.prod(f.shape[0] if f is not None else r for f, r in zip(factors, ranks)) * len(ranks)
+    with _serial(_small(t, work)):
+        for i, u in enumerate(factors):
+            if u is None:
+                continue
+            lead = n * math.prod(sizes[:i])
+            trail = math.prod(sizes[i + 1 :])
+            k, r = u.shape
+            if trail == 1:
+                t = t.reshape(lead, r) @ u.T
+            else:
+                t = torch.matmul(u, t.reshape(lead, r, trail))
+            sizes[i] = k
+    return t.reshape(n, math.prod(sizes))
+
+
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    # Tensor.to is not free even when nothing changes; this runs ~20 times per training step.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
+
+
+def _kron_grads(dk: torch.Tensor, lams: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of each λ_p from the gradient ``dk`` of ``kron(λ_1..λ_m)`` (C-order):
+    ``∂λ_p`` is ``dk`` contracted with every ``λ_q, q ≠ p`` — leading modes from the left,
+    trailing ones from the right, one matvec each (``torch.einsum`` would spend longer finding a
+    path than computing)."""
+    sizes = [lam.shape[0] for lam in lams]
+    out = []
+    for p in range(len(lams)):
+        t = dk
+        for q in range(p):
+            t = lams[q] @ t.reshape(sizes[q], -1)
+        for q in range(len(lams) - 1, p, -1):
+            t = t.reshape(-1, sizes[q]) @ lams[q]
+        out.append(t.reshape(sizes[p]) if p or len(lams) > 1 else t.clone())
+    return out
+
+
+def _scaled_mats(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    mats = []
+    for n, (u, lam) in enumerate(zip(net.factors, lams)):
+        a = u * lam[None, :] if net.spec.diag == "rank" else lam[:, None] * u
+        mats.append(a * alpha if n == 0 else a)
+    return mats
+
+
+def merged_weight(
+    net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, w0: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``W0 + ΔW`` (or ``ΔW`` when ``w0`` is None) as a fresh ``(d_out, d_in)`` tensor.
+
+    The base is added in place into the chain's output, so the merged weight costs the chain
+    plus one read of ``W0`` and never a second d_out×d_in temporary.
+    """
+    spec = net.spec
+    po, pi = spec.padded_shape
+    if spec.diag == "identity":
+        p = spec.n_row
+        u = kron_vectors(list(lams[:p])) * alpha
+        v = kron_vectors(list(lams[p:]))
+        x = net.g_mat * u[:, None]
+        x.mul_(v[None, :])
+    else:
+        x = multi_mode_product(net.core, _scaled_mats(net, lams, alpha)).reshape(po, pi)
+    if (po, pi) != spec.shape:
+        x = x[: spec.d_out, : spec.d_in]
+        return x.contiguous() if w0 is None else w0 + x
+    return x if w0 is None else x.add_(w0)
+
+
+def _kron_uv(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    p = net.spec.n_row
+    return kron_vectors(list(lams[:p])) * alpha, kron_vectors(list(lams[p:]))
+
+
+def _factored_delta(net: FrozenNetwork, ua: torch.Tensor, v: torch.Tensor, x2: torch.Tensor):
+    """``(ΔW x, saved, xq)`` for the factored strategy. ``saved`` is what backward needs from
+    forward (rank/identity: ``s = (xQ ⊙ v) G_matᵀ`` before ``u``; mode: ``z = P G Qᵀ (v ⊙ x)``)
+    and ``xq = xQ`` (rank/identity; None for mode), kept so backward does not project again."""
+    spec = net.spec
+    po, pi = spec.padded_shape
+    p = spec.n_row
+    xp = _pad_cols(x2, pi)
+    if spec.diag == "mode":
+        xq = project(xp * v, net.col_factors, spec.col_modes)
+        z = expand(_core_mm(xq, net.g_mat.T), net.row_factors, spec.ranks[:p])
+        y = z * ua
+        saved, xq = z, None
+    else:
+        xq = project(xp, net.col_factors, spec.col_modes)
+        s = _core_mm(xq * v, net.g_mat.T)
+        y = expand(s * ua, net.row_factors, spec.ranks[:p])
+        saved = s
+    return y[:, : spec.d_out], saved, xq
+
+
+def _scale_grads_h(gp: torch.Tensor, xq: torch.Tensor, g_mat: torch.Tensor, ua: torch.Tensor, v: torch.Tensor):
+    """``(∂L/∂ua, ∂L/∂v)`` from ``H = gpᵀ xq``: ``∂ua = (H ⊙ G) v``, ``∂v = (H ⊙ G)ᵀ ua``.
+
+    One GEMM of ``∏R_row × n × ∏R_col``, done in row blocks so the transient stays small.
+    """
+    r_row, r_col = g_mat.shape
+    d_ua = torch.empty(r_row, dtype=gp.dtype, device=gp.device)
+    d_v = torch.zeros(r_col, dtype=gp.dtype, device=gp.device)
+    block = max(1, min(r_row, _H_BLOCK_ELEMS // max(r_col, 1)))
+    gp_t = gp.T.contiguous() if block < r_row else gp.T
+    for i in range(0, r_row, block):
+        j = min(i + block, r_row)
+        h = gp_t[i:j] @ xq
+        h.mul_(g_mat[i:j])
+        torch.mv(h, v, out=d_ua[i:j])
+        d_v.addmv_(h.T, ua[i:j])
+    return d_ua, d_v
+
+
+def _scale_grads_factored(net, ua, v, x2, g2, saved, xq, need_x: bool):
+    """``(grad_x of the ΔW part or None, ∂L/∂ua, ∂L/∂v)`` sharing ``(g P ⊙ u) G_mat``."""
+    spec = net.spec
+    po, pi = spec.padded_shape
+    p = spec.n_row
+    gpad = _pad_cols(g2, po)
+    xp = _pad_cols(x2, pi)
+    if spec.diag == "mode":
+        gp = project(gpad * ua, net.row_factors, spec.row_modes)
+        w = expand(_core_mm(gp, net.g_mat), net.col_factors, spec.ranks[p:])
+        d_ua = (gpad * saved).sum(0)
+        d_v = (xp * w).sum(0)
+        gx = (w * v)[:, : spec.d_in] if need_x else None
+    else:
+        gp = project(gpad, net.row_factors, spec.row_modes)
+        m2 = _core_mm(gp * ua, net.g_mat)
+        d_ua = (gp * saved).sum(0)
+        if xq is None:
+            xq = project(xp, net.col_factors, spec.col_modes)
+        d_v = (xq * m2).sum(0)
+        gx = expand(m2 * v, net.col_factors, spec.ranks[p:])[:, : spec.d_in] if need_x else None
+    return gx, d_ua, d_v
+
+
+class TeRALinearFunction(torch.autograd.Function):
+    """``y = x (W0 + ΔW(λ))ᵀ + b`` with a hand-written, memory-lean backward.
+
+    Inputs: ``x (n, d_in)``, ``weight (d_out, d_in)`` or None (then only ``ΔW x`` is computed),
+    ``bias (d_out,)`` or None, the frozen network, ``alpha``, ``strategy``
+    (``"materialize"``/``"factored"``) and the λ vectors (any float dtype; computed in x's dtype).
+    Saved for backward: ``x``, the λ and, for ``"factored"``, activation-sized tensors (the core
+    output ``(n, ∏R_row)`` — ``(n, ∏K_row)`` for mode diag —, ``xQ`` ``(n, ∏R_col)`` and the
+    Kronecker vectors u, v) — never a ``d_out × d_in`` tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, net: FrozenNetwork, alpha: float, strategy: str, *lams):
+        dt = x.dtype
+        lams_c = [_as(lam, dt) for lam in lams]
+        w = _as(weight, dt)
+        b = _as(bias, dt)
+        saved = xq = ua = v = None
+        if strategy == "materialize":
+            y = F.linear(x, merged_weight(net, lams_c, alpha, w), b)
+        elif strategy == "factored":
+            ua, v = _kron_uv(net, lams_c, alpha)
+            delta, saved, xq = _factored_delta(net, ua, v, x)
+            y = delta if w is None else F.linear(x, w, b).add_(delta)
+            if w is None and b is not None:
+                y = y + b
+        else:
+            raise ValueError(f"strategy must be 'materialize' or 'factored', got {strategy!r}")
+        ctx.net, ctx.alpha, ctx.strategy = net, alpha, strategy
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, saved, xq, ua, v, *lams)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, saved, xq, ua, v, *lams = ctx.saved_tensors
+        net, alpha, strategy = ctx.net, ctx.alpha, ctx.strategy
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_lam = any(ctx.needs_input_grad[6:])
+        dt = x.dtype
+        g = g.contiguous()
+        lams_c = [_as(lam, dt) for lam in lams]
+        w = _as(weight, dt)
+        gx = gw = gb = None
+        d_ua = d_v = None
+        if strategy == "materialize":
+            if need_x:
+                gx = g @ merged_weight(net, lams_c, alpha, w)
+            if need_lam:
+                ua, v = _kron_uv(net, lams_c, alpha)
+                if net.spec.diag == "mode":
+                    _, saved, _ = _factored_delta(net, ua, v, x)
+                    _, d_ua, d_v = _scale_grads_factored(net, ua, v, x, g, saved, None, False)
+                else:
+                    po, pi = net.spec.padded_shape
+                    gp = project(_pad_cols(g, po), net.row_factors, net.spec.row_modes)
+                    xq = project(_pad_cols(x, pi), net.col_factors, net.spec.col_modes)
+                    d_ua, d_v = _scale_grads_h(gp, xq, net.g_mat, ua, v)
+        else:
+            if need_x or need_lam:
+                gx_delta, d_ua, d_v = _scale_grads_factored(net, ua, v, x, g, saved, xq, need_x)
+                if need_x:
+                    gx = gx_delta if w is None else torch.addmm(gx_delta, g, w)
+        if need_w and weight is not None:
+            gw = (g.T @ x).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            gb = g.sum(0)
+        grads_lam: list[Optional[torch.Tensor]] = [None] * len(lams)
+        if need_lam:
+            p = net.spec.n_row
+            # ua = α·kron(λ_row), so ∂L/∂kron(λ_row) = α ∂L/∂ua.
+            with _serial(x.device.type == "cpu"):
+                rows = _kron_grads(d_ua * alpha, lams_c[:p])
+                cols = _kron_grads(d_v, lams_c[p:])
+            grads_lam = [
+                _as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None for i, (gr, lam) in enumerate(zip(rows + cols, lams))
+            ]
+        return (gx, gw, gb, None, None, None, *grads_lam)
+
+
+def tera_linear(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    net: FrozenNetwork,
+    lams: Sequence[torch.Tensor],
+    alpha: float = 1.0,
+    strategy: str = "materialize",
+) -> torch.Tensor:
+    """Functional form of :class:`TeRALinearFunction` for ``x`` of shape ``(..., d_in)``.
+
+    Returns ``x (weight + ΔW)ᵀ + bias`` of shape ``(..., d_out)`` (``ΔW x`` alone when
+    ``weight`` is None).
+    """
+    spec = net.spec
+    if x.shape[-1] != spec.d_in:
+        raise ValueError(f"x must have shape (..., {spec.d_in}) for {spec}, got {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, spec.d_in)
+    if x2.shape[0] == 0:
+        return x.new_zeros(lead + (spec.d_out,))
+    y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
+    return y.reshape(lead + (spec.d_out,))

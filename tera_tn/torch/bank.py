@@ -1,0 +1,154 @@
+"""`FactorBank`: one set of frozen TeRA factors per shape group, held once per model.
+
+Every :class:`~tera_tn.torch.TeRALinear` of one spec uses the same core ``G`` and factors
+``U_n``, drawn by :func:`tera_tn.random_factors` from ``(seed, spec)`` — a pure function of
+them, so every process (DDP ranks included) rebuilds bit-identical factors without any
+communication. The bank stores them as non-persistent buffers (never in ``state_dict``), and
+layers register the same bank object as a submodule: ``.to()`` moves each tensor once (later
+visits find it already there) and all layers keep sharing the same storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..factors import FACTOR_INITS, _check_seed, random_factors
+from ..spec import TeRASpec
+from .autograd import FrozenNetwork
+
+__all__ = ["FactorBank"]
+
+_STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class FactorBank(nn.Module):
+    """Registry of frozen factors, one group per :class:`TeRASpec`, for one ``(seed, init)``.
+
+    Args:
+        seed: non-negative integer; the factors of each spec are a function of ``(seed, spec)``.
+        factor_init: ``"orthogonal"`` (default), ``"gaussian"`` or ``"uniform"`` (see
+            :func:`tera_tn.random_factors`).
+        dtype: storage dtype, ``"float32"`` (default) or ``"float64"``. The bank keeps it under
+            ``model.half()`` / ``.to(dtype)`` — only device moves apply — and serves casts to the
+            compute dtype from a small cache (see :meth:`network`).
+    """
+
+    def __init__(self, seed: int = 0, factor_init: str = "orthogonal", dtype: str = "float32") -> None:
+        super().__init__()
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {factor_init!r}")
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_STORAGE_DTYPES)}, got {dtype!r}")
+        self.seed = _check_seed(seed)
+        self.factor_init = factor_init
+        self.dtype_name = dtype
+        self._groups: dict[TeRASpec, str] = {}
+        self._casts: dict[tuple, FrozenNetwork] = {}
+        # Bumped on every move, so layers can tell that cached results depend on stale tensors.
+        self.generation = 0
+        # A zero-size probe tells which device the bank lives on before any group exists.
+        self.register_buffer("_anchor", torch.empty(0, dtype=_STORAGE_DTYPES[dtype]), persistent=False)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return _STORAGE_DTYPES[self.dtype_name]
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def add(self, spec: TeRASpec) -> str:
+        """Create (once) the group for ``spec`` and return its buffer prefix, e.g. ``"group0"``."""
+        if not isinstance(spec, TeRASpec):
+            raise ValueError(f"expected a TeRASpec, got {type(spec).__name__}")
+        name = self._groups.get(spec)
+        if name is not None:
+            return name
+        name = f"group{len(self._groups)}"
+        factors = random_factors(spec, self.seed, init=self.factor_init)
+        like = dict(dtype=self.storage_dtype, device=self.device)
+        self.register_buffer(f"{name}_core", torch.as_tensor(factors.core).to(**like), persistent=False)
+        for n, u in enumerate(factors.factors):
+            if u is not None:
+                self.register_buffer(f"{name}_u{n}", torch.as_tensor(u).to(**like), persistent=False)
+        self._groups[spec] = name
+        return name
+
+    def specs(self) -> tuple[TeRASpec, ...]:
+        """The specs held, in creation order."""
+        return tuple(self._groups)
+
+    def group_name(self, spec: TeRASpec) -> str:
+        try:
+            return self._groups[spec]
+        except KeyError:
+            raise KeyError(f"the bank holds no factors for {spec}; call add(spec) first") from None
+
+    def group_tensors(self, spec: TeRASpec) -> dict[str, torch.Tensor]:
+        """``{"core": G, "u0": U_0, ...}`` in storage dtype (the shared buffers themselves)."""
+        name = self.group_name(spec)
+        out = {"core": self._buffers[f"{name}_core"]}
+        for n in range(spec.order):
+            u = self._buffers.get(f"{name}_u{n}")
+            if u is not None:
+                out[f"u{n}"] = u
+        return out
+
+    def network(self, spec: TeRASpec, dtype: Optional[torch.dtype] = None) -> FrozenNetwork:
+        """The frozen operands of ``spec`` in ``dtype`` (default: storage dtype).
+
+        In the storage dtype these are the shared buffers themselves (same ``data_ptr`` for every
+        layer); other dtypes are cast once per bank placement and cached.
+        """
+        dtype = dtype or self.storage_dtype
+        key = (spec, dtype)
+        net = self._casts.get(key)
+        if net is None:
+            t = self.group_tensors(spec)
+            factors = tuple(t.get(f"u{n}") for n in range(spec.order))
+            if dtype != self.storage_dtype:
+                factors = tuple(None if u is None else u.to(dtype) for u in factors)
+            net = FrozenNetwork(spec, t["core"].to(dtype), factors)
+            self._casts[key] = net
+        return net
+
+    def fingerprint(self, spec: Optional[TeRASpec] = None) -> str:
+        """SHA-256 (hex) of the factor bytes of one group, or of all groups in creation order."""
+        h = hashlib.sha256()
+        for s in (spec,) if spec is not None else self.specs():
+            for key, t in self.group_tensors(s).items():
+                h.update(key.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def iter_buffers(self) -> Iterator[torch.Tensor]:
+        """Every factor tensor held (not the device probe)."""
+        for name, buf in self._buffers.items():
+            if name != "_anchor" and buf is not None:
+                yield buf
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves (and in-place ops such as share_memory_) but not dtype casts
+        # (model.half()): a cast would throw away precision of the seeded draws that every
+        # process must share bit for bit.
+        probe = fn(self._anchor)
+        is_cast = probe.dtype != self._anchor.dtype
+        moved = False
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = buf.to(device=probe.device) if is_cast else fn(buf)
+            if new is not buf:
+                self._buffers[name] = new
+                moved = True
+        if moved:
+            self._casts.clear()
+            self.generation += 1
+        return self
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, factor_init={self.factor_init!r}, dtype={self.dtype_name}, groups={len(self._groups)}"

@@ -1,0 +1,136 @@
+"""`TeRAConfig`: which layers get a TeRA adapter and how (validated on construction)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence, Union
+
+from ..factors import FACTOR_INITS, SCALE_INITS, _check_seed
+from ..spec import DIAG_PLACEMENTS, TeRASpec
+
+__all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
+
+LAYER_STRATEGIES = ("auto", "materialize", "factored")
+_FACTOR_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class TeRAConfig:
+    """How :func:`tera_tn.torch.add_tera` adapts a model.
+
+    Attributes:
+        target_modules: which ``nn.Linear`` layers to adapt, by qualified name (as in
+            ``model.named_modules()``). A sequence of names matches a layer whose name equals an
+            entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``); a single string is a
+            regular expression that must match the whole name; ``None`` adapts every Linear.
+        order: modes per layer ``N`` (split between rows and columns by ``TeRASpec.from_shape``)
+            or an explicit ``(P, Q)``.
+        ranks: Tucker-rank policy for automatic specs: ``"full"``, a fraction in (0, 1], an int
+            cap, or an explicit per-mode tuple (see ``TeRASpec.from_shape``).
+        diag: ``"rank"`` (default), ``"mode"`` or ``"identity"``.
+        specs: explicit specs per weight shape, ``{(d_out, d_in): TeRASpec}``; shapes not listed
+            use the ``order``/``ranks``/``diag`` policy. Stored as a tuple of pairs.
+        alpha: global scale α of ΔW.
+        seed: seed of the frozen factors (the same seed gives bit-identical factors everywhere).
+        factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
+        scale_init: λ initialization (``"zero_start"``: ΔW = 0 at step 0 with non-zero grads).
+        zero_mode: which λ_n starts at zero for ``"zero_start"``.
+        dropout: dropout probability on the adapter input (the base sees the clean input).
+        strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        factor_dtype: storage dtype of the frozen factors (``"float32"`` or ``"float64"``);
+            computation follows the input dtype and λ stay float32.
+        cache_delta: in inference (no grad), keep the merged weight ``W0 + ΔW`` between calls
+            while λ are unchanged (costs one ``d_out × d_in`` tensor per layer).
+    """
+
+    target_modules: Union[None, str, Sequence[str]] = None
+    order: Union[int, tuple[int, int]] = 6
+    ranks: Union[str, int, float, Sequence[int]] = "full"
+    diag: str = "rank"
+    specs: Union[Mapping[tuple[int, int], TeRASpec], tuple] = field(default=())
+    alpha: float = 1.0
+    seed: int = 0
+    factor_init: str = "orthogonal"
+    scale_init: str = "zero_start"
+    zero_mode: int = 0
+    dropout: float = 0.0
+    strategy: str = "auto"
+    factor_dtype: str = "float32"
+    cache_delta: bool = True
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if tm is not None:
+            if isinstance(tm, str):
+                try:
+                    re.compile(tm)
+                except re.error as e:
+                    raise ValueError(f"target_modules {tm!r} is not a valid regular expression: {e}") from None
+            else:
+                tm = tuple(tm)
+                if not tm or not all(isinstance(t, str) and t for t in tm):
+                    raise ValueError(f"target_modules must be a regex, a non-empty list of names or None, got {self.target_modules!r}")
+                object.__setattr__(self, "target_modules", tm)
+        if isinstance(self.ranks, list):
+            object.__setattr__(self, "ranks", tuple(self.ranks))
+        if isinstance(self.order, list):
+            object.__setattr__(self, "order", tuple(self.order))
+        if self.diag not in DIAG_PLACEMENTS:
+            raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
+        if self.factor_init not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {self.factor_init!r}")
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {self.scale_init!r}")
+        if self.strategy not in LAYER_STRATEGIES:
+            raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {self.strategy!r}")
+        if self.factor_dtype not in _FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype must be one of {_FACTOR_DTYPES}, got {self.factor_dtype!r}")
+        _check_seed(self.seed)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if isinstance(self.zero_mode, bool) or not isinstance(self.zero_mode, numbers.Integral) or self.zero_mode < 0:
+            raise ValueError(f"zero_mode must be a non-negative mode index, got {self.zero_mode!r}")
+        if not isinstance(self.cache_delta, bool):
+            raise ValueError(f"cache_delta must be True or False, got {self.cache_delta!r}")
+        pairs = tuple(self.specs.items()) if isinstance(self.specs, Mapping) else tuple(self.specs)
+        for item in pairs:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise ValueError(f"specs must map (d_out, d_in) to a TeRASpec, got entry {item!r}")
+            shape, spec = item
+            if not isinstance(spec, TeRASpec):
+                raise ValueError(f"specs[{shape!r}] must be a TeRASpec, got {type(spec).__name__}")
+            if tuple(shape) != spec.shape:
+                raise ValueError(f"specs[{shape!r}] is for shape {spec.shape}; key and spec shape must agree")
+            if spec.order <= self.zero_mode and self.scale_init == "zero_start":
+                raise ValueError(f"zero_mode={self.zero_mode} is not a mode of specs[{shape!r}] (order {spec.order})")
+        object.__setattr__(self, "specs", tuple((tuple(s), sp) for s, sp in pairs))
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` is a target."""
+        tm = self.target_modules
+        if tm is None:
+            return True
+        if isinstance(tm, str):
+            return re.fullmatch(tm, name) is not None
+        return any(name == t or name.endswith("." + t) for t in tm)
+
+    def spec_for(self, d_out: int, d_in: int) -> TeRASpec:
+        """The spec of a ``(d_out, d_in)`` layer: the explicit one if given, else from the policy."""
+        for shape, spec in self.specs:
+            if shape == (d_out, d_in):
+                return spec
+        try:
+            spec = TeRASpec.from_shape(d_out, d_in, order=self.order, ranks=self.ranks, diag=self.diag)
+        except ValueError as e:
+            raise ValueError(
+                f"no TeRA spec for a {d_out}×{d_in} layer with order={self.order!r}, ranks={self.ranks!r}: {e}; "
+                f"pass an explicit spec in TeRAConfig(specs={{({d_out}, {d_in}): ...}})"
+            ) from None
+        if self.scale_init == "zero_start" and self.zero_mode >= spec.order:
+            raise ValueError(f"zero_mode={self.zero_mode} is not a mode of {spec} (order {spec.order})")
+        return spec

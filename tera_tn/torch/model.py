@@ -1,0 +1,172 @@
+"""Model-level operations: inject TeRA layers, summarize, merge into a plain model, DDP helper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .bank import FactorBank
+from .config import TeRAConfig
+from .layer import TeRALinear
+
+__all__ = [
+    "add_tera",
+    "tera_layers",
+    "tera_summary",
+    "merge_and_unload",
+    "ddp_ignore_factor_bank",
+    "TeRASummary",
+    "LayerSummary",
+]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """Parameter counts of one adapted layer (frozen = its base weight and bias)."""
+
+    name: str
+    shape: tuple[int, int]
+    spec: str
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@dataclass(frozen=True)
+class TeRASummary:
+    """What :func:`add_tera` did; ``str()`` gives a table.
+
+    Attributes:
+        layers: one :class:`LayerSummary` per adapted layer.
+        trainable, frozen, total: parameter counts of the whole model.
+        shared_factors: frozen factor numbers, stored once per shape group (buffers, not
+            parameters, and not in ``state_dict``).
+        groups: number of shape groups.
+    """
+
+    layers: tuple[LayerSummary, ...]
+    trainable: int
+    frozen: int
+    shared_factors: int
+    groups: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'trainable':>10}  {'frozen':>12}  {'total':>12}"]
+        for layer in self.layers:
+            shape = f"{layer.shape[0]}×{layer.shape[1]}"
+            lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.trainable:>10,}  {layer.frozen:>12,}  {layer.total:>12,}")
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(
+            f"model: trainable {self.trainable:,} / total {self.total:,} ({pct:.4f}%), frozen {self.frozen:,}; "
+            f"shared frozen factors {self.shared_factors:,} in {self.groups} shape group(s)"
+        )
+        return "\n".join(lines)
+
+
+def tera_layers(model: nn.Module) -> Iterator[tuple[str, TeRALinear]]:
+    """``(qualified name, layer)`` for every :class:`TeRALinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, TeRALinear):
+            yield name, module
+
+
+def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, child)
+
+
+def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by :class:`TeRALinear`, in place.
+
+    Every parameter other than the λ vectors is frozen (``requires_grad=False``). All layers
+    share one :class:`FactorBank` (one factor set per spec). Returns a :class:`TeRASummary`.
+
+    Raises:
+        ValueError: when ``model`` already has TeRA layers or no Linear matches ``config``.
+    """
+    if not isinstance(config, TeRAConfig):
+        raise ValueError(f"config must be a TeRAConfig, got {type(config).__name__}")
+    existing = [name for name, _ in tera_layers(model)]
+    if existing:
+        raise ValueError(f"model already has TeRA layers ({', '.join(existing[:3])}...); add_tera runs once per model")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(name, m) for name, m in linears if config.matches(name)]
+    if not targets:
+        names = ", ".join(name for name, _ in linears[:8]) or "none"
+        raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear; the model's Linear layers: {names}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bank = FactorBank(config.seed, config.factor_init, config.factor_dtype)
+    for name, linear in targets:
+        spec = config.spec_for(linear.out_features, linear.in_features)
+        layer = TeRALinear(
+            linear,
+            spec,
+            bank=bank,
+            alpha=config.alpha,
+            scale_init=config.scale_init,
+            zero_mode=config.zero_mode,
+            dropout=config.dropout,
+            strategy=config.strategy,
+            cache_delta=config.cache_delta,
+        )
+        _set_child(model, name, layer)
+    return tera_summary(model)
+
+
+def tera_summary(model: nn.Module) -> TeRASummary:
+    """Per-layer and overall parameter counts of a model with TeRA layers."""
+    layers = []
+    banks: dict[int, FactorBank] = {}
+    for name, layer in tera_layers(model):
+        base = layer.base_layer
+        frozen = sum(p.numel() for p in base.parameters())
+        trainable = sum(p.numel() for p in layer.tera_lambda if p.requires_grad)
+        layers.append(LayerSummary(name, layer.spec.shape, str(layer.spec), trainable, frozen))
+        banks[id(layer.tera_bank)] = layer.tera_bank
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    shared = sum(t.numel() for bank in banks.values() for t in bank.iter_buffers())
+    groups = sum(len(bank.specs()) for bank in banks.values())
+    return TeRASummary(tuple(layers), trainable, frozen, shared, groups)
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every ΔW into its base weight and put the plain ``nn.Linear`` back, in place.
+
+    The result has no TeRA module, bank or λ left: inference costs exactly the base model.
+    Returns ``model``.
+    """
+    for name, layer in list(tera_layers(model)):
+        if not layer.merged:
+            layer.merge()
+        _set_child(model, name, layer.base_layer)
+    return model
+
+
+def ddp_ignore_factor_bank(model: nn.Module) -> list[str]:
+    """Tell ``DistributedDataParallel`` not to broadcast the frozen factors (call before wrapping).
+
+    Every rank already builds bit-identical factors from the seed, so syncing them only costs
+    bandwidth. Returns the buffer names excluded.
+    """
+    ids = {id(t) for _, layer in tera_layers(model) for t in layer.tera_bank.iter_buffers()}
+    names = [name for name, buf in model.named_buffers() if id(buf) in ids]
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names

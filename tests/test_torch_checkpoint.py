@@ -1,0 +1,125 @@
+"""safetensors adapter checkpoints: round trip, size, every mismatch named, no silent overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+from torch import nn  # noqa: E402
+
+from tera_tn import TeRASpec, __version__  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRAConfig, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
+
+
+def _model(seed=0, cfg=None, width=32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, width))
+    add_tera(model, cfg or TeRAConfig(order=4, seed=7, scale_init="random"))
+    return model
+
+
+def test_round_trip_is_small_and_exact(tmp_path):
+    src = _model()
+    with torch.no_grad():
+        for _, layer in tera_layers(src):
+            for lam in layer.tera_lambda:
+                lam.add_(torch.randn_like(lam))
+    path = save_tera(src, tmp_path / "adapter.safetensors")
+    assert path.stat().st_size < 4096
+    meta = read_tera_metadata(path)
+    assert meta["library_version"] == __version__ and meta["layers"]["0"]["seed"] == 7
+    assert meta["layers"]["0"]["spec"]["row_modes"] == list(TeRASpec.from_shape(64, 32, order=4).row_modes)
+    dst = _model()
+    x = torch.randn(5, 32)
+    load_tera(dst, path)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    raw = path.read_bytes()
+    assert b"pickle" not in raw and not raw.startswith(b"PK")  # safetensors header, no zip/pickle container
+
+
+def test_factors_optional_and_verified(tmp_path):
+    src = _model()
+    with_f = save_tera(src, tmp_path / "f.safetensors", include_factors=True)
+    assert with_f.stat().st_size > save_tera(src, tmp_path / "nf.safetensors").stat().st_size
+    load_tera(_model(), with_f)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(with_f))
+    from safetensors import safe_open
+
+    with safe_open(str(with_f), framework="pt") as f:
+        meta = f.metadata()
+    tensors["factors.g0.core"] = tensors["factors.g0.core"] + 1.0
+    save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointMismatch, match="factors.g0.core differs from the one generated from seed 7"):
+        load_tera(_model(), tmp_path / "tampered.safetensors")
+
+
+def test_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_tera(_model(), path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_tera(_model(1), path)
+    assert path.read_bytes() == before
+    save_tera(_model(1), path, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (TeRAConfig(order=4, seed=8), "seed: checkpoint 7, model 8"),
+        (TeRAConfig(order=4, seed=7, ranks=0.5), r"ranks: checkpoint \[.*\], model \[.*\]"),
+        (TeRAConfig(order=4, seed=7, diag="mode"), "diag: checkpoint 'rank', model 'mode'"),
+        (TeRAConfig(order=6, seed=7), "row_modes: checkpoint"),
+        (TeRAConfig(order=4, seed=7, factor_init="gaussian"), "factor_init: checkpoint 'orthogonal', model 'gaussian'"),
+        (TeRAConfig(order=4, seed=7, alpha=2.0), "alpha: checkpoint 1.0, model 2.0"),
+    ],
+)
+def test_mismatch_errors_say_what_differs(tmp_path, cfg, match):
+    path = save_tera(_model(), tmp_path / "a.safetensors")
+    dst = _model(cfg=cfg)
+    before = [lam.detach().clone() for _, layer in tera_layers(dst) for lam in layer.tera_lambda]
+    with pytest.raises(CheckpointMismatch, match=match):
+        load_tera(dst, path)
+    after = [lam for _, layer in tera_layers(dst) for lam in layer.tera_lambda]
+    assert all(a.equal(b) for a, b in zip(before, after))  # nothing loaded on error
+
+
+def test_shape_and_missing_layer_errors(tmp_path):
+    path = save_tera(_model(), tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointMismatch, match="d_in: checkpoint 32, model 48"):
+        load_tera(_model(width=48), path)
+    torch.manual_seed(0)
+    partial = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    add_tera(partial, TeRAConfig(target_modules=["0"], order=4, seed=7))
+    with pytest.raises(CheckpointMismatch, match=r"in the checkpoint but not in the model: \['2'\]"):
+        load_tera(partial, path)
+    load_tera(partial, path, strict=False)
+    # A missing tensor inside a layer.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    del tensors["2.lambda.1"]
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointMismatch, match="'2.lambda.1' is missing"):
+        load_tera(_model(), tmp_path / "cut.safetensors")
+
+
+def test_foreign_file_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a tera_tn checkpoint"):
+        load_tera(_model(), tmp_path / "x.safetensors")
+    meta = {"tera_tn": json.dumps({"format": 99})}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="format 99"):
+        load_tera(_model(), tmp_path / "y.safetensors")

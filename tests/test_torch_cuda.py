@@ -1,0 +1,57 @@
+"""CUDA checks: run on a machine with a GPU, skipped otherwise (no GPU in the CPU-only CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from tera_tn import TeRASpec  # noqa: E402
+from tera_tn.torch import FrozenNetwork, TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers, tera_linear  # noqa: E402
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_bank_moves_once_and_layers_share_storage_on_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    add_tera(model, TeRAConfig(order=4, scale_init="random"))
+    cpu_out = model(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)))
+    model.cuda()
+    (_, a), (_, b) = list(tera_layers(model))
+    assert a.tera_bank is b.tera_bank and a.network().core.is_cuda
+    assert a.network().core.data_ptr() == b.network().core.data_ptr()
+    assert all(lam.is_cuda and lam.dtype == torch.float32 for lam in a.tera_lambda)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    torch.testing.assert_close(model(x).cpu(), cpu_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+def test_gradcheck_on_cuda(strategy):
+    spec = TeRASpec((2, 3), (3, 2), d_out=5, d_in=4)
+    from tera_tn import random_factors
+
+    f = random_factors(spec, 0).as_torch(torch.float64, device="cuda")
+    net = FrozenNetwork(spec, f.core, f.factors)
+    lams = [torch.rand(s, dtype=torch.float64, device="cuda", requires_grad=True) + 0.5 for s in spec.scale_sizes]
+    lams = [lam.detach().requires_grad_() for lam in lams]
+    x = torch.randn(3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *l: tera_linear(x, None, None, net, l, 0.7, strategy), (x, *lams))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_training_step_and_merge_on_cuda(dtype):
+    torch.manual_seed(0)
+    layer = TeRALinear(nn.Linear(256, 256), TeRASpec.from_shape(256, 256, order=4), scale_init="random").cuda().to(dtype)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(32, 256, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().pow(2).mean().backward()
+    assert x.grad is not None and all(lam.grad.dtype == torch.float32 for lam in layer.tera_lambda)
+    with torch.no_grad():
+        ref = layer(x)
+        plain = merge_and_unload(nn.Sequential(layer))
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(plain(x), ref, rtol=tol, atol=tol)
