@@ -1,0 +1,131 @@
+"""`TeraConfig`: the PEFT configuration of a TeRA adapter (serialized to ``adapter_config.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ..spec import TeRASpec
+from ..torch.config import TeRAConfig
+
+__all__ = ["TeraConfig"]
+
+
+def _normalize_specs(specs: Any) -> Optional[dict[str, dict]]:
+    """``{(d_out, d_in) or "d_outxd_in": TeRASpec or dict}`` → ``{"d_outxd_in": spec dict}``."""
+    if specs is None:
+        return None
+    if not isinstance(specs, dict):
+        raise ValueError(f"specs must map (d_out, d_in) or 'd_outxd_in' to a TeRASpec, got {type(specs).__name__}")
+    out = {}
+    for key, spec in specs.items():
+        if isinstance(spec, dict):
+            spec = TeRASpec.from_dict(spec)
+        if not isinstance(spec, TeRASpec):
+            raise ValueError(f"specs[{key!r}] must be a TeRASpec or its dict form, got {type(spec).__name__}")
+        shape = tuple(key) if isinstance(key, (tuple, list)) else tuple(int(s) for s in str(key).lower().split("x"))
+        if shape != spec.shape:
+            raise ValueError(f"specs[{key!r}] is for shape {spec.shape}; key and spec shape must agree")
+        out[f"{spec.d_out}x{spec.d_in}"] = spec.to_dict()
+    return out
+
+
+@dataclass
+class TeraConfig(PeftConfig):
+    """Configuration of a TeRA adapter for :func:`peft.get_peft_model`.
+
+    TeRA (arXiv 2509.03234) adapts a ``(d_out, d_in)`` weight by ``ΔW = α·reshape(G ×_1 U_1Λ_1 … ×_N U_NΛ_N)``:
+    a frozen random core ``G`` and factors ``U_n`` shared by every layer of the same spec (regenerated
+    from ``seed``) and trainable vectors ``λ_n`` per layer (``Σ_n R_n`` numbers per layer).
+
+    Args:
+        target_modules: module names (suffix match) or a regex (full match), as in LoRA; ``"all-linear"``
+            adapts every Linear except the output head. ``None`` uses PEFT's VeRA defaults per
+            architecture (attention projections).
+        exclude_modules: names or regex of modules never adapted.
+        order: modes per layer ``N`` (split between rows and columns) or ``[P, Q]``.
+        ranks: Tucker ranks: ``"full"``, a fraction in (0, 1], an int cap, or a per-mode list.
+        diag: ``"rank"`` (default), ``"mode"`` or ``"identity"`` (see :class:`tera_tn.TeRASpec`).
+        specs: explicit specs per weight shape, ``{"768x384": TeRASpec or its dict}`` (tuples
+            ``(d_out, d_in)`` are accepted as keys); other shapes follow ``order``/``ranks``/``diag``.
+        alpha: global scale α of ΔW.
+        seed: seed of the frozen factors (bit-identical factors in every process).
+        factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
+        factor_dtype: storage dtype of the frozen factors, ``"float32"`` or ``"float64"``.
+        scale_init: λ init, ``"zero_start"`` (ΔW = 0, non-zero gradient), ``"ones"`` or ``"random"``.
+        zero_mode: the mode whose λ starts at zero for ``"zero_start"``.
+        tera_dropout: dropout on the adapter input.
+        strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        fan_in_fan_out: the target stores its weight as ``(fan_in, fan_out)`` (GPT-2 ``Conv1D``).
+            Set automatically (with a warning) when a ``Conv1D`` is targeted.
+        save_factors: also store the frozen factors in ``adapter_model.safetensors`` (verified
+            against the seed on load; normally redundant).
+        modules_to_save: extra modules trained and saved in full (e.g. a classifier head).
+        layers_to_transform, layers_pattern: restrict to some layer indices (as in LoRA).
+        bias: only ``"none"`` is supported.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
+    order: Union[int, list[int]] = field(default=6, metadata={"help": "Modes per layer N, or [P, Q]"})
+    ranks: Union[str, int, float, list[int]] = field(default="full", metadata={"help": "Tucker-rank policy"})
+    diag: str = field(default="rank", metadata={"help": "'rank', 'mode' or 'identity'"})
+    specs: Optional[dict] = field(default=None, metadata={"help": "Explicit specs per 'd_outxd_in' shape"})
+    alpha: float = field(default=1.0, metadata={"help": "Global scale of ΔW"})
+    seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})
+    factor_init: str = field(default="orthogonal", metadata={"help": "Frozen factor init"})
+    factor_dtype: str = field(default="float32", metadata={"help": "Storage dtype of frozen factors"})
+    scale_init: str = field(default="zero_start", metadata={"help": "λ init"})
+    zero_mode: int = field(default=0, metadata={"help": "Mode whose λ starts at zero"})
+    tera_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
+    strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize' or 'factored'"})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (fan_in, fan_out)"})
+    save_factors: bool = field(default=False, metadata={"help": "Store frozen factors in the checkpoint"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
+    bias: str = field(default="none", metadata={"help": "Only 'none'"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.TERA
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.order, tuple):
+            self.order = list(self.order)
+        if isinstance(self.ranks, tuple):
+            self.ranks = list(self.ranks)
+        self.specs = _normalize_specs(self.specs)
+        if self.bias != "none":
+            raise ValueError(f"TeraConfig supports bias='none' only, got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        self.tera_config()  # validates every field once, with TeRAConfig's messages
+
+    def tera_config(self) -> TeRAConfig:
+        """The equivalent :class:`tera_tn.torch.TeRAConfig` (spec policy, seed, init, strategy)."""
+        specs = {tuple(int(s) for s in k.split("x")): TeRASpec.from_dict(v) for k, v in (self.specs or {}).items()}
+        return TeRAConfig(
+            target_modules=None,
+            order=tuple(self.order) if isinstance(self.order, list) else self.order,
+            ranks=tuple(self.ranks) if isinstance(self.ranks, list) else self.ranks,
+            diag=self.diag,
+            specs=specs,
+            alpha=self.alpha,
+            seed=self.seed,
+            factor_init=self.factor_init,
+            scale_init=self.scale_init,
+            zero_mode=self.zero_mode,
+            dropout=self.tera_dropout,
+            strategy=self.strategy,
+            factor_dtype=self.factor_dtype,
+        )
+
+    def spec_for(self, d_out: int, d_in: int) -> TeRASpec:
+        """The spec of a ``(d_out, d_in)`` layer under this config."""
+        return self.tera_config().spec_for(d_out, d_in)

@@ -1,0 +1,227 @@
+"""`TeraLayer` / `Linear`: PEFT tuner layers holding one TeRA update per named adapter.
+
+The math is :mod:`tera_tn.torch`'s: frozen operands come from a shared
+:class:`~tera_tn.torch.FactorBank` (one per seed/init/dtype, one factor set per spec), the forward
+runs the memory-lean :func:`~tera_tn.torch.tera_linear` autograd Function (one fused GEMM
+``x (W0 + ΔW)ᵀ`` for a single active adapter on an ``nn.Linear``) and merging uses
+:func:`~tera_tn.torch.autograd.merged_weight`. This module only adds PEFT's per-adapter
+bookkeeping (several adapters, enable/disable, merge/unmerge, GPT-2 ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..factors import init_scales
+from ..spec import TeRASpec
+from ..torch.autograd import merged_weight, tera_linear
+from ..torch.bank import FactorBank
+from ..torch.planning import layer_plan
+
+__all__ = ["TeraLayer", "Linear"]
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # pragma: no cover - transformers is part of the extra
+        return ()
+
+
+class TeraLayer(BaseTunerLayer):
+    """Per-adapter TeRA state of one layer.
+
+    Attributes (dicts keyed by adapter name):
+        tera_lambda: the trainable vectors ``λ_1..λ_N`` concatenated (fp32, ``spec.num_trainable``).
+        tera_bank: the shared :class:`FactorBank` holding the frozen factors of ``tera_spec``.
+        tera_spec, tera_alpha, tera_strategy, tera_dropout: the adapter's spec, α, strategy, dropout.
+    """
+
+    adapter_layer_names = ("tera_lambda",)
+    other_param_names = ("tera_bank", "tera_dropout", "tera_spec", "tera_alpha", "tera_strategy")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.tera_lambda = nn.ParameterDict({})
+        self.tera_bank = nn.ModuleDict({})
+        self.tera_dropout = nn.ModuleDict({})
+        self.tera_spec: dict[str, TeRASpec] = {}
+        self.tera_alpha: dict[str, float] = {}
+        self.tera_strategy: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, _conv1d_type()):
+            in_features, out_features = base.weight.shape
+        else:
+            raise TypeError(
+                f"TeRA adapts torch.nn.Linear and transformers' Conv1D layers, got {type(base).__name__}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, spec: TeRASpec, bank: FactorBank, config, inference_mode: bool = False) -> None:
+        """Add adapter ``adapter_name`` with ``spec`` and factors from ``bank``."""
+        if spec.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"spec is for a {spec.d_out}×{spec.d_in} weight but the layer is {self.out_features}×{self.in_features}"
+            )
+        bank.add(spec)
+        self.tera_spec[adapter_name] = spec
+        self.tera_alpha[adapter_name] = float(config.alpha)
+        self.tera_strategy[adapter_name] = config.strategy
+        self.tera_bank[adapter_name] = bank
+        p = config.tera_dropout
+        self.tera_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        scales = init_scales(
+            spec,
+            config.scale_init,
+            zero_mode=config.zero_mode,
+            seed=config.seed if config.scale_init == "random" else None,
+        )
+        flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in scales])
+        weight = self.get_base_layer().weight
+        device = weight.device if weight.device.type != "meta" else None
+        self.tera_lambda[adapter_name] = nn.Parameter(torch.as_tensor(flat, dtype=torch.float32, device=device))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # λ are fp32 master weights whatever the base dtype (PEFT's default would cast them to it);
+        # the bank follows device moves only (FactorBank ignores dtype casts).
+        base = self.get_base_layer()
+        target = device if device is not None else getattr(base.weight, "device", None)
+        if target is None or target.type == "meta":
+            return
+        if adapter_name in self.tera_lambda and self.tera_lambda[adapter_name].device != target:
+            lam = self.tera_lambda[adapter_name]
+            self.tera_lambda[adapter_name] = nn.Parameter(lam.data.to(target), requires_grad=lam.requires_grad)
+        if adapter_name in self.tera_bank:
+            self.tera_bank[adapter_name].to(target)
+        if adapter_name in self.tera_dropout:
+            self.tera_dropout[adapter_name].to(target)
+
+    # --- helpers -----------------------------------------------------------------------------
+    def scales(self, adapter_name: str) -> list[torch.Tensor]:
+        """``λ_1..λ_N`` of ``adapter_name`` as views of the trainable parameter."""
+        spec = self.tera_spec[adapter_name]
+        return list(torch.split(self.tera_lambda[adapter_name], list(spec.scale_sizes)))
+
+    def network(self, adapter_name: str, dtype: torch.dtype):
+        return self.tera_bank[adapter_name].network(self.tera_spec[adapter_name], dtype)
+
+    def _pick_strategy(self, adapter_name: str, n: int, x: torch.Tensor, training: bool) -> str:
+        strategy = self.tera_strategy[adapter_name]
+        if strategy != "auto":
+            return strategy
+        dtype = str(x.dtype).removeprefix("torch.")
+        return layer_plan(self.tera_spec[adapter_name], n, training=training, device=x.device.type, dtype=dtype).strategy
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW`` of ``adapter_name`` laid out like the base weight (transposed for ``Conv1D``)."""
+        w0 = self.get_base_layer().weight
+        work = torch.promote_types(w0.dtype, torch.float32)
+        lams = [lam.to(device=w0.device, dtype=work) for lam in self.scales(adapter_name)]
+        dw = merged_weight(self.network(adapter_name, work), lams, self.tera_alpha[adapter_name], None)
+        dw = dw.to(w0.device)
+        return (dw.T if self.fan_in_fan_out else dw).to(w0.dtype)
+
+
+class Linear(nn.Module, TeraLayer):
+    """TeRA on an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: TeRASpec, bank: FactorBank, config, **kwargs) -> None:
+        super().__init__()
+        TeraLayer.__init__(self, base_layer, **kwargs)
+        is_conv1d = isinstance(self.get_base_layer(), _conv1d_type())
+        if is_conv1d and not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        elif not is_conv1d and config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is True but the target module is `nn.Linear`; setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        self.fan_in_fan_out = is_conv1d
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, bank, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold ``ΔW`` of the given (default: active) adapters into the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.tera_lambda:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.tera_lambda:
+                base.weight.data -= self.get_delta_weight(name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if self.merged:
+            return base(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.tera_lambda]
+        if not active:
+            return base(x, *args, **kwargs)
+        lam_params = [self.tera_lambda[a] for a in active]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or base.weight.requires_grad or any(p.requires_grad for p in lam_params)
+        )
+        n = max(1, math.prod(x.shape[:-1]))
+        dropout_active = any(self.training and isinstance(self.tera_dropout[a], nn.Dropout) for a in active)
+        if len(active) == 1 and not self.fan_in_fan_out and not dropout_active and not args and not kwargs:
+            # One fused GEMM x (W0 + ΔW)ᵀ (materialize) or base GEMM + factored ΔW x.
+            a = active[0]
+            strategy = self._pick_strategy(a, n, x, needs_grad)
+            return tera_linear(
+                x, base.weight, base.bias, self.network(a, x.dtype), self.scales(a), self.tera_alpha[a], strategy
+            )
+        result = base(x, *args, **kwargs)
+        for a in active:
+            xa = self.tera_dropout[a](x).to(result.dtype)
+            strategy = self._pick_strategy(a, n, xa, needs_grad)
+            delta = tera_linear(xa, None, None, self.network(a, xa.dtype), self.scales(a), self.tera_alpha[a], strategy)
+            result = result + delta
+        return result
+
+    def __repr__(self) -> str:
+        return "tera." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        specs = ", ".join(f"{a}: {s}" for a, s in self.tera_spec.items())
+        return f"{specs}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -1,0 +1,265 @@
+"""`TeraModel`: the PEFT tuner that injects :class:`~tera_tn.peft.layer.Linear` layers.
+
+Besides injection it owns two pieces of model-level state:
+
+* the factor banks, one :class:`~tera_tn.torch.FactorBank` per ``(seed, factor_init, factor_dtype)``
+  shared by every layer and adapter that uses it (never in ``state_dict``: regenerated from the seed);
+* ``tera_signature``: one small uint8 buffer per adapter holding a JSON description of the adapter
+  (seed, factor init/dtype, α and every adapted layer's shape and spec). It is saved with the λ in
+  ``adapter_model.safetensors`` and compared on load, so a checkpoint applied to another base model,
+  seed or spec fails with a message that lists what differs instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
+
+from ..torch.bank import FactorBank
+from ..torch.checkpoint import CheckpointMismatch
+from .config import TeraConfig
+from .layer import Linear, TeraLayer, _conv1d_type
+
+__all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
+
+SIGNATURE_FORMAT = 1
+_SIG = "tera_signature"
+_FACTORS = "tera_factors"
+_MAX_LISTED = 6
+
+
+class TeraAdapterMismatch(CheckpointMismatch):
+    """A saved TeRA adapter does not fit the model it is loaded into; the message lists the differences."""
+
+
+def _find_tera_model(model: nn.Module) -> Optional["TeraModel"]:
+    if isinstance(model, TeraModel):
+        return model
+    for m in model.modules():
+        if isinstance(m, TeraModel):
+            return m
+    return None
+
+
+def signature_diff(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between a checkpoint's signature and the model's."""
+    problems = []
+    if saved.get("format") != SIGNATURE_FORMAT:
+        problems.append(f"signature format {saved.get('format')!r}, this tera_tn reads format {SIGNATURE_FORMAT}")
+        return problems
+    for key in ("seed", "factor_init", "factor_dtype", "alpha"):
+        if saved.get(key) != current.get(key):
+            problems.append(f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}")
+    s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
+    missing = sorted(set(s_layers) - set(c_layers))
+    extra = sorted(set(c_layers) - set(s_layers))
+
+    def _few(names):
+        more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        return ", ".join(names[:_MAX_LISTED]) + more
+
+    if missing:
+        problems.append(f"{len(missing)} adapted layer(s) in the checkpoint are not adapted in the model: {_few(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} adapted layer(s) of the model are not in the checkpoint: {_few(extra)}")
+    field_diffs: dict[str, list[str]] = {}
+    for name in sorted(set(s_layers) & set(c_layers)):
+        s, c = s_layers[name], c_layers[name]
+        for key in sorted(set(s) | set(c)):
+            if s.get(key) != c.get(key):
+                field_diffs.setdefault(key, []).append(f"{name}: checkpoint {s.get(key)!r}, model {c.get(key)!r}")
+    for key, items in field_diffs.items():
+        label = {"shape": "weight shape (d_out, d_in)"}.get(key, key)
+        more = f" (+{len(items) - 3} more layers)" if len(items) > 3 else ""
+        problems.append(f"{label} differs in {len(items)} layer(s): " + "; ".join(items[:3]) + more)
+    return problems
+
+
+class TeraModel(BaseTuner):
+    """Creates a TeRA model from a pretrained transformers model (use :func:`peft.get_peft_model`).
+
+    Example::
+
+        from tera_tn.peft import TeraConfig      # registers "TERA" with PEFT
+        from peft import get_peft_model
+        model = get_peft_model(base, TeraConfig(target_modules=["query", "value"], order=4))
+    """
+
+    prefix: str = "tera_"
+    tuner_layer_cls = TeraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
+    uses_shared_state: bool = True
+
+    # --- factor banks ------------------------------------------------------------------------
+    def _bank(self, config: TeraConfig) -> FactorBank:
+        banks = self.__dict__.setdefault("_tera_banks", {})
+        key = (config.seed, config.factor_init, config.factor_dtype)
+        bank = banks.get(key)
+        if bank is None:
+            bank = FactorBank(config.seed, config.factor_init, config.factor_dtype)
+            banks[key] = bank
+        return bank
+
+    def _check_new_adapter_config(self, config: TeraConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, TeraConfig):
+            raise ValueError(f"TeraModel needs a TeraConfig, got {type(config).__name__}")
+
+    # --- injection ---------------------------------------------------------------------------
+    def _create_and_replace(self, tera_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, _conv1d_type())):
+            raise TypeError(
+                f"Target module {current_key} ({type(base).__name__}) is not supported: TeRA adapts torch.nn.Linear "
+                "and transformers' Conv1D layers only; check `target_modules`."
+            )
+        if isinstance(base, nn.Linear):
+            d_out, d_in = base.out_features, base.in_features
+        else:
+            d_in, d_out = base.weight.shape
+        try:
+            spec = tera_config.spec_for(d_out, d_in)
+        except ValueError as e:
+            raise ValueError(f"cannot adapt {current_key}: {e}") from None
+        bank = self._bank(tera_config)
+        if isinstance(target, TeraLayer):
+            target.update_layer(adapter_name, spec, bank, tera_config)
+        else:
+            new_module = Linear(target, adapter_name, spec, bank, tera_config)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._set_signature(adapter_name)
+
+    def _set_signature(self, adapter_name: str) -> None:
+        if _SIG not in self._modules:
+            self.add_module(_SIG, BufferDict({}, persistent=True))
+        raw = json.dumps(self.adapter_signature(adapter_name), sort_keys=True).encode()
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self._modules[_SIG][adapter_name] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        sig = self._modules.get(_SIG)
+        if sig is not None and adapter_name in sig:
+            del sig[adapter_name]
+
+    # --- description ---------------------------------------------------------------------------
+    def adapter_layers(self, adapter_name: str) -> dict[str, TeraLayer]:
+        """``{qualified name in the base model: layer}`` of every layer carrying ``adapter_name``."""
+        return {
+            name: m for name, m in self.model.named_modules() if isinstance(m, TeraLayer) and adapter_name in m.tera_lambda
+        }
+
+    def _factor_groups(self, adapter_name: str) -> dict:
+        """``{spec: "g<i>"}`` in first-use order over the adapter's layers."""
+        groups: dict = {}
+        for layer in self.adapter_layers(adapter_name).values():
+            groups.setdefault(layer.tera_spec[adapter_name], f"g{len(groups)}")
+        return groups
+
+    def adapter_signature(self, adapter_name: str) -> dict:
+        """What identifies ``adapter_name``: seed, factor init/dtype, α, and every layer's shape and spec."""
+        config = self.peft_config[adapter_name]
+        groups = self._factor_groups(adapter_name)
+        layers = {}
+        for name, layer in self.adapter_layers(adapter_name).items():
+            spec = layer.tera_spec[adapter_name]
+            entry = spec.to_dict()
+            entry.pop("d_out")
+            entry.pop("d_in")
+            layers[name] = {"shape": [spec.d_out, spec.d_in], **entry, "fan_in_fan_out": layer.fan_in_fan_out, "group": groups[spec]}
+        return {
+            "format": SIGNATURE_FORMAT,
+            "seed": config.seed,
+            "factor_init": config.factor_init,
+            "factor_dtype": config.factor_dtype,
+            "alpha": float(config.alpha),
+            "layers": layers,
+        }
+
+    # --- state dict hooks (save / load) ------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Keep only this adapter's signature (the BufferDict prefix covers all adapters when unfiltered).
+        to_return = {
+            k: v
+            for k, v in to_return.items()
+            if f".{_SIG}." not in k or k.endswith(f".{_SIG}.{adapter_name}")
+        }
+        if getattr(config, "save_factors", False):
+            tera = _find_tera_model(model)
+            if tera is None:
+                raise ValueError("save_factors=True needs the TeraModel (save through the PeftModel)")
+            groups = tera._factor_groups(adapter_name)
+            bank = tera._bank(config)
+            sig_key = next((k for k in to_return if k.endswith(f".{_SIG}.{adapter_name}")), None)
+            base = sig_key[: -len(f".{_SIG}.{adapter_name}")] if sig_key else "base_model"
+            for spec, gname in groups.items():
+                for tname, t in bank.group_tensors(spec).items():
+                    to_return[f"{base}.{_FACTORS}.{gname}.{tname}"] = t.detach().cpu().contiguous()
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        tera = _find_tera_model(model)
+        state_dict = dict(state_dict)
+        sig_keys = [k for k in state_dict if k == _SIG or k.endswith(f".{_SIG}")]
+        factor_keys = [k for k in state_dict if f"{_FACTORS}." in k]
+        if tera is not None:
+            problems = []
+            current = tera.adapter_signature(adapter_name)
+            if not sig_keys:
+                problems.append(
+                    f"the checkpoint has no {_SIG!r} entry, so it was not written by tera_tn.peft "
+                    "(or was stripped); refusing to load λ without knowing their specs and seed"
+                )
+            else:
+                try:
+                    saved = json.loads(bytes(state_dict[sig_keys[0]].to(torch.uint8).cpu().tolist()).decode())
+                except (ValueError, UnicodeDecodeError) as e:
+                    saved = None
+                    problems.append(f"the checkpoint's {_SIG} entry is unreadable: {e}")
+                if saved is not None:
+                    problems.extend(signature_diff(saved, current))
+                    if not problems and factor_keys:
+                        problems.extend(cls._check_factors(tera, config, adapter_name, saved, state_dict, factor_keys))
+            if problems:
+                raise TeraAdapterMismatch(
+                    f"cannot load TeRA adapter {adapter_name!r} into this model:\n  - " + "\n  - ".join(problems)
+                )
+            own = tera._modules[_SIG][adapter_name]
+            for k in sig_keys:
+                state_dict[k] = own.detach().clone()
+        for k in factor_keys:
+            del state_dict[k]
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @staticmethod
+    def _check_factors(tera, config, adapter_name, saved, state_dict, factor_keys) -> list[str]:
+        problems = []
+        bank = tera._bank(config)
+        for spec, gname in tera._factor_groups(adapter_name).items():
+            for tname, current in bank.group_tensors(spec).items():
+                key = next((k for k in factor_keys if k.endswith(f"{_FACTORS}.{gname}.{tname}")), None)
+                if key is None:
+                    problems.append(f"stored factor {_FACTORS}.{gname}.{tname} is missing from the checkpoint")
+                elif not torch.equal(state_dict[key].to(current.dtype).cpu(), current.detach().cpu()):
+                    problems.append(
+                        f"stored factor {_FACTORS}.{gname}.{tname} differs from the one generated from seed "
+                        f"{config.seed} ({config.factor_init}, {config.factor_dtype})"
+                    )
+        return problems
