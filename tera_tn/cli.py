@@ -1,0 +1,685 @@
+"""The ``tera-tn`` command.
+
+* ``tera-tn report`` — the main job: compares TeRA with LoRA, VeRA and HiRA on the built-in model
+  shape sets (parameters, adapter file size, ranks), prints one table per model and writes the
+  tables, trade-off/spectrum/planner plots (PNG and SVG) and a JSON file into a new folder.
+* ``tera-tn rank`` — spec, parameter counts and every rank measure of one TeRA update.
+* ``tera-tn plan`` — how the contraction planner computes ``ΔW x`` for a token count, and why.
+* ``tera-tn finetune`` — the MiniLM fine-tuning benchmark (:mod:`tera_tn.finetune`).
+
+Bad arguments print one ``error:`` line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser", "DEFAULT_REPORT_DIR", "UsageError"]
+
+#: folder ``tera-tn report`` writes to when ``--out`` is not given (a timestamped sibling is used
+#: when it already exists)
+DEFAULT_REPORT_DIR = "tera-tn-report"
+#: structured spectra (a numerical check of the rank) are computed when the core matrix's smaller
+#: side is at most this; larger groups use the rank theorem. Keeps the default report fast.
+DEFAULT_STRUCTURED_MAX_SIDE = 512
+
+
+class UsageError(Exception):
+    """A bad argument detected after parsing (reported like an argparse error, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------------------------
+# argument types
+# --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """``"768x3072"`` (also ``768,3072`` or ``768×3072``) → ``(768, 3072)``."""
+    parts = text.lower().replace("×", "x").replace(",", "x").split("x")
+    try:
+        d_out, d_in = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape D_OUTxD_IN such as 4096x4096, got {text!r}") from None
+    if d_out < 1 or d_in < 1:
+        raise argparse.ArgumentTypeError(f"shape dimensions must be positive, got {text!r}")
+    return d_out, d_in
+
+
+def _modes(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``"16.16.16:16.16.16"`` (row modes : column modes) → two tuples."""
+    rows, sep, cols = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        out = tuple(tuple(int(x) for x in side.replace(",", ".").split(".")) for side in (rows, cols))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ROW_MODES:COL_MODES such as 16.16.16:16.16.16, got {text!r}") from None
+    return out  # type: ignore[return-value]
+
+
+def _order(text: str):
+    """``6`` or ``3x3`` (rows × columns)."""
+    try:
+        if "x" in text.lower():
+            p, q = (int(v) for v in text.lower().split("x"))
+            return (p, q)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an order such as 6 or 3x3, got {text!r}") from None
+
+
+def _ranks(text: str):
+    """``full``, a fraction (``0.5``), an int cap (``8``) or per-mode ``8/8/8/8``."""
+    t = text.strip().lower()
+    try:
+        if t == "full":
+            return "full"
+        if "/" in t:
+            return tuple(int(v) for v in t.split("/"))
+        if t.isdigit():
+            return int(t)
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected full, a fraction, an int or R1/R2/..., got {text!r}") from None
+
+
+def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shape", nargs="?", type=_shape, metavar="D_OUTxD_IN",
+                   help="weight shape (PyTorch: out_features x in_features), e.g. 4096x4096")
+    p.add_argument("--modes", type=_modes, metavar="ROWS:COLS",
+                   help="explicit mode sizes instead of the automatic factorization, e.g. 16.16.16:16.16.16")
+    p.add_argument("--order", type=_order, default=6, help="number of modes N, or PxQ (default 6)")
+    p.add_argument("--ranks", type=_ranks, default="full",
+                   help="Tucker ranks: full (default), a fraction, an int cap, or R1/R2/... per mode")
+    p.add_argument("--diag", choices=("rank", "mode", "identity"), default="rank",
+                   help="where the trained diagonals sit (default rank: U_n diag(λ_n))")
+
+
+def _spec_from_args(args) -> Any:
+    from .spec import TeRASpec
+
+    if args.shape is None and args.modes is None:
+        raise UsageError("give a shape D_OUTxD_IN, --modes ROWS:COLS, or both")
+    if args.modes is not None:
+        rows, cols = args.modes
+        ranks = args.ranks
+        if ranks == "full":
+            ranks = None
+        elif not isinstance(ranks, tuple):
+            ranks = TeRASpec._resolve_ranks(rows + cols, ranks)
+        d_out, d_in = args.shape if args.shape is not None else (None, None)
+        return TeRASpec(rows, cols, ranks, args.diag, d_out, d_in)
+    return TeRASpec.from_shape(*args.shape, order=args.order, ranks=args.ranks, diag=args.diag)
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _blas_threads(n: Optional[int]):
+    """Limit BLAS threads (threadpoolctl when installed). Rank analysis runs many small SVDs,
+    where extra BLAS threads only add contention: on a busy 2-core machine a 1536×384 SVD
+    takes ~0.2 s with one thread and several seconds with oversubscribed threads."""
+    if not n:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _console(quiet: bool = False):
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, quiet=quiet, highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # pipes and files: do not squeeze tables into 80 columns
+        console.width = 120
+    return console
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def _dump(data) -> str:
+    """JSON text; ``inf``/``nan`` become strings so the file stays strict JSON."""
+    return json.dumps(_sanitize(data), indent=2, default=_json_default, allow_nan=False)
+
+
+def _sanitize(data):
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _sanitize(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_sanitize(v) for v in data]
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# tera-tn report
+# --------------------------------------------------------------------------------------------
+def _report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> Path:
+    if out is None:
+        base = Path(DEFAULT_REPORT_DIR)
+        if not base.exists():
+            return base
+        stamp = now.strftime("%Y%m%d-%H%M%S")
+        cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}")
+        k = 2
+        while cand.exists():
+            cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}-{k}")
+            k += 1
+        return cand
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise UsageError(f"--out {out} already exists; pass --force to overwrite its report files")
+    return path
+
+
+_README = """# tera-tn report
+
+Written by `tera-tn {argv}` (tera_tn {version}) on {date}, in {elapsed:.1f} s.
+
+| file | content |
+|---|---|
+| `report.json` | every number below, plus settings, trade-off points, spectra and planner predictions |
+| `report.txt` | the tables printed on the console, one per model |
+{plot_rows}
+Columns: *trainable* numbers over all adapted layers; *% dense* of the layers' dense weights;
+*frozen shared* numbers stored once (TeRA core and factors per shape group, VeRA's A/B);
+*adapter file* the exact float32 safetensors size of the trainable tensors; *max rank* of ΔW
+(smallest over layers); *rank @ random λ* for TeRA, from the exact structured spectrum
+(numerical rank, float64 threshold) for small core matrices or the rank theorem otherwise.
+"""
+
+
+def _cmd_report(args) -> int:
+    from . import __version__
+    from . import report as report_mod
+    from .shapes import available_models, model_config
+
+    try:
+        models = [model_config(m).name for m in (args.models or available_models())]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        methods = [report_mod.Method.parse(m) for m in (args.methods or report_mod.DEFAULT_METHODS)]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or (not formats and not args.no_plots):
+        raise UsageError(f"--formats takes png, svg and/or pdf, got {args.formats!r}")
+    now = _dt.datetime.now().replace(microsecond=0)
+    folder = _report_folder(args.out, args.force, now)
+    console = _console(args.quiet)
+    show_progress = not args.quiet and not args.no_progress
+
+    t0 = time.perf_counter()
+    plots: list[str] = []
+    n_steps = len(models) + (0 if args.no_plots else len(models) + 2)
+    bar = _progress(n_steps, "report", show_progress)
+    reports = []
+    try:
+        with _blas_threads(args.threads):
+            for name in models:
+                bar.set_description(f"report: {name}")
+                try:
+                    rep = report_mod.model_report(name, methods, target_modules=args.targets, seed=args.seed,
+                                                  achieved=args.achieved,
+                                                  structured_max_side=args.structured_max_side)
+                except ValueError as err:
+                    raise UsageError(f"{name}: {err}") from None
+                reports.append(rep)
+                bar.update(1)
+            folder.mkdir(parents=True, exist_ok=True)
+            extra: dict[str, Any] = {}
+            if not args.no_plots:
+                from . import plot
+
+                tradeoffs = {}
+                for name in models:
+                    bar.set_description(f"plot: trade-off {name}")
+                    data = plot.tradeoff_data(name, target_modules=args.targets)
+                    tradeoffs[name] = data
+                    fig = plot.tradeoff_figure(name, data=data)
+                    plots += [str(p.name) for p in plot.save_figure(fig, folder / f"tradeoff-{name}", formats)]
+                    bar.update(1)
+                bar.set_description("plot: spectra")
+                spectra = plot.spectra_data(*args.spectra_shape, seed=args.seed)
+                plots += [p.name for p in plot.save_figure(plot.spectra_figure(data=spectra), folder / "spectra", formats)]
+                bar.update(1)
+                bar.set_description("plot: planner")
+                from .spec import TeRASpec
+
+                planner = plot.planner_data(TeRASpec.from_shape(*args.planner_shape, order=6))
+                plots += [p.name for p in plot.save_figure(plot.planner_figure(data=planner), folder / "planner", formats)]
+                bar.update(1)
+                for s in spectra["series"]:  # keep the JSON small: summaries, not 768 values each
+                    s["sv_head"] = s["sv"][:8]
+                    del s["sv"]
+                extra = {"tradeoff": tradeoffs, "spectra": spectra, "planner": planner}
+    finally:
+        bar.close()
+
+    elapsed = time.perf_counter() - t0
+    tables = [rep.to_table(width=args.width) for rep in reports]
+    if not args.quiet:
+        for text in tables:  # already rendered at --width; rich would re-wrap to the terminal
+            print(text + "\n")
+    (folder / "report.txt").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
+    payload = {
+        "tool": "tera-tn report",
+        "version": __version__,
+        "created": now.isoformat(),
+        "elapsed_s": round(elapsed, 3),
+        "settings": {
+            "models": models,
+            "methods": [m.label for m in methods],
+            "method_specs": list(args.methods or report_mod.DEFAULT_METHODS),
+            "targets": args.targets,
+            "seed": args.seed,
+            "achieved": args.achieved,
+            "structured_max_side": args.structured_max_side,
+            "formats": [] if args.no_plots else formats,
+        },
+        "models": [rep.to_dict() for rep in reports],
+        **extra,
+        "files": ["README.md", "report.json", "report.txt", *plots],
+    }
+    (folder / "report.json").write_text(_dump(payload) + "\n", encoding="utf-8")
+    plot_rows = "".join(f"| `{p}` | {_describe_plot(p)} |\n" for p in plots)
+    (folder / "README.md").write_text(_README.format(
+        argv=" ".join(["report", *args._argv]), version=__version__, date=now.isoformat(sep=" "),
+        elapsed=elapsed, plot_rows=plot_rows), encoding="utf-8")
+    console.print(f"{len(models)} model(s), {len(methods)} methods, {len(plots)} plot file(s) in {elapsed:.1f} s")
+    # Always name the folder, even with --quiet: it is the command's result.
+    print(f"report written to {folder.resolve()}/", flush=True)
+    return 0
+
+
+def _describe_plot(name: str) -> str:
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("tradeoff-"):
+        return f"max rank of ΔW vs trainable parameters, {stem[len('tradeoff-'):]} (log–log)"
+    if stem == "spectra":
+        return "singular-value spectra of constructed TeRA / LoRA / VeRA updates at equal budget"
+    if stem == "planner":
+        return "planner's predicted time of materialize vs factored against token count"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# tera-tn rank
+# --------------------------------------------------------------------------------------------
+def _cmd_rank(args) -> int:
+    import numpy as np
+
+    from .accounting import layer_cost
+    from .factors import init_scales, random_factors
+    from .network import delta_weight, theoretical_rank
+    from .rank import rank_summary
+    from .spectrum import tera_rank_summary
+
+    try:
+        spec = _spec_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    side = min(math.prod(spec.ranks[: spec.n_row]), math.prod(spec.ranks[spec.n_row:]))
+    if args.dense and spec.d_out * spec.d_in > 4096 * 4096:
+        raise UsageError(f"--dense would SVD a {spec.d_out}×{spec.d_in} matrix; allowed up to 4096×4096")
+    scales = init_scales(spec, args.scales, seed=args.seed if args.scales == "random" else None)
+    result: dict[str, Any] = {
+        "spec": str(spec),
+        "shape": list(spec.shape),
+        "row_modes": list(spec.row_modes),
+        "col_modes": list(spec.col_modes),
+        "ranks": list(spec.ranks),
+        "diag": spec.diag,
+        "padding_overhead": spec.padding_overhead,
+        "trainable": spec.num_trainable,
+        "frozen_shared": spec.num_frozen,
+        "max_rank": spec.max_rank,
+        "scales": args.scales,
+        "seed": args.seed,
+        "theoretical_rank": theoretical_rank(spec, scales),
+        "comparison": {
+            label: {"trainable": lc.trainable, "max_rank": lc.max_rank}
+            for label, lc in (
+                (f"LoRA r={r}", layer_cost("lora", *spec.shape, r=r)) for r in (8, 32)
+            )
+        },
+    }
+    result["comparison"]["VeRA r=256"] = {k: getattr(layer_cost("vera", *spec.shape, r=256), k) for k in ("trainable", "max_rank")}
+    structured = args.structured if args.structured is not None else side <= args.structured_max_side
+    t0 = time.perf_counter()
+    with _blas_threads(args.threads):
+        if structured:
+            factors = random_factors(spec, args.seed)
+            s64 = tera_rank_summary(spec, factors, scales, dtype="float64")
+            s32 = tera_rank_summary(spec, factors, scales, dtype="float32")
+            result["structured"] = {"float64": s64.to_dict(), "float32_threshold": s32.to_dict()}
+        if args.dense:
+            factors = random_factors(spec, args.seed)
+            dw = np.asarray(delta_weight(spec, factors, scales))
+            result["dense"] = rank_summary(dw).to_dict()
+    result["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(_dump(result))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    console.print(str(spec), markup=False)
+    t = Table(title="parameters (one layer)", title_justify="left")
+    t.add_column("method")
+    t.add_column("trainable", justify="right")
+    t.add_column("max rank ΔW", justify="right")
+    t.add_row("TeRA", f"{spec.num_trainable:,}", str(spec.max_rank))
+    for label, c in result["comparison"].items():
+        t.add_row(label, f"{c['trainable']:,}", str(c["max_rank"]))
+    console.print(t)
+    console.print(f"frozen shared per shape group: {spec.num_frozen:,}; padding overhead {spec.padding_overhead:.2%}")
+    console.print(f"theoretical rank at λ = {args.scales}: {result['theoretical_rank']} (rank theorem, tera-math §4)")
+    rows = []
+    if "structured" in result:
+        rows.append(("structured, float64 threshold", result["structured"]["float64"]))
+        rows.append(("structured, float32 threshold", result["structured"]["float32_threshold"]))
+    if "dense" in result:
+        rows.append(("dense SVD of ΔW", result["dense"]))
+    if rows:
+        t = Table(title=f"rank measures of ΔW (seed {args.seed})", title_justify="left")
+        for h in ("source", "numerical", "stable", "effective", "energy 99%", "σ_max", "condition"):
+            t.add_column(h, justify="left" if h == "source" else "right")
+        for label, s in rows:
+            t.add_row(label, str(s["numerical_rank"]), f"{s['stable_rank']:.1f}", f"{s['effective_rank']:.1f}",
+                      str(s["energy_rank"]), f"{s['sigma_max']:.3g}",
+                      s["condition_number"] if isinstance(s["condition_number"], str) else f"{s['condition_number']:.3g}")
+        console.print(t)
+    else:
+        console.print(f"(structured spectrum skipped: core matrix side {side} > {args.structured_max_side}; "
+                      "pass --structured to compute it)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# tera-tn plan
+# --------------------------------------------------------------------------------------------
+def _cmd_plan(args) -> int:
+    from .contraction import plan
+
+    try:
+        spec = _spec_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.calibrate:
+        from .costmodel import calibrate
+
+        with _progress(1, "calibrating cost model", not args.json) as bar:
+            calibrate(args.backend, args.device, args.dtype)
+            bar.update(1)
+    try:
+        p = plan(spec, args.tokens, backend=args.backend, device=args.device, dtype=args.dtype)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    sweep = None
+    if args.sweep:
+        from .plot import planner_data
+
+        sweep = planner_data(spec, [2**k for k in range(0, 17)], backend=args.backend, device=args.device, dtype=args.dtype)
+    if args.plot:
+        from .plot import planner_data, planner_figure, save_figure
+
+        data = sweep or planner_data(spec, sorted({*(2**k for k in range(17)), args.tokens}),
+                                     backend=args.backend, device=args.device, dtype=args.dtype)
+        target = Path(args.plot)
+        fmt = target.suffix.lstrip(".").lower() or "png"
+        if fmt not in ("png", "svg", "pdf"):
+            raise UsageError(f"--plot must end in .png, .svg or .pdf, got {args.plot!r}")
+        if target.exists() and not args.force:
+            raise UsageError(f"{args.plot} exists; pass --force to overwrite it")
+        save_figure(planner_figure(data=data), target, (fmt,))
+    if args.json:
+        out = {
+            "spec": str(spec), "n_tokens": p.n_tokens, "backend": list(p.backend), "strategy": p.strategy,
+            "speedup": p.speedup,
+            "materialize": {k: getattr(p.materialize, k) for k in ("flops", "largest_intermediate", "bytes_moved", "seconds", "steps")},
+            "factored": {k: getattr(p.factored, k) for k in ("flops", "largest_intermediate", "bytes_moved", "seconds", "steps")},
+        }
+        if sweep:
+            out["sweep"] = sweep
+        print(_dump(out))
+        return 0
+    print(p)
+    if sweep:
+        from rich.table import Table
+
+        t = Table(title="predicted ms per call by token count", title_justify="left")
+        for h in ("tokens", "materialize", "factored", "chosen"):
+            t.add_column(h, justify="right")
+        for n, m, f, c in zip(sweep["n_tokens"], sweep["materialize_s"], sweep["factored_s"], sweep["chosen"]):
+            t.add_row(f"{n:,}", f"{m * 1e3:.3f}", f"{f * 1e3:.3f}", c)
+        _console().print(t)
+        if sweep["switches"]:
+            for sw in sweep["switches"]:
+                print(f"switch from {sw['from']} to {sw['to']} at n = {sw['n_tokens']:,}")
+        else:
+            print(f"no switch: {sweep['chosen'][0]} for every n from 1 to {sweep['n_tokens'][-1]:,}")
+    if args.plot:
+        print(f"plot written to {Path(args.plot).resolve()}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# tera-tn finetune
+# --------------------------------------------------------------------------------------------
+def _add_finetune(sub) -> None:
+    try:
+        from . import finetune
+    except ImportError:  # pragma: no cover - finetune's imports are lazy; keep the CLI usable
+        return
+    p = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with TeRA, LoRA, VeRA and full fine-tuning",
+                       description=(finetune.__doc__ or "").split("\n\n")[0])
+    finetune.add_finetune_arguments(p)
+    p.add_argument("--force", dest="overwrite", action="store_true", help="same as --overwrite")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from . import finetune
+
+    try:
+        config = finetune.config_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        results = finetune.run_finetune(config, progress=not args.no_progress)
+    except FileExistsError as err:
+        raise UsageError(f"{err} (pass --overwrite)") from None
+    print(f"results written to {Path(results.output_dir).resolve()}/", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser and entry point
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tera-tn`` argument parser (subcommands report, rank, plan, finetune)."""
+    from . import __version__
+    from .report import ACHIEVED_MODES
+
+    parser = _Parser(prog="tera-tn", description="TeRA adapters as tensor networks: reports, rank analysis, "
+                     "contraction planning and fine-tuning.",
+                     epilog="Run 'tera-tn COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"tera_tn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("report", help="rank/parameter report of TeRA vs LoRA, VeRA, HiRA on built-in model shapes",
+                       description="Compare TeRA with LoRA, VeRA and HiRA on built-in model shape sets: print one "
+                       "table per model and write tables, plots and JSON into a new folder.")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="built-in shape sets (default: all of them; see 'tera-tn report --list-models')")
+    p.add_argument("--list-models", action="store_true", help="list the built-in shape sets and exit")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods such as lora:r=8 vera:r=256 hira:r=32 tera:order=6,ranks=0.5 "
+                        "(default: TeRA orders 4, 6, 6 at half ranks; LoRA r=8, 32; VeRA r=256; HiRA r=32)")
+    p.add_argument("--targets", nargs="+", metavar="MODULE",
+                   help="adapt only these modules (suffixes or kinds: q k v o up down ...); default all block linears")
+    p.add_argument("--out", "-o", metavar="DIR",
+                   help=f"output folder (default ./{DEFAULT_REPORT_DIR}, or a timestamped one when that exists)")
+    p.add_argument("--force", action="store_true", help="write into an existing --out folder, replacing its report files")
+    p.add_argument("--formats", default="png,svg", help="plot formats, comma separated (default png,svg)")
+    p.add_argument("--no-plots", action="store_true", help="tables and JSON only")
+    p.add_argument("--achieved", choices=ACHIEVED_MODES, default="auto",
+                   help="how TeRA's rank at random λ is computed (default auto: structured spectrum for small "
+                        "core matrices, rank theorem otherwise)")
+    p.add_argument("--structured-max-side", type=_positive_int, default=DEFAULT_STRUCTURED_MAX_SIDE, metavar="N",
+                   help=f"auto mode: largest core-matrix side computed numerically (default {DEFAULT_STRUCTURED_MAX_SIDE})")
+    p.add_argument("--spectra-shape", type=_shape, default=(768, 768), metavar="D_OUTxD_IN",
+                   help="layer of the spectra plot (default 768x768)")
+    p.add_argument("--planner-shape", type=_shape, default=(4096, 4096), metavar="D_OUTxD_IN",
+                   help="layer of the planner plot, order 6 (default 4096x4096)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of frozen factors and random λ (default 0)")
+    p.add_argument("--threads", type=_nonneg_int, default=1,
+                   help="BLAS threads for the SVDs (default 1: fastest for many small SVDs; 0 = library default)")
+    p.add_argument("--width", type=_positive_int, default=140, help="table width in characters (default 140)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the output folder")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("rank", help="parameters and rank measures of one TeRA update",
+                       description="Spec, parameter counts (vs LoRA/VeRA) and rank measures of one TeRA update: "
+                       "the rank theorem's prediction and the exact structured spectrum (no ΔW formed).")
+    _add_spec_arguments(p)
+    p.add_argument("--scales", choices=("random", "ones", "zero_start"), default="random",
+                   help="λ at which ranks are measured (default random: |λ| in [0.5, 2])")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the frozen factors and λ (default 0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--structured", dest="structured", action="store_true", default=None,
+                   help="always compute the structured spectrum")
+    g.add_argument("--no-structured", dest="structured", action="store_false", help="only the rank theorem")
+    p.add_argument("--structured-max-side", type=_positive_int, default=2048, metavar="N",
+                   help="skip the structured spectrum when the core matrix's smaller side exceeds N (default 2048)")
+    p.add_argument("--dense", action="store_true", help="also materialize ΔW and SVD it (cross-check; up to 4096x4096)")
+    p.add_argument("--threads", type=_nonneg_int, default=1, help="BLAS threads (default 1; 0 = library default)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("plan", help="explain the contraction choice for a token count",
+                       description="How the planner computes ΔW·x for N tokens (materialize vs factored): FLOPs, "
+                       "largest intermediate, bytes moved and predicted time of both strategies, step by step.")
+    _add_spec_arguments(p)
+    p.add_argument("--tokens", "-n", type=_positive_int, required=True, metavar="N",
+                   help="tokens per call (batch × sequence)")
+    p.add_argument("--backend", choices=("torch", "numpy"), default="torch", help="cost-model backend (default torch)")
+    p.add_argument("--device", default="cpu", help="cost-model device (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                   help="cost-model dtype (default float32)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine first (about a second)")
+    p.add_argument("--sweep", action="store_true", help="also tabulate both strategies for n = 1, 2, 4, … 65536")
+    p.add_argument("--plot", metavar="FILE", help="write the planner-cost-vs-tokens plot (.png, .svg or .pdf)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the explanation")
+    p.set_defaults(func=_cmd_plan)
+
+    _add_finetune(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``tera-tn`` console script; returns the exit status."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # never open a window
+    except ImportError:  # plots are then unavailable; tables still work
+        pass
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "report" and args.list_models:
+        from .shapes import MODEL_CONFIGS
+
+        for name, cfg in MODEL_CONFIGS.items():
+            print(f"{name:<18} hidden {cfg.hidden_size:>5}  ffn {cfg.intermediate_size:>6}  "
+                  f"layers {cfg.num_hidden_layers:>3}  ({cfg.source})")
+        return 0
+    args._argv = argv[1:]
+    prog = f"tera-tn {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tera-tn plan ... | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The tera-tn command: help, one-line errors (exit 2), report folder, rank, plan."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("rich")
+pytest.importorskip("tqdm")
+
+from tera_tn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["report", "--help"], ["rank", "--help"], ["plan", "--help"]])
+def test_help(argv, capsys):
+    assert main(argv) == 0
+    assert "usage: tera-tn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["bogus"],
+    ["report", "--bogus"],
+    ["report", "--models", "no-such-model"],
+    ["report", "--methods", "lora:r=zero"],
+    ["report", "--formats", "gif"],
+    ["rank"],
+    ["rank", "12x"],
+    ["rank", "7x7", "--order", "9"],
+    ["rank", "64x64", "--ranks", "1.5"],
+    ["plan", "64x64"],
+    ["plan", "64x64", "--tokens", "0"],
+    ["plan", "64x64", "-n", "8", "--plot", "x.gif"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error:" in err, err
+
+
+def _report(args, cwd):
+    return main(["report", "--no-progress", *args])
+
+
+def test_report_small_folder_contents(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--no-progress", "--models", "minilm", "--out", "rep", "--formats", "png"]) == 0
+    out = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in out and "TeRA order 6" in out
+    assert out.strip().splitlines()[-1] == f"report written to {(tmp_path / 'rep').resolve()}/"
+    files = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert files == sorted(["README.md", "report.json", "report.txt", "tradeoff-all-MiniLM-L6-v2.png",
+                            "spectra.png", "planner.png"])
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    (model,) = data["models"]
+    assert model["model"] == "all-MiniLM-L6-v2" and model["n_layers"] == 36
+    tera6 = [m for m in model["methods"] if m["label"] == "TeRA order 6"][0]
+    assert tera6["max_rank"] == 384 and tera6["achieved_rank"] == 384
+    assert set(data) >= {"settings", "tradeoff", "spectra", "planner", "files"}
+    # never overwrite without --force
+    assert main(["report", "--no-progress", "--models", "minilm", "--out", "rep", "--no-plots"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["report", "--no-progress", "--models", "minilm", "--out", "rep", "--no-plots", "--force", "-q"]) == 0
+
+
+def test_report_default_folder_is_new_each_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["report", "-q", "--models", "minilm", "--no-plots"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("report written to")]
+    assert len(lines) == 2 and lines[0] != lines[1]
+    assert (tmp_path / "tera-tn-report" / "report.json").exists()
+    assert len(list(tmp_path.glob("tera-tn-report-*"))) == 1
+
+
+def test_report_no_arguments_console_script(tmp_path):
+    """The README's main job: `tera-tn report` with no arguments, well under a minute."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tera_tn.cli import main; sys.exit(main())", "report"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = tmp_path / "tera-tn-report"
+    assert f"report written to {folder.resolve()}/" in proc.stdout
+    names = {p.name for p in folder.iterdir()}
+    for model in ("all-MiniLM-L6-v2", "bert-base", "roberta-base", "roberta-large", "llama-2-7b", "llama-3-8b"):
+        assert f"tradeoff-{model}.png" in names and f"tradeoff-{model}.svg" in names
+        assert model in proc.stdout
+    assert {"spectra.png", "spectra.svg", "planner.png", "planner.svg", "report.json", "report.txt"} <= names
+
+
+def test_rank_json_and_dense_agree(capsys):
+    assert main(["rank", "96x128", "--order", "4", "--dense", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["theoretical_rank"] == d["structured"]["float64"]["numerical_rank"] == d["dense"]["numerical_rank"] == 96
+    assert d["trainable"] == sum(d["ranks"])
+    assert main(["rank", "--modes", "4.4:4.4", "--ranks", "2/4/4/4"]) == 0
+    out = capsys.readouterr().out
+    assert "TeRASpec(16×16" in out and "theoretical rank" in out
+
+
+def test_plan_explains_and_plots(tmp_path, capsys):
+    assert main(["plan", "4096x4096", "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "materialize" in out and "factored" in out
+    png = tmp_path / "p.png"
+    assert main(["plan", "1024x1024", "-n", "64", "--sweep", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert main(["plan", "1024x1024", "-n", "64", "--plot", str(png)]) == 2
+    capsys.readouterr()
+    assert main(["plan", "1024x1024", "-n", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] in ("materialize", "factored")
+
+
+def test_finetune_subcommand_help(capsys):
+    try:
+        import tera_tn.finetune  # noqa: F401
+    except ImportError:
+        pytest.skip("tera_tn.finetune not available")
+    assert main(["finetune", "--help"]) == 0
+    assert "--smoke" in capsys.readouterr().out
