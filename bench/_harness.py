@@ -31,7 +31,6 @@ Memory (two numbers per contender and grid point):
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess

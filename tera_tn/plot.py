@@ -100,27 +100,12 @@ def _rc():
 
 def _layer_counts(layers: Layers, target_modules=None) -> tuple[str, dict[tuple[int, int], int]]:
     """(label, {(d_out, d_in): count}) of a built-in model name or a list of layers/shapes."""
-    from .shapes import LayerShape, model_config, model_shapes, shape_counts
+    from .shapes import as_layer_shapes, model_config, model_shapes, shape_counts
 
     if isinstance(layers, str):
         label = model_config(layers).name
         return label, shape_counts(model_shapes(layers, target_modules))
-    items = list(layers)
-    if not items:
-        raise ValueError("need at least one layer shape")
-    shapes = []
-    for i, layer in enumerate(items):
-        if isinstance(layer, LayerShape):
-            shapes.append(layer.shape)
-            continue
-        try:
-            d_out, d_in = (int(x) for x in layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"layer {i} must be a LayerShape or a (d_out, d_in) pair, got {layer!r}") from None
-        if d_out < 1 or d_in < 1:
-            raise ValueError(f"layer {i} has a non-positive dimension: {(d_out, d_in)}")
-        shapes.append((d_out, d_in))
-    return "custom layers", shape_counts(shapes)
+    return "custom layers", shape_counts(as_layer_shapes(layers))
 
 
 def _powers_of_two(upto: int) -> list[int]:

@@ -33,13 +33,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import numpy as np
-
 from .accounting import METHODS, method_totals
 from .factors import init_scales, random_factors
 from .network import theoretical_rank
 from .rank import summarize_singular_values
-from .shapes import LayerShape, linear_shapes, model_shapes
+from .shapes import LayerShape, as_layer_shapes, linear_shapes, model_shapes
 from .spec import TeRASpec
 from .spectrum import tera_singular_values
 
@@ -191,24 +189,6 @@ def safetensors_size(
     return 8 + len(text) + (-len(text)) % 8 + offset
 
 
-def _layer_list(layers: Sequence[Union[LayerShape, tuple[int, int]]]) -> list[LayerShape]:
-    out = []
-    for i, layer in enumerate(layers):
-        if isinstance(layer, LayerShape):
-            out.append(layer)
-            continue
-        try:
-            d_out, d_in = (int(x) for x in layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"layer {i} must be a LayerShape or a (d_out, d_in) pair, got {layer!r}") from None
-        if d_out < 1 or d_in < 1:
-            raise ValueError(f"layer {i} has a non-positive dimension: {(d_out, d_in)}")
-        out.append(LayerShape(f"layers.{i}", d_out, d_in, "linear"))
-    if not out:
-        raise ValueError("the report needs at least one layer")
-    return out
-
-
 def adapter_tensors(method: Union[str, Method], layers: Sequence[Union[LayerShape, tuple[int, int]]]) -> dict[str, tuple[int, ...]]:
     """Name → shape of every trainable tensor ``method`` stores for ``layers``.
 
@@ -217,7 +197,7 @@ def adapter_tensors(method: Union[str, Method], layers: Sequence[Union[LayerShap
     ``tera_lambda_<n>`` of length ``len(λ_n)`` per mode.
     """
     m = Method.parse(method)
-    layer_list = _layer_list(layers)
+    layer_list = as_layer_shapes(layers)
     if len({layer.name for layer in layer_list}) != len(layer_list):
         raise ValueError("layer names must be unique: they name the tensors of the adapter file")
     out: dict[str, tuple[int, ...]] = {}
@@ -424,11 +404,11 @@ def _resolve_layers(model: Any, target_modules) -> tuple[str, list[LayerShape]]:
     if target_modules is not None:
         from .shapes import select
 
-        layers = select(_layer_list(model), target_modules)
+        layers = select(as_layer_shapes(model), target_modules)
         if not layers:
             raise ValueError(f"target_modules={target_modules!r} matches none of the given layers")
         return "custom", layers
-    return "custom", _layer_list(model)
+    return "custom", as_layer_shapes(model)
 
 
 def model_report(

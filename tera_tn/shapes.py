@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 __all__ = [
     "LayerShape",
@@ -39,6 +39,7 @@ __all__ = [
     "linear_shapes",
     "select",
     "shape_counts",
+    "as_layer_shapes",
 ]
 
 TargetModules = Union[None, str, Sequence[str]]
@@ -253,3 +254,25 @@ def shape_counts(layers: Iterable[Union[LayerShape, tuple[int, int]]]) -> dict[t
         shape = layer.shape if isinstance(layer, LayerShape) else (int(layer[0]), int(layer[1]))
         counts[shape] = counts.get(shape, 0) + 1
     return counts
+
+
+def as_layer_shapes(layers: Iterable[Union[LayerShape, tuple[int, int]]]) -> list[LayerShape]:
+    """``LayerShape`` objects from LayerShapes or ``(d_out, d_in)`` pairs (named ``layers.<i>``).
+
+    Raises ValueError naming the first entry that is not a positive pair, or on an empty list.
+    """
+    out = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, LayerShape):
+            out.append(layer)
+            continue
+        try:
+            d_out, d_in = (int(x) for x in layer)
+        except (TypeError, ValueError):
+            raise ValueError(f"layer {i} must be a LayerShape or a (d_out, d_in) pair, got {layer!r}") from None
+        if d_out < 1 or d_in < 1:
+            raise ValueError(f"layer {i} has a non-positive dimension: {(d_out, d_in)}")
+        out.append(LayerShape(f"layers.{i}", d_out, d_in, "linear"))
+    if not out:
+        raise ValueError("need at least one layer shape")
+    return out

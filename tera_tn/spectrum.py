@@ -348,7 +348,7 @@ class TeRAConditioning:
         lines = [
             f"Conditioning of ΔW for {self.spec}",
             f"  theoretical rank {self.theoretical_rank}; σ_1/σ_r = {f(self.condition_on_rank)}",
-            f"  cond(A_n): " + ", ".join(f(c) for c in self.factor_conditions),
+            "  cond(A_n): " + ", ".join(f(c) for c in self.factor_conditions),
             f"  cond(⊗A_row) ≈ {f(self.row_condition)}, cond(⊗A_col) ≈ {f(self.col_condition)}"
             + ("" if self.core_condition is None else f", cond(G_mat) = {f(self.core_condition)}"),
             "  numerical rank at max(m,n)·eps·σ_1: "

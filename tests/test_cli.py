@@ -118,9 +118,5 @@ def test_plan_explains_and_plots(tmp_path, capsys):
 
 
 def test_finetune_subcommand_help(capsys):
-    try:
-        import tera_tn.finetune  # noqa: F401
-    except ImportError:
-        pytest.skip("tera_tn.finetune not available")
     assert main(["finetune", "--help"]) == 0
     assert "--smoke" in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """The documentation site builds in strict mode (broken links or warnings fail), figures included."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
