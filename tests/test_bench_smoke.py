@@ -107,4 +107,4 @@ def test_docs_update(smoke, tmp_path):
     suite.update_docs(results, str(out), str(docs))  # idempotent: one block per device
     text = docs.read_text()
     assert text.count("BEGIN suite results: cpu") == 1 and text.startswith("# Benchmarks")
-    assert (tmp_path / "figures" / "bench_cpu_ratio_vs_frozen.png").exists()
+    assert (tmp_path / "results" / "bench_cpu_ratio_vs_frozen.png").exists()
