@@ -131,7 +131,9 @@ def project(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], modes: S
     """
     n = t.shape[0]
     sizes = list(modes)
-    with _serial(_small(t, t.numel() * sum(modes))):
+    out_size = math.prod(r if u is None else u.shape[1] for u, r in zip(factors, modes))
+    work = n * max(math.prod(modes), out_size) * len(modes)
+    with _serial(_small(t, work)):
         for i, u in enumerate(factors):
             if u is None:
                 continue
@@ -149,22 +151,7 @@ def project(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], modes: S
 
 def expand(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], ranks: Sequence[int]) -> torch.Tensor:
     """``t ⊗Uᵀ`` : ``(n, ∏R)`` → ``(n, ∏K)``, the adjoint of :func:`project`."""
-    n = t.shape[0]
-    sizes = list(ranks)
-    work = n * math.prod(f.shape[0] if f is not None else r for f, r in zip(factors, ranks)) * len(ranks)
-    with _serial(_small(t, work)):
-        for i, u in enumerate(factors):
-            if u is None:
-                continue
-            lead = n * math.prod(sizes[:i])
-            trail = math.prod(sizes[i + 1 :])
-            k, r = u.shape
-            if trail == 1:
-                t = t.reshape(lead, r) @ u.T
-            else:
-                t = torch.matmul(u, t.reshape(lead, r, trail))
-            sizes[i] = k
-    return t.reshape(n, math.prod(sizes))
+    return project(t, [None if u is None else u.T for u in factors], ranks)
 
 
 def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
