@@ -1,30 +1,56 @@
-"""Output folders that are claimed atomically and never emptied unless they are provably ours.
+"""Files and folders that are claimed atomically, written atomically, and cleaned up after a crash.
 
 Two processes that both check "does the folder exist?" and then create it can both believe they
 own it (the report race). ``os.mkdir`` is the atomic claim: exactly one caller succeeds. A folder
 that a command wrote carries a marker file naming the command; ``overwrite=True`` only ever
 replaces a folder that holds that marker, so a user folder (say, a Hugging Face model folder) is
 never emptied by a mistyped ``--out``.
+
+Every temporary file or folder is created beside its destination (so the final ``os.replace`` is
+atomic) under a name that embeds this host and process id: ``.NAME.tera-tmp-HOST-PID-XXXXXXXX``.
+A process killed mid-save cannot clean up after itself, so :func:`sweep_stale_temps` removes the
+temporaries whose process is gone; saves call it on their destination folder. Libraries that pick
+their own temporary names (safetensors writes ``.tmpXXXXXX`` beside its target) are only ever
+pointed at a path inside one of our temporary folders, so their leftovers are swept with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Iterator, Union
 
-__all__ = ["OutputFolderError", "MARKER", "claim_dir", "is_ours"]
+__all__ = [
+    "OutputFolderError",
+    "MARKER",
+    "claim_dir",
+    "is_ours",
+    "unique_sibling",
+    "temp_path_in",
+    "staging_dir",
+    "publish",
+    "write_atomic",
+    "sweep_stale_temps",
+]
 
 MARKER = ".tera-tn-output.json"
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class OutputFolderError(FileExistsError):
     """The requested output folder cannot be claimed; the message says why and what to do."""
 
 
-def is_ours(path: Path, kind: str) -> bool:
+def is_ours(path: PathLike, kind: str) -> bool:
     """True when ``path`` holds the marker written by :func:`claim_dir` for ``kind``."""
     try:
         data = json.loads((Path(path) / MARKER).read_text())
@@ -37,7 +63,11 @@ def _write_marker(path: Path, kind: str) -> None:
     (path / MARKER).write_text(json.dumps({"kind": kind, "pid": os.getpid()}) + "\n")
 
 
-def claim_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False) -> Path:
+def _not_a_folder(path: Path) -> NotADirectoryError:
+    return NotADirectoryError(f"output path {str(path)!r} exists and is not a folder; expected a folder path")
+
+
+def claim_dir(path: PathLike, *, kind: str, overwrite: bool = False) -> Path:
     """Create ``path`` for one run of ``kind`` (e.g. ``"report"``) and return it.
 
     * ``path`` missing: created with ``os.mkdir`` (parents as needed); if another process creates
@@ -48,27 +78,24 @@ def claim_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False) ->
       marker; then its contents are replaced. A folder without the marker is never deleted.
 
     Raises :class:`OutputFolderError` (a ``FileExistsError``) naming the folder and the way out,
-    or ``NotADirectoryError`` / ``PermissionError`` when the path cannot hold a folder.
+    ``NotADirectoryError`` when the path is a file, or the ``OSError`` of a folder that cannot be
+    created (permissions, read-only or special file systems).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"output path {str(path)!r} exists and is not a folder; expected a folder path")
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
+        raise _not_a_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.mkdir(path)
     except FileExistsError:
         if not path.is_dir():
-            raise NotADirectoryError(
-                f"output path {str(path)!r} exists and is not a folder; expected a folder path"
-            ) from None
-        contents = [p for p in path.iterdir()]
+            raise _not_a_folder(path) from None
+        contents = list(path.iterdir())
         if contents:
             if not overwrite:
                 raise OutputFolderError(
                     f"output folder {str(path)!r} already exists and is not empty; choose another "
-                    f"folder, or pass overwrite (--force/--overwrite) to replace an earlier {kind} run"
+                    f"folder, or pass --force/--overwrite (overwrite=True) to replace an earlier {kind} run"
                 ) from None
             if not is_ours(path, kind):
                 raise OutputFolderError(
@@ -93,7 +120,7 @@ def claim_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = False) ->
     return path
 
 
-def unique_sibling(base: str | os.PathLike, stamp: str, *, kind: str) -> Path:
+def unique_sibling(base: PathLike, stamp: str, *, kind: str) -> Path:
     """Claim ``base`` if free, else ``base-stamp``, ``base-stamp-2``, …: the first one this process
     creates atomically (two concurrent callers never get the same folder)."""
     base = Path(base)
@@ -111,9 +138,121 @@ def unique_sibling(base: str | os.PathLike, stamp: str, *, kind: str) -> Path:
         k += 1
 
 
-def temp_path_in(folder: Path, name: str) -> str:
-    """A fresh temporary file path beside ``folder/name`` (same file system, so ``os.replace``
-    is atomic), named so a later :func:`sweep_stale_temps` can tell whose it was."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tera-tmp-{os.getpid()}-", suffix=".tmp")
+# --------------------------------------------------------------------------------------------
+# temporaries
+# --------------------------------------------------------------------------------------------
+def _host_id() -> str:
+    # A short hash, not the host name itself: names stay short and free of odd characters, and a
+    # folder shared between machines (NFS) never has its temporaries judged by a foreign pid table.
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+# ``.{name}.tera-tmp-{host}-{pid}-{random}[.tmp]``; the random part is tempfile's.
+_TEMP_RE = re.compile(r"^\..*\.tera-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+(\.tmp)?$")
+
+
+def _temp_prefix(name: str) -> str:
+    # Computed per call: a forked child must not inherit its parent's pid in new names.
+    return f".{name}.tera-tmp-{_host_id()}-{os.getpid()}-"
+
+
+def temp_path_in(folder: PathLike, name: str) -> str:
+    """A fresh, empty temporary file beside ``folder/name`` (same file system, so ``os.replace``
+    is atomic), named so that :func:`sweep_stale_temps` can tell whose it is."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(name), suffix=".tmp")
     os.close(fd)
     return tmp
+
+
+@contextlib.contextmanager
+def staging_dir(folder: PathLike, name: str) -> Iterator[Path]:
+    """A temporary folder beside ``folder/name``, removed with everything in it on exit (also on
+    error). Point libraries with their own temporary names here; move finished files out with
+    :func:`publish`."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=_temp_prefix(name)))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(src: PathLike, dest: PathLike, *, overwrite: bool) -> None:
+    """Move the finished file ``src`` to ``dest`` atomically: readers see the old file or the new
+    one, never a part. Without ``overwrite`` an existing ``dest`` raises ``FileExistsError`` and is
+    left alone, also when it appears while this runs (``os.link`` fails if the name exists, where
+    a check followed by ``os.replace`` would silently clobber it)."""
+    if overwrite:
+        os.replace(src, dest)
+        return
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # File systems without hard links (FAT, some network mounts): a small race, no better option.
+        if os.path.lexists(dest):
+            raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it") from None
+        os.replace(src, dest)
+        return
+    os.unlink(src)
+
+
+def write_atomic(path: PathLike, data: bytes, *, overwrite: bool) -> Path:
+    """Write ``data`` to ``path`` through a swept temporary: a crash, a full disk or an existing
+    ``path`` (without ``overwrite``) leaves any earlier file intact and no temporary behind."""
+    path = Path(path)
+    tmp = temp_path_in(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the bytes do
+        publish(tmp, path, overwrite=overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; never sweep
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: PathLike) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by killed processes of this host; return them.
+
+    Only names made by :func:`temp_path_in` / :func:`staging_dir` are considered, and only those
+    whose process id no longer runs: a save in progress, here or in another process, is never
+    touched. A recycled pid keeps its stale temporary until that process ends (harmless). Errors
+    (a folder that vanished, no permission) are ignored: sweeping is a courtesy, never the reason
+    a save or load fails.
+    """
+    removed = []
+    host = _host_id()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Union
+
+from .._files import publish, staging_dir, sweep_stale_temps
 
 __all__ = ["save_adapter", "read_adapter_signature"]
 
 _MODEL_CARD = "README.md"
+_WEIGHTS = "adapter_model.safetensors"
+_EXPECTED = "an adapter saved by tera_tn.peft (save_adapter or save_pretrained)"
+_SIGNATURE_KEYS = ("format", "seed", "factor_init", "factor_dtype", "alpha", "layers")
 
 
 def save_adapter(model, path: Union[str, os.PathLike], *, overwrite: bool = False, **save_kwargs) -> Path:
@@ -25,16 +27,19 @@ def save_adapter(model, path: Union[str, os.PathLike], *, overwrite: bool = Fals
     * if any adapter file it would write already exists and ``overwrite`` is False, it raises
       ``FileExistsError`` listing them and leaves ``path`` untouched;
     * an existing ``README.md`` (PEFT's model card) is kept as it is unless ``overwrite=True``;
-    * other files in ``path`` are never touched.
+    * other files in ``path`` are never touched;
+    * an error or a full disk leaves no temporary behind, and temporaries of an earlier save that
+      was killed are removed.
 
     Returns ``Path(path)``.
     """
     dest = Path(path)
     if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is not a folder")
+        raise NotADirectoryError(f"{dest} exists and is not a folder; save_adapter expects a folder path")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tera-save-", dir=dest.parent))
-    try:
+    sweep_stale_temps(dest.parent)
+    sweep_stale_temps(dest)
+    with staging_dir(dest.parent, dest.name) as tmp:
         model.save_pretrained(str(tmp), **save_kwargs)
         produced = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
         conflicts = [str(rel) for rel in produced if (dest / rel).exists() and str(rel) != _MODEL_CARD]
@@ -48,30 +53,57 @@ def save_adapter(model, path: Union[str, os.PathLike], *, overwrite: bool = Fals
             if str(rel) == _MODEL_CARD and target.exists() and not overwrite:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / rel, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            publish(tmp / rel, target, overwrite=overwrite)
     return dest
+
+
+def _adapter_file(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        if not (p / _WEIGHTS).is_file():
+            raise FileNotFoundError(f"{p} holds no {_WEIGHTS}; expected a folder with {_EXPECTED}")
+        return p / _WEIGHTS
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; expected {_EXPECTED}")
+    return p
 
 
 def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     """The TeRA signature stored in a saved adapter (folder or ``adapter_model.safetensors``).
 
     ``{"format", "seed", "factor_init", "factor_dtype", "alpha", "layers": {name: {"shape", "row_modes",
-    "col_modes", "ranks", "diag", "fan_in_fan_out", "group"}}}``.
+    "col_modes", "ranks", "diag", "fan_in_fan_out", "group"}}}``. Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` naming the file for anything unreadable.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "adapter_model.safetensors"
-    with safe_open(str(p), framework="pt") as f:
-        keys = [k for k in f.keys() if k.endswith("tera_signature")]
-        if not keys:
-            raise ValueError(f"{p} holds no tera_signature: it was not written by tera_tn.peft")
-        raw = f.get_tensor(keys[0])
+    p = _adapter_file(path)
     try:
-        return json.loads(bytes(raw.tolist()).decode())
-    except (ValueError, UnicodeDecodeError) as e:
-        warnings.warn(f"unreadable tera_signature in {p}: {e}")
-        raise ValueError(f"{p}: unreadable tera_signature ({e})") from None
+        with safe_open(str(p), framework="pt") as f:
+            keys = [k for k in f.keys() if k.endswith("tera_signature")]
+            if not keys:
+                raise ValueError(f"{p} holds no tera_signature: it was not written by tera_tn.peft")
+            raw = f.get_tensor(keys[0])
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{p} is not a readable safetensors file ({err}); expected {_EXPECTED}") from None
+    try:
+        sig = json.loads(bytes(raw.tolist()).decode())
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: unreadable tera_signature ({err}); expected the JSON that tera_tn.peft writes") from None
+    missing = [k for k in _SIGNATURE_KEYS if not isinstance(sig, dict) or k not in sig]
+    if missing:
+        raise ValueError(f"{p}: the tera_signature lacks {missing}; expected an object with {list(_SIGNATURE_KEYS)}")
+    return sig
+
+
+def nonfinite_lambdas(state_dict: Mapping[str, "object"]) -> list[str]:
+    """One line per λ tensor of a loaded adapter state dict that holds NaN or ±inf values."""
+    import torch
+
+    out = []
+    for key, t in state_dict.items():
+        if "tera_lambda" in key and isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                out.append(f"{key} has {bad} of {t.numel()} values NaN or infinite; expected finite numbers")
+    return out

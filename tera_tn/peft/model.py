@@ -25,6 +25,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch
 from .config import TeraConfig
+from .io import nonfinite_lambdas
 from .layer import Linear, TeraLayer, _conv1d_type
 
 __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
@@ -237,6 +238,7 @@ class TeraModel(BaseTuner):
                     problems.extend(signature_diff(saved, current))
                     if not problems and factor_keys:
                         problems.extend(cls._check_factors(tera, config, adapter_name, saved, state_dict, factor_keys))
+            problems.extend(nonfinite_lambdas(state_dict))
             if problems:
                 raise TeraAdapterMismatch(
                     f"cannot load TeRA adapter {adapter_name!r} into this model:\n  - " + "\n  - ".join(problems)

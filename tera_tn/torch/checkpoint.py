@@ -14,8 +14,8 @@ A whole model's adapter is a few KB: a full-rank order-6 4096×4096 layer trains
 from __future__ import annotations
 
 import json
+import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .._files import sweep_stale_temps, write_atomic
 from ..spec import TeRASpec
 from .model import tera_layers
 
@@ -43,11 +44,14 @@ def save_tera(model: nn.Module, path: Union[str, os.PathLike], *, include_factor
         include_factors: also store the frozen factors (verified on load; normally redundant).
         overwrite: replace an existing file; without it an existing ``path`` raises
             ``FileExistsError``. The file is written to a temporary name and renamed, so a
-            crash never leaves a truncated checkpoint behind.
+            crash never leaves a truncated checkpoint behind; temporaries of a killed save are
+            removed by the next save or load in the same folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; save_tera expects a file path such as {path / 'adapter.safetensors'}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tensors: dict[str, torch.Tensor] = {}
@@ -75,30 +79,72 @@ def save_tera(model: nn.Module, path: Union[str, os.PathLike], *, include_factor
         raise ValueError("model has no TeRA layers to save; call add_tera first")
     meta = {"format": _FORMAT, "library_version": __version__, "layers": layers, "factors_included": include_factors}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-        if not overwrite and path.exists():
-            raise FileExistsError(f"{path} appeared while saving; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sweep_stale_temps(path.parent)
+    # Serialized in memory (a checkpoint is KBs, MBs with factors) and written by write_atomic:
+    # safetensors' own save_file would leave an unsweepable ``.tmpXXXXXX`` beside ``path`` if killed.
+    write_atomic(path, save(tensors, metadata={_META_KEY: json.dumps(meta)}), overwrite=overwrite)
     return path
 
 
-def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
-    """The parsed ``tera_tn`` metadata of a checkpoint (raises ValueError for foreign files)."""
-    from safetensors import safe_open
+_LAYER_KEYS = ("spec", "alpha", "seed", "factor_init", "factor_dtype", "group")
+_EXPECTED = "a checkpoint written by tera_tn.torch.save_tera"
 
-    with safe_open(str(path), framework="pt") as f:
+
+def _checkpoint_file(path: Union[str, os.PathLike]) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected {_EXPECTED} (a .safetensors file)")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected {_EXPECTED}")
+    return path
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    """``safe_open`` whose failures name the file (safetensors' own messages do not)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); expected {_EXPECTED}; "
+                         "a truncated file usually means an interrupted copy") from None
+    with f:
+        yield f
+
+
+def _bad_meta(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: the {_META_KEY!r} metadata {what}; expected {_EXPECTED}")
+
+
+def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The parsed, validated ``tera_tn`` metadata of a checkpoint.
+
+    Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a missing path or a folder, and
+    ``ValueError`` naming the file for anything that is not a readable checkpoint of this format.
+    """
+    path = _checkpoint_file(path)
+    with _open(path) as f:
         meta = f.metadata() or {}
     if _META_KEY not in meta:
-        raise ValueError(f"{path} is not a tera_tn checkpoint (no {_META_KEY!r} metadata)")
-    parsed = json.loads(meta[_META_KEY])
+        raise ValueError(f"{path} is not a tera_tn checkpoint (no {_META_KEY!r} metadata); expected {_EXPECTED}")
+    try:
+        parsed = json.loads(meta[_META_KEY])
+    except ValueError as err:
+        raise _bad_meta(path, f"is not valid JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise _bad_meta(path, f"is a JSON {type(parsed).__name__}, not an object")
     if parsed.get("format") != _FORMAT:
         raise ValueError(f"{path} has checkpoint format {parsed.get('format')!r}; this tera_tn reads format {_FORMAT}")
+    layers = parsed.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise _bad_meta(path, f"has 'layers' = {layers!r}; it must map each layer name to its settings")
+    for name, info in layers.items():
+        missing = [k for k in _LAYER_KEYS if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise _bad_meta(path, f"entry of layer {name!r} lacks {missing} (each layer needs {list(_LAYER_KEYS)})")
+        if not isinstance(info["spec"], dict):
+            raise _bad_meta(path, f"entry of layer {name!r} has spec {info['spec']!r}, not an object")
     return parsed
 
 
@@ -111,32 +157,34 @@ def _spec_diff(saved: dict, spec: TeRASpec) -> list[str]:
 def load_tera(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool = True) -> dict:
     """Load λ vectors from ``path`` into the TeRA layers of ``model`` (in place).
 
-    Every layer's spec, seed and factor init must equal the checkpoint's, and stored factors
-    (if any) must equal the ones the model generated. With ``strict`` the layer names must match
-    exactly; without it, layers present on one side only are skipped. Raises
-    :class:`CheckpointMismatch` listing every difference before anything is modified.
-    Returns the checkpoint metadata.
+    Every layer's spec, seed, factor init and factor dtype must equal the checkpoint's, and stored
+    factors (if any) must equal the ones the model generated. With ``strict`` the layer names must
+    match exactly; without it, layers present on one side only are skipped. Raises
+    :class:`CheckpointMismatch` listing every difference, or ``ValueError`` for a damaged file or
+    λ holding NaN/Inf, before anything is modified. Returns the checkpoint metadata.
     """
-    from safetensors import safe_open
-
+    path = _checkpoint_file(path)
     meta = read_tera_metadata(path)
+    sweep_stale_temps(path.parent)  # one directory listing; leftovers of a killed save_tera
     saved_layers: dict = meta["layers"]
     model_layers = dict(tera_layers(model))
     problems: list[str] = []
+    nonfinite: list[str] = []
     missing = sorted(set(saved_layers) - set(model_layers))
     unexpected = sorted(set(model_layers) - set(saved_layers))
     if strict and missing:
         problems.append(f"layers in the checkpoint but not in the model: {missing}")
     if strict and unexpected:
         problems.append(f"TeRA layers in the model but not in the checkpoint: {unexpected}")
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         keys = set(f.keys())
         loads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         for name in sorted(set(saved_layers) & set(model_layers)):
             info, layer = saved_layers[name], model_layers[name]
             bank = layer.tera_bank
             diffs = _spec_diff(info["spec"], layer.spec)
-            for field, current in (("seed", bank.seed), ("factor_init", bank.factor_init), ("alpha", layer.alpha)):
+            for field, current in (("seed", bank.seed), ("factor_init", bank.factor_init),
+                                   ("factor_dtype", bank.dtype_name), ("alpha", layer.alpha)):
                 if info.get(field) != current:
                     diffs.append(f"{field}: checkpoint {info.get(field)!r}, model {current!r}")
             if diffs:
@@ -148,8 +196,13 @@ def load_tera(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool =
                     problems.append(f"layer {name!r}: tensor {key!r} is missing from the checkpoint")
                     continue
                 t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(lam.shape):
-                    problems.append(f"layer {name!r}: {key} has shape {tuple(t.shape)}, the model's λ_{n} has {tuple(lam.shape)}")
+                if tuple(t.shape) != tuple(lam.shape) or not t.is_floating_point():
+                    problems.append(f"layer {name!r}: {key} is {t.dtype} of shape {tuple(t.shape)}, "
+                                    f"the model's λ_{n} is floating point of shape {tuple(lam.shape)}")
+                    continue
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    nonfinite.append(f"{key} has {bad} of {t.numel()} values NaN or infinite")
                     continue
                 loads.append((lam, t))
             if meta.get("factors_included"):
@@ -163,6 +216,9 @@ def load_tera(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool =
                         )
     if problems:
         raise CheckpointMismatch(f"cannot load {path} into this model:\n  - " + "\n  - ".join(problems))
+    if nonfinite:
+        raise ValueError(f"{path} holds non-finite λ (expected finite numbers; nothing was loaded):\n  - "
+                         + "\n  - ".join(nonfinite))
     for lam, t in loads:
         lam.copy_(t.to(device=lam.device, dtype=lam.dtype))
     for layer in model_layers.values():
