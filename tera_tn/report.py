@@ -13,7 +13,7 @@ For a list of layer shapes (a built-in set from :mod:`tera_tn.shapes`, a list of
 * for TeRA, the rank achieved at random λ (``init_scales(spec, "random")``, |λ| in [0.5, 2]) with
   random orthogonal frozen factors, computed per shape group either as the numerical rank
   (float64 threshold) of the exact structured spectrum (:func:`tera_tn.spectrum.tera_singular_values`)
-  when its core matrix is small, or as the theoretical rank (tera-math §4) otherwise — a
+  when its core matrix is small, or as the theoretical rank (rank theorem) otherwise — a
   dense SVD of e.g. an 11008 × 4096 update is never computed. The row says which was used.
 
 Output: :meth:`ModelReport.to_table` (rich-rendered when rich is installed) and
@@ -262,7 +262,7 @@ class MethodRow:
         n_layers: adapted layers.
         achieved_rank: TeRA only: the smallest rank at random λ over the layers.
         achieved_source: ``"structured"`` (numerical rank, float64 threshold, of the exact
-            structured spectrum), ``"theoretical"`` (tera-math §4), or
+            structured spectrum), ``"theoretical"`` (rank theorem), or
             ``"structured+theoretical"`` when groups differ.
         groups: per distinct layer shape; for structured TeRA groups also the rank at the
             float32 threshold (what a dense float32 SVD would report; shown in the table when it

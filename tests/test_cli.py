@@ -44,10 +44,6 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys, tmp_path, monkeypatch)
     assert err.count("\n") == 0 and "error:" in err, err
 
 
-def _report(args, cwd):
-    return main(["report", "--no-progress", *args])
-
-
 def test_report_small_folder_contents(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--no-progress", "--models", "minilm", "--out", "rep", "--formats", "png"]) == 0
@@ -55,8 +51,8 @@ def test_report_small_folder_contents(tmp_path, monkeypatch, capsys):
     assert "all-MiniLM-L6-v2" in out and "TeRA order 6" in out
     assert out.strip().splitlines()[-1] == f"report written to {(tmp_path / 'rep').resolve()}/"
     files = sorted(p.name for p in (tmp_path / "rep").iterdir())
-    assert files == sorted(["README.md", "report.json", "report.txt", "tradeoff-all-MiniLM-L6-v2.png",
-                            "spectra.png", "planner.png"])
+    assert files == sorted([".tera-tn-output.json", "README.md", "report.json", "report.txt",
+                            "tradeoff-all-MiniLM-L6-v2.png", "spectra.png", "planner.png"])
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     (model,) = data["models"]
     assert model["model"] == "all-MiniLM-L6-v2" and model["n_layers"] == 36
@@ -119,4 +115,4 @@ def test_plan_explains_and_plots(tmp_path, capsys):
 
 def test_finetune_subcommand_help(capsys):
     assert main(["finetune", "--help"]) == 0
-    assert "--smoke" in capsys.readouterr().out
+    assert "usage: tera-tn finetune" in capsys.readouterr().out
