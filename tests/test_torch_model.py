@@ -86,7 +86,7 @@ def test_add_tera_errors():
     add_tera(model, TeRAConfig(target_modules=["q_proj"], order=4))
     with pytest.raises(ValueError, match="already has TeRA layers"):
         add_tera(model, TeRAConfig(target_modules=["q_proj"], order=4))
-    with pytest.raises(ValueError, match="TeRAConfig"):
+    with pytest.raises(TypeError, match="TeRAConfig"):
         add_tera(_model(), {"target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="no TeRA spec for a 32×32 layer with order=12"):
         add_tera(_model(), TeRAConfig(target_modules=["q_proj"], order=12))

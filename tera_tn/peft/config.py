@@ -59,6 +59,8 @@ class TeraConfig(PeftConfig):
         zero_mode: the mode whose λ starts at zero for ``"zero_start"``.
         tera_dropout: dropout on the adapter input.
         strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        check_finite: opt-in (default off): every forward checks that the adapter's λ are finite
+            and raises ``FloatingPointError`` otherwise (a small reduction and a host sync per layer).
         fan_in_fan_out: the target stores its weight as ``(fan_in, fan_out)`` (GPT-2 ``Conv1D``).
             Set automatically (with a warning) when a ``Conv1D`` is targeted.
         save_factors: also store the frozen factors in ``adapter_model.safetensors`` (verified
@@ -82,6 +84,7 @@ class TeraConfig(PeftConfig):
     zero_mode: int = field(default=0, metadata={"help": "Mode whose λ starts at zero"})
     tera_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
     strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize' or 'factored'"})
+    check_finite: bool = field(default=False, metadata={"help": "Forward raises on non-finite λ"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (fan_in, fan_out)"})
     save_factors: bool = field(default=False, metadata={"help": "Store frozen factors in the checkpoint"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save"})
@@ -124,6 +127,7 @@ class TeraConfig(PeftConfig):
             dropout=self.tera_dropout,
             strategy=self.strategy,
             factor_dtype=self.factor_dtype,
+            check_finite=self.check_finite,
         )
 
     def spec_for(self, d_out: int, d_in: int) -> TeRASpec:

@@ -22,8 +22,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..factors import init_scales
 from ..spec import TeRASpec
-from ..torch.autograd import merged_weight, tera_linear
+from ..torch.autograd import check_input, compute_dtype, merged_weight, non_finite, tera_linear
 from ..torch.bank import FactorBank
+from ..torch.layer import check_base_weight
 from ..torch.planning import layer_plan
 
 __all__ = ["TeraLayer", "Linear"]
@@ -45,10 +46,11 @@ class TeraLayer(BaseTunerLayer):
         tera_lambda: the trainable vectors ``λ_1..λ_N`` concatenated (fp32, ``spec.num_trainable``).
         tera_bank: the shared :class:`FactorBank` holding the frozen factors of ``tera_spec``.
         tera_spec, tera_alpha, tera_strategy, tera_dropout: the adapter's spec, α, strategy, dropout.
+        tera_check_finite: whether forward checks that the adapter's λ are finite.
     """
 
     adapter_layer_names = ("tera_lambda",)
-    other_param_names = ("tera_bank", "tera_dropout", "tera_spec", "tera_alpha", "tera_strategy")
+    other_param_names = ("tera_bank", "tera_dropout", "tera_spec", "tera_alpha", "tera_strategy", "tera_check_finite")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -58,9 +60,11 @@ class TeraLayer(BaseTunerLayer):
         self.tera_spec: dict[str, TeRASpec] = {}
         self.tera_alpha: dict[str, float] = {}
         self.tera_strategy: dict[str, str] = {}
+        self.tera_check_finite: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
+        check_base_weight(base, "base_layer")
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
         elif isinstance(base, _conv1d_type()):
@@ -83,6 +87,7 @@ class TeraLayer(BaseTunerLayer):
         self.tera_spec[adapter_name] = spec
         self.tera_alpha[adapter_name] = float(config.alpha)
         self.tera_strategy[adapter_name] = config.strategy
+        self.tera_check_finite[adapter_name] = bool(config.check_finite)
         self.tera_bank[adapter_name] = bank
         p = config.tera_dropout
         self.tera_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
@@ -100,8 +105,9 @@ class TeraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        # λ are fp32 master weights whatever the base dtype (PEFT's default would cast them to it);
-        # the bank follows device moves only (FactorBank ignores dtype casts).
+        # λ are fp32 master weights whatever the base dtype (PEFT's default would cast them to it).
+        # The bank is shared with layers that may sit on other devices, so it is never moved here:
+        # forward asks it for the factors on the input's device.
         base = self.get_base_layer()
         target = device if device is not None else getattr(base.weight, "device", None)
         if target is None or target.type == "meta":
@@ -109,8 +115,6 @@ class TeraLayer(BaseTunerLayer):
         if adapter_name in self.tera_lambda and self.tera_lambda[adapter_name].device != target:
             lam = self.tera_lambda[adapter_name]
             self.tera_lambda[adapter_name] = nn.Parameter(lam.data.to(target), requires_grad=lam.requires_grad)
-        if adapter_name in self.tera_bank:
-            self.tera_bank[adapter_name].to(target)
         if adapter_name in self.tera_dropout:
             self.tera_dropout[adapter_name].to(target)
 
@@ -120,8 +124,16 @@ class TeraLayer(BaseTunerLayer):
         spec = self.tera_spec[adapter_name]
         return list(torch.split(self.tera_lambda[adapter_name], list(spec.scale_sizes)))
 
-    def network(self, adapter_name: str, dtype: torch.dtype):
-        return self.tera_bank[adapter_name].network(self.tera_spec[adapter_name], dtype)
+    def network(self, adapter_name: str, dtype: torch.dtype, device: torch.device):
+        return self.tera_bank[adapter_name].network(self.tera_spec[adapter_name], dtype, device)
+
+    def _check_scales(self, adapter_name: str) -> None:
+        bad = non_finite(self.tera_lambda[adapter_name].detach())
+        if bad is not None:
+            raise FloatingPointError(
+                f"TeRA adapter {adapter_name!r} of a {self.out_features}×{self.in_features} layer has non-finite λ "
+                f"({bad}); its output would be NaN/Inf"
+            )
 
     def _pick_strategy(self, adapter_name: str, n: int, x: torch.Tensor, training: bool) -> str:
         strategy = self.tera_strategy[adapter_name]
@@ -136,8 +148,7 @@ class TeraLayer(BaseTunerLayer):
         w0 = self.get_base_layer().weight
         work = torch.promote_types(w0.dtype, torch.float32)
         lams = [lam.to(device=w0.device, dtype=work) for lam in self.scales(adapter_name)]
-        dw = merged_weight(self.network(adapter_name, work), lams, self.tera_alpha[adapter_name], None)
-        dw = dw.to(w0.device)
+        dw = merged_weight(self.network(adapter_name, work, w0.device), lams, self.tera_alpha[adapter_name], None)
         return (dw.T if self.fan_in_fan_out else dw).to(w0.dtype)
 
 
@@ -188,6 +199,7 @@ class Linear(nn.Module, TeraLayer):
                 base.weight.data -= self.get_delta_weight(name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        check_input(x, self.in_features, f"TeRA layer ({self.out_features}×{self.in_features})")
         base = self.get_base_layer()
         if self.disable_adapters:
             if self.merged:
@@ -198,6 +210,9 @@ class Linear(nn.Module, TeraLayer):
         active = [a for a in self.active_adapters if a in self.tera_lambda]
         if not active:
             return base(x, *args, **kwargs)
+        for a in active:
+            if self.tera_check_finite.get(a):
+                self._check_scales(a)
         lam_params = [self.tera_lambda[a] for a in active]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or base.weight.requires_grad or any(p.requires_grad for p in lam_params)
@@ -208,14 +223,14 @@ class Linear(nn.Module, TeraLayer):
             # One fused GEMM x (W0 + ΔW)ᵀ (materialize) or base GEMM + factored ΔW x.
             a = active[0]
             strategy = self._pick_strategy(a, n, x, needs_grad)
-            return tera_linear(
-                x, base.weight, base.bias, self.network(a, x.dtype), self.scales(a), self.tera_alpha[a], strategy
-            )
+            net = self.network(a, compute_dtype(x), x.device)
+            return tera_linear(x, base.weight, base.bias, net, self.scales(a), self.tera_alpha[a], strategy)
         result = base(x, *args, **kwargs)
         for a in active:
             xa = self.tera_dropout[a](x).to(result.dtype)
             strategy = self._pick_strategy(a, n, xa, needs_grad)
-            delta = tera_linear(xa, None, None, self.network(a, xa.dtype), self.scales(a), self.tera_alpha[a], strategy)
+            net = self.network(a, compute_dtype(xa), xa.device)
+            delta = tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a], strategy)
             result = result + delta
         return result
 

@@ -24,6 +24,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch
+from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
 from .layer import Linear, TeraLayer, _conv1d_type
@@ -99,19 +100,30 @@ class TeraModel(BaseTuner):
     uses_shared_state: bool = True
 
     # --- factor banks ------------------------------------------------------------------------
-    def _bank(self, config: TeraConfig) -> FactorBank:
+    def _bank(self, config: TeraConfig, device: Optional[torch.device] = None) -> FactorBank:
         banks = self.__dict__.setdefault("_tera_banks", {})
         key = (config.seed, config.factor_init, config.factor_dtype)
         bank = banks.get(key)
         if bank is None:
             bank = FactorBank(config.seed, config.factor_init, config.factor_dtype)
+            # Its own copy lives with the first layer that uses it; layers on other devices get
+            # copies from the bank's per-device cache.
+            if device is not None:
+                bank.to(device)
             banks[key] = bank
         return bank
 
     def _check_new_adapter_config(self, config: TeraConfig) -> None:
         super()._check_new_adapter_config(config)
         if not isinstance(config, TeraConfig):
-            raise ValueError(f"TeraModel needs a TeraConfig, got {type(config).__name__}")
+            kind = f"{type(config).__module__}.{type(config).__qualname__}"
+            hint = (
+                " — that is the plain-torch API's config (for tera_tn.torch.add_tera); with PEFT use "
+                "tera_tn.peft.TeraConfig(...)"
+                if type(config).__name__ == "TeRAConfig"
+                else ""
+            )
+            raise TypeError(f"the PEFT TeRA method takes a tera_tn.peft.TeraConfig, got {kind}{hint}")
 
     # --- injection ---------------------------------------------------------------------------
     def _create_and_replace(self, tera_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
@@ -123,6 +135,7 @@ class TeraModel(BaseTuner):
                 f"Target module {current_key} ({type(base).__name__}) is not supported: TeRA adapts torch.nn.Linear "
                 "and transformers' Conv1D layers only; check `target_modules`."
             )
+        check_base_weight(base, current_key)
         if isinstance(base, nn.Linear):
             d_out, d_in = base.out_features, base.in_features
         else:
@@ -131,7 +144,7 @@ class TeraModel(BaseTuner):
             spec = tera_config.spec_for(d_out, d_in)
         except ValueError as e:
             raise ValueError(f"cannot adapt {current_key}: {e}") from None
-        bank = self._bank(tera_config)
+        bank = self._bank(tera_config, base.weight.device if base.weight.device.type != "meta" else None)
         if isinstance(target, TeraLayer):
             target.update_layer(adapter_name, spec, bank, tera_config)
         else:

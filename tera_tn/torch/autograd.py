@@ -1,7 +1,7 @@
 """Memory-lean autograd for a TeRA linear layer: ``y = x (W0 + ΔW)ᵀ + b``.
 
 Shapes: ``x`` is ``(n, d_in)`` (callers flatten leading dims), ``W0`` is ``(d_out, d_in)``,
-``y`` is ``(n, d_out)``. The update is written in the Kronecker form of tera-math §3:
+``y`` is ``(n, d_out)``. The update is written in its Kronecker form:
 
 * ``diag="rank"`` / ``"identity"``: ``ΔW = α P (G_mat ⊙ u vᵀ) Qᵀ`` with ``P = ⊗U_row``,
   ``Q = ⊗U_col`` (``I`` for identity), ``u = ⊗λ_row``, ``v = ⊗λ_col`` (lengths ``∏R``).
@@ -30,7 +30,7 @@ in the input dtype to be fast, and BLAS accumulates half-precision GEMMs in fp32
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -43,6 +43,9 @@ from ..spec import TeRASpec
 
 __all__ = [
     "FrozenNetwork",
+    "check_input",
+    "compute_dtype",
+    "non_finite",
     "TeRALinearFunction",
     "tera_linear",
     "merged_weight",
@@ -111,6 +114,14 @@ class FrozenNetwork:
         """``G`` as a ``(∏R_row, ∏R_col)`` matrix (a view)."""
         p = self.spec.n_row
         return self.core.reshape(math.prod(self.spec.ranks[:p]), math.prod(self.spec.ranks[p:]))
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> "FrozenNetwork":
+        """The same operands in ``dtype`` on ``device`` (``self`` when nothing changes)."""
+        core = self.core.to(device=device, dtype=dtype)
+        factors = tuple(None if u is None else u.to(device=device, dtype=dtype) for u in self.factors)
+        if core is self.core and all(a is b for a, b in zip(factors, self.factors)):
+            return self
+        return FrozenNetwork(self.spec, core, factors)
 
     @property
     def row_factors(self) -> tuple[Optional[torch.Tensor], ...]:
@@ -316,12 +327,19 @@ class TeRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # The forward ran with autocast off in a single dtype; keep it off here too (backward
+        # can run inside a still-open autocast region).
+        with _no_autocast(g.device.type):
+            return TeRALinearFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, weight, saved, xq, ua, v, *lams = ctx.saved_tensors
         net, alpha, strategy = ctx.net, ctx.alpha, ctx.strategy
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_lam = any(ctx.needs_input_grad[6:])
         dt = x.dtype
-        g = g.contiguous()
+        g = _as(g, dt).contiguous()
         lams_c = [_as(lam, dt) for lam in lams]
         w = _as(weight, dt)
         gx = gw = gb = None
@@ -361,6 +379,62 @@ class TeRALinearFunction(torch.autograd.Function):
         return (gx, gw, gb, None, None, None, *grads_lam)
 
 
+def check_input(x, d_in: int, where: str) -> None:
+    """Raise a clear error unless ``x`` is a floating-point ``torch.Tensor`` of shape ``(..., d_in)``."""
+    if not isinstance(x, torch.Tensor):
+        kind = f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
+        raise TypeError(f"{where} takes a torch.Tensor of shape (..., {d_in}), got a {kind}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{where} needs a floating-point input (float32, float16, bfloat16 or float64), got dtype {x.dtype}; "
+            "convert token ids to embeddings first, or call x.float()"
+        )
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"{where} expects input of shape (..., {d_in}), got shape {tuple(x.shape)}")
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if hasattr(torch, "get_autocast_dtype"):
+        try:
+            on = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type autocast does not know (meta): never on
+            return None
+        return torch.get_autocast_dtype(device_type) if on else None
+    # torch < 2.4 has one pair of functions per device type.
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None
+
+
+def _no_autocast(device_type: str):
+    """Switch autocast off for ``device_type`` when it is on (``torch.autocast`` rejects device
+    types it does not know, meta included, even with ``enabled=False``)."""
+    return torch.autocast(device_type, enabled=False) if _autocast_dtype(device_type) else nullcontext()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype TeRA computes ``x``'s layer in: the autocast dtype when autocast is on for ``x``'s
+    device (as for ``F.linear``; float64 is left alone, like autocast does), else ``x.dtype``."""
+    if x.dtype in _AUTOCAST_ELIGIBLE:
+        return _autocast_dtype(x.device.type) or x.dtype
+    return x.dtype
+
+
+def non_finite(t: torch.Tensor) -> Optional[str]:
+    """``"2 NaN and 1 Inf among 8 values"`` when ``t`` has non-finite entries, else None."""
+    if bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
+    return f"{' and '.join(parts)} among {t.numel()} values"
+
+
 def tera_linear(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -373,14 +447,23 @@ def tera_linear(
     """Functional form of :class:`TeRALinearFunction` for ``x`` of shape ``(..., d_in)``.
 
     Returns ``x (weight + ΔW)ᵀ + bias`` of shape ``(..., d_out)`` (``ΔW x`` alone when
-    ``weight`` is None).
+    ``weight`` is None). Under autocast the layer computes in the autocast dtype, like
+    ``F.linear`` (pass ``net`` in that dtype, e.g. ``bank.network(spec, compute_dtype(x),
+    x.device)``, to avoid a cast per call); λ gradients stay float32.
     """
     spec = net.spec
-    if x.shape[-1] != spec.d_in:
-        raise ValueError(f"x must have shape (..., {spec.d_in}) for {spec}, got {tuple(x.shape)}")
+    check_input(x, spec.d_in, "tera_linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, spec.d_in)
+    dt = compute_dtype(x)
     if x2.shape[0] == 0:
-        return x.new_zeros(lead + (spec.d_out,))
-    y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
+        return x.new_zeros(lead + (spec.d_out,), dtype=dt)
+    # Autocast would recast the Function's GEMMs one by one (and leave the backward, which runs
+    # outside the autocast region, mixing bf16 gradients with fp32 operands). Casting once here
+    # and computing everything in that dtype with autocast off is exact autocast semantics for a
+    # linear layer and serves CPU and CUDA alike.
+    x2 = _as(x2, dt)
+    net = net.to(dt, x.device)
+    with _no_autocast(x.device.type):
+        y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
     return y.reshape(lead + (spec.d_out,))

@@ -6,6 +6,11 @@ them, so every process (DDP ranks included) rebuilds bit-identical factors witho
 communication. The bank stores them as non-persistent buffers (never in ``state_dict``), and
 layers register the same bank object as a submodule: ``.to()`` moves each tensor once (later
 visits find it already there) and all layers keep sharing the same storage.
+
+A model may be split across devices (pipeline stages, ``device_map``), so no layer moves the
+bank: each asks :meth:`FactorBank.network` for the operands on its input's device and dtype,
+served from a small per-``(spec, dtype, device)`` cache (the stored tensors themselves where
+device and dtype already match).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ class FactorBank(nn.Module):
         factor_init: ``"orthogonal"`` (default), ``"gaussian"`` or ``"uniform"`` (see
             :func:`tera_tn.random_factors`).
         dtype: storage dtype, ``"float32"`` (default) or ``"float64"``. The bank keeps it under
-            ``model.half()`` / ``.to(dtype)`` — only device moves apply — and serves casts to the
-            compute dtype from a small cache (see :meth:`network`).
+            ``model.half()`` / ``.to(dtype)`` — only device moves apply, and never to ``meta``,
+            which would discard the values — and serves other dtypes and devices from a small
+            cache (see :meth:`network`).
     """
 
     def __init__(self, seed: int = 0, factor_init: str = "orthogonal", dtype: str = "float32") -> None:
@@ -98,21 +104,23 @@ class FactorBank(nn.Module):
                 out[f"u{n}"] = u
         return out
 
-    def network(self, spec: TeRASpec, dtype: Optional[torch.dtype] = None) -> FrozenNetwork:
-        """The frozen operands of ``spec`` in ``dtype`` (default: storage dtype).
+    def network(
+        self, spec: TeRASpec, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+    ) -> FrozenNetwork:
+        """The frozen operands of ``spec`` in ``dtype`` on ``device`` (default: where and how stored).
 
-        In the storage dtype these are the shared buffers themselves (same ``data_ptr`` for every
-        layer); other dtypes are cast once per bank placement and cached.
+        Where both match the storage these are the shared buffers themselves (same ``data_ptr``
+        for every layer); other combinations are copied once per bank placement and cached, so
+        the layers of a model split across devices each get the factors on their own device.
         """
         dtype = dtype or self.storage_dtype
-        key = (spec, dtype)
+        device = self.device if device is None else torch.device(device)
+        key = (spec, dtype, device)
         net = self._casts.get(key)
         if net is None:
             t = self.group_tensors(spec)
-            factors = tuple(t.get(f"u{n}") for n in range(spec.order))
-            if dtype != self.storage_dtype:
-                factors = tuple(None if u is None else u.to(dtype) for u in factors)
-            net = FrozenNetwork(spec, t["core"].to(dtype), factors)
+            stored = FrozenNetwork(spec, t["core"], tuple(t.get(f"u{n}") for n in range(spec.order)))
+            net = stored.to(dtype, device)
             self._casts[key] = net
         return net
 
@@ -134,8 +142,11 @@ class FactorBank(nn.Module):
     def _apply(self, fn, recurse=True):
         # Follow device moves (and in-place ops such as share_memory_) but not dtype casts
         # (model.half()): a cast would throw away precision of the seeded draws that every
-        # process must share bit for bit.
+        # process must share bit for bit. Nor moves to meta (a block offloaded or a stand-in
+        # device): that would discard the factors that the other blocks still use.
         probe = fn(self._anchor)
+        if probe.device.type == "meta" and self._anchor.device.type != "meta":
+            return self
         is_cast = probe.dtype != self._anchor.dtype
         moved = False
         for name, buf in self._buffers.items():

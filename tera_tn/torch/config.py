@@ -42,8 +42,12 @@ class TeRAConfig:
         strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
         factor_dtype: storage dtype of the frozen factors (``"float32"`` or ``"float64"``);
             computation follows the input dtype and λ stay float32.
-        cache_delta: in inference (no grad), keep the merged weight ``W0 + ΔW`` between calls
-            while λ are unchanged (costs one ``d_out × d_in`` tensor per layer).
+        cache_delta: opt-in (default off): in inference (no grad), keep the merged weight
+            ``W0 + ΔW`` between calls (one extra ``d_out × d_in`` tensor per layer). It is keyed
+            on the tensors' version counters, which writes through ``.data`` do not bump: call
+            ``layer.clear_cache()`` after such writes (see docs/torch.md).
+        check_finite: opt-in (default off): every forward checks that the layer's λ are finite
+            and raises ``FloatingPointError`` naming the layer otherwise.
     """
 
     target_modules: Union[None, str, Sequence[str]] = None
@@ -59,7 +63,8 @@ class TeRAConfig:
     dropout: float = 0.0
     strategy: str = "auto"
     factor_dtype: str = "float32"
-    cache_delta: bool = True
+    cache_delta: bool = False
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         tm = self.target_modules
@@ -95,8 +100,9 @@ class TeRAConfig:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if isinstance(self.zero_mode, bool) or not isinstance(self.zero_mode, numbers.Integral) or self.zero_mode < 0:
             raise ValueError(f"zero_mode must be a non-negative mode index, got {self.zero_mode!r}")
-        if not isinstance(self.cache_delta, bool):
-            raise ValueError(f"cache_delta must be True or False, got {self.cache_delta!r}")
+        for flag in ("cache_delta", "check_finite"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         pairs = tuple(self.specs.items()) if isinstance(self.specs, Mapping) else tuple(self.specs)
         for item in pairs:
             if not (isinstance(item, tuple) and len(item) == 2):

@@ -17,12 +17,34 @@ from torch import nn
 
 from ..factors import init_scales
 from ..spec import TeRASpec
-from .autograd import FrozenNetwork, merged_weight, tera_linear
+from .autograd import FrozenNetwork, _no_autocast, check_input, compute_dtype, merged_weight, non_finite, tera_linear
 from .bank import FactorBank
 from .config import LAYER_STRATEGIES
+from ..costmodel import cost_model
 from .planning import layer_plan
 
 __all__ = ["TeRALinear"]
+
+
+def check_base_weight(module: nn.Module, name: str) -> None:
+    """Refuse a base layer whose weight is not a plain floating-point tensor.
+
+    bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` subclass ``nn.Linear`` but keep packed
+    integer weights (``Int8Params``, ``Params4bit``), and torchao swaps in tensor subclasses:
+    adding ΔW to those, or multiplying by them as if they were dense, gives wrong numbers without
+    an error. Until quantized bases are supported they are refused here, by every API.
+    """
+    w = getattr(module, "weight", None)
+    if type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point():
+        return
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    held = "no weight" if w is None else f"a {type(w).__qualname__} of dtype {str(w.dtype).removeprefix('torch.')}"
+    raise TypeError(
+        f"cannot adapt {name!r} ({kind}): its weight is {held}, not a plain floating-point tensor. "
+        "TeRA does not support quantized base layers (bitsandbytes, torchao, ...) yet; load the base model "
+        "in float32/bfloat16/float16, or leave this layer out of target_modules"
+    )
+
 
 
 class _FP32ParameterList(nn.ParameterList):
@@ -33,10 +55,14 @@ class _FP32ParameterList(nn.ParameterList):
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0))
         is_cast = probe.dtype != torch.float32
-        for p in self._parameters.values():
+        for key, p in self._parameters.items():
             if p is None:
                 continue
-            p.data = p.data.to(probe.device) if is_cast else fn(p.data)
+            new = p.data.to(probe.device) if is_cast else fn(p.data)
+            if torch._has_compatible_shallow_copy_type(p, new):
+                p.data = new
+            else:  # e.g. to or from meta: the tensor type changes, so the Parameter must be new
+                self._parameters[key] = p = nn.Parameter(new, requires_grad=p.requires_grad)
             if p.grad is not None:
                 p.grad = p.grad.to(probe.device) if is_cast else fn(p.grad)
         return self
@@ -56,8 +82,13 @@ class TeRALinear(nn.Module):
         dropout: dropout probability on the adapter's input only.
         strategy: ``"auto"`` (per token count, :func:`tera_tn.torch.planning.layer_plan`),
             ``"materialize"`` or ``"factored"``.
-        cache_delta: in inference, reuse ``W0 + ΔW`` while λ, W0, α and the input dtype/device
-            are unchanged (one extra ``d_out × d_in`` tensor).
+        cache_delta: opt-in (default off): in inference, reuse ``W0 + ΔW`` while λ, W0, α and
+            the input dtype/device are unchanged (one extra ``d_out × d_in`` tensor). Writes
+            through ``.data`` bypass the version counters it is keyed on: call
+            :meth:`clear_cache` after them.
+        check_finite: opt-in (default off): every forward checks that λ are finite and raises
+            ``FloatingPointError`` naming the layer otherwise (one small reduction and a host
+            sync per call).
 
     Input ``(..., d_in)``, output ``(..., d_out)``; computation in the input dtype, λ in fp32.
     """
@@ -75,11 +106,13 @@ class TeRALinear(nn.Module):
         zero_mode: int = 0,
         dropout: float = 0.0,
         strategy: str = "auto",
-        cache_delta: bool = True,
+        cache_delta: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"TeRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        check_base_weight(base_layer, "base_layer")
         d_out, d_in = base_layer.out_features, base_layer.in_features
         if spec is None:
             spec = TeRASpec.from_shape(d_out, d_in)
@@ -91,22 +124,26 @@ class TeRALinear(nn.Module):
             raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if bank is None:
             bank = FactorBank(0 if seed is None else seed, factor_init)
         elif seed is not None and seed != bank.seed:
             raise ValueError(f"seed={seed} differs from the shared bank's seed {bank.seed}; pass one or the other")
         device = base_layer.weight.device
-        if bank.device != device:
-            bank.to(device)
         self.base_layer = base_layer
         self.spec = spec
         # Registered in every layer that uses it: .to() reaches it from anywhere, and moving it
-        # again is a no-op, so all layers keep referencing the same tensors.
+        # again is a no-op, so all layers keep referencing the same tensors. The layer itself
+        # never moves it: other layers of a split model may live on other devices.
         self.tera_bank = bank
         bank.add(spec)
         self.alpha = float(alpha)
         self.strategy = strategy
         self.cache_delta = bool(cache_delta)
+        self.check_finite = bool(check_finite)
+        # Qualified name in the model, set by add_tera; only used to name the layer in errors.
+        self._name = ""
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         scales = init_scales(spec, scale_init, zero_mode=zero_mode, seed=0 if scale_init == "random" else None)
         self.tera_lambda = _FP32ParameterList(
@@ -135,9 +172,18 @@ class TeRALinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
 
-    def network(self, dtype: Optional[torch.dtype] = None) -> FrozenNetwork:
-        """The shared frozen operands in ``dtype`` (see :meth:`FactorBank.network`)."""
-        return self.tera_bank.network(self.spec, dtype)
+    def network(self, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> FrozenNetwork:
+        """The shared frozen operands in ``dtype`` on ``device`` (default: the base weight's device;
+        see :meth:`FactorBank.network`)."""
+        return self.tera_bank.network(self.spec, dtype, self.base_layer.weight.device if device is None else device)
+
+    def _where(self) -> str:
+        return f"TeRA layer {self._name!r}" if self._name else f"TeRALinear({self.spec.d_out}×{self.spec.d_in})"
+
+    def _bad_scales(self) -> Optional[str]:
+        """Which λ_n hold non-finite values (and how many), or None when all are finite."""
+        bad = [f"λ_{n}: {msg}" for n, lam in enumerate(self.tera_lambda) if (msg := non_finite(lam.detach())) is not None]
+        return "; ".join(bad) or None
 
     # --- ΔW ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,16 +193,27 @@ class TeRALinear(nn.Module):
         w0 = self.base_layer.weight
         out_dtype = dtype or w0.dtype
         work = torch.promote_types(out_dtype, torch.float32)
-        lams = [lam.to(work) for lam in self.tera_lambda]
-        return merged_weight(self.network(work), lams, self.alpha, None).to(out_dtype)
+        lams = [lam.to(device=w0.device, dtype=work) for lam in self.tera_lambda]
+        return merged_weight(self.network(work, w0.device), lams, self.alpha, None).to(out_dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W0 ← W0 + ΔW`` in place; forward then runs the base layer alone (zero overhead)."""
+        """``W0 ← W0 + ΔW`` in place; forward then runs the base layer alone (zero overhead).
+
+        Raises:
+            ValueError: when ΔW is not finite (e.g. NaN λ after a diverged run); W0 is left as is.
+        """
         if self.merged:
-            raise RuntimeError("this TeRALinear is already merged; unmerge() first")
+            raise RuntimeError(f"{self._where()} is already merged; unmerge() first")
         w0 = self.base_layer.weight
-        w0.add_(self.delta_weight(torch.promote_types(w0.dtype, torch.float32)).to(w0.dtype))
+        delta = self.delta_weight(torch.promote_types(w0.dtype, torch.float32)).to(w0.dtype)
+        bad = non_finite(delta)
+        if bad is not None:
+            raise ValueError(
+                f"refusing to merge {self._where()}: ΔW has {bad} ({self._bad_scales() or 'λ are finite: ΔW overflows W0 dtype'}); "
+                "the base weight was not changed"
+            )
+        w0.add_(delta)
         self.merged = True
         self._cache = None
 
@@ -164,7 +221,7 @@ class TeRALinear(nn.Module):
     def unmerge(self) -> None:
         """``W0 ← W0 − ΔW``: undoes :meth:`merge` (exact up to rounding in W0's dtype)."""
         if not self.merged:
-            raise RuntimeError("this TeRALinear is not merged")
+            raise RuntimeError(f"{self._where()} is not merged")
         w0 = self.base_layer.weight
         w0.sub_(self.delta_weight(torch.promote_types(w0.dtype, torch.float32)).to(w0.dtype))
         self.merged = False
@@ -178,7 +235,8 @@ class TeRALinear(nn.Module):
     def _strategy(self, n: int, x: torch.Tensor, training: bool) -> str:
         if self.strategy != "auto":
             return self.strategy
-        key = (n, x.dtype, x.device.type, training)
+        # The installed cost model is part of the key, so calibrate() makes layers re-choose.
+        key = (n, x.dtype, x.device.type, training, cost_model("torch", x.device.type, x.dtype))
         found = self._plans.get(key)
         if found is None:
             dtype = str(x.dtype).removeprefix("torch.")
@@ -189,43 +247,49 @@ class TeRALinear(nn.Module):
             self._plans[key] = found
         return found
 
-    def _cached_weight(self, x: torch.Tensor) -> torch.Tensor:
+    def _cached_weight(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         w0 = self.base_layer.weight
         # _version counts in-place updates (optimizer steps); data_ptr catches `.data =` swaps.
+        # In-place writes through `.data` are invisible to both: hence opt-in, and clear_cache().
         key = (
             tuple((lam._version, lam.data_ptr()) for lam in self.tera_lambda),
             w0._version,
             w0.data_ptr(),
             self.alpha,
-            x.dtype,
+            dt,
             x.device,
             self.tera_bank.generation,
         )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        lams = [lam.to(x.dtype) for lam in self.tera_lambda]
-        weight = merged_weight(self.network(x.dtype), lams, self.alpha, w0.to(x.dtype))
+        lams = [lam.to(dt) for lam in self.tera_lambda]
+        with _no_autocast(x.device.type):
+            weight = merged_weight(self.network(dt, x.device), lams, self.alpha, w0.to(dt))
         self._cache = (key, weight)
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.spec.d_in, self._where())
         base = self.base_layer
         if self.merged or self.disable_adapter:
             return base(x)
-        if x.shape[-1] != self.spec.d_in:
-            raise ValueError(f"input has {x.shape[-1]} features, expected {self.spec.d_in} ({self.spec})")
+        if self.check_finite:
+            bad = self._bad_scales()
+            if bad is not None:
+                raise FloatingPointError(f"{self._where()} has non-finite scales ({bad}); its output would be NaN/Inf")
         lams = list(self.tera_lambda)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or base.weight.requires_grad or any(lam.requires_grad for lam in lams)
         )
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
+        dt = compute_dtype(x)
         if not needs_grad and not dropout_active:
             if self.cache_delta:
-                return F.linear(x, self._cached_weight(x), None if base.bias is None else base.bias.to(x.dtype))
+                return F.linear(x, self._cached_weight(x, dt), None if base.bias is None else base.bias.to(dt))
             self._cache = None
         n = max(1, math.prod(x.shape[:-1]))
         strategy = self._strategy(n, x, needs_grad)
-        net = self.network(x.dtype)
+        net = self.network(dt, x.device)
         if dropout_active:
             return base(x) + tera_linear(self.dropout(x), None, None, net, lams, self.alpha, strategy)
         return tera_linear(x, base.weight, base.bias, net, lams, self.alpha, strategy)

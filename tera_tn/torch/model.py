@@ -10,7 +10,7 @@ from torch import nn
 
 from .bank import FactorBank
 from .config import TeRAConfig
-from .layer import TeRALinear
+from .layer import TeRALinear, check_base_weight
 
 __all__ = [
     "add_tera",
@@ -95,9 +95,18 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
 
     Raises:
         ValueError: when ``model`` already has TeRA layers or no Linear matches ``config``.
+        TypeError: when ``config`` is not a :class:`TeRAConfig`, or a targeted layer is quantized
+            (its weight is not a plain floating-point tensor). Nothing is changed then.
     """
     if not isinstance(config, TeRAConfig):
-        raise ValueError(f"config must be a TeRAConfig, got {type(config).__name__}")
+        kind = f"{type(config).__module__}.{type(config).__qualname__}"
+        hint = (
+            " — that is the PEFT API's config: use it with peft.get_peft_model(model, config), or build a "
+            "tera_tn.torch.TeRAConfig(...) for add_tera"
+            if type(config).__name__ == "TeraConfig"
+            else ""
+        )
+        raise TypeError(f"add_tera takes a tera_tn.torch.TeRAConfig, got {kind}{hint}")
     existing = [name for name, _ in tera_layers(model)]
     if existing:
         raise ValueError(f"model already has TeRA layers ({', '.join(existing[:3])}...); add_tera runs once per model")
@@ -106,11 +115,19 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
     if not targets:
         names = ", ".join(name for name, _ in linears[:8]) or "none"
         raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear; the model's Linear layers: {names}")
+    # Everything that can fail is checked before the model is touched.
+    for name, linear in targets:
+        check_base_weight(linear, name)
+    specs = [config.spec_for(linear.out_features, linear.in_features) for _, linear in targets]
     for p in model.parameters():
         p.requires_grad_(False)
     bank = FactorBank(config.seed, config.factor_init, config.factor_dtype)
-    for name, linear in targets:
-        spec = config.spec_for(linear.out_features, linear.in_features)
+    # The bank's own copy lives with the first real (non-meta) target; layers elsewhere get
+    # copies on their devices from the bank's cache.
+    first = next((linear.weight.device for _, linear in targets if linear.weight.device.type != "meta"), None)
+    if first is not None:
+        bank.to(first)
+    for (name, linear), spec in zip(targets, specs):
         layer = TeRALinear(
             linear,
             spec,
@@ -121,7 +138,9 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
             dropout=config.dropout,
             strategy=config.strategy,
             cache_delta=config.cache_delta,
+            check_finite=config.check_finite,
         )
+        layer._name = name
         _set_child(model, name, layer)
     return tera_summary(model)
 
@@ -150,8 +169,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The result has no TeRA module, bank or λ left: inference costs exactly the base model.
     Returns ``model``.
+
+    Raises:
+        ValueError: when a layer's λ are not finite; checked for every layer before any weight
+            is written, so the model is left as it was.
     """
-    for name, layer in list(tera_layers(model)):
+    layers = list(tera_layers(model))
+    for name, layer in layers:
+        bad = None if layer.merged else layer._bad_scales()
+        if bad is not None:
+            raise ValueError(f"refusing to merge TeRA layer {name!r}: {bad}; no layer was merged")
+    for name, layer in layers:
         if not layer.merged:
             layer.merge()
         _set_child(model, name, layer.base_layer)
