@@ -300,24 +300,13 @@ def planner_record(d: int, n: int, timing: dict, device: str = "cpu") -> list[di
 
 
 def replan(rows: Iterable[dict], model, device: str = "cpu") -> list[str]:
-    """Strategies ``layer_plan`` would choose for ``rows`` under cost model ``model`` (restores the
-    previously installed model afterwards)."""
-    from tera_tn import costmodel
-    from tera_tn.contraction import clear_plan_cache
+    """Strategies ``layer_plan`` would choose for ``rows`` under cost model ``model``.
 
-    key = ("torch", device, "float32")
-    old = costmodel._MODELS.get(key)
-    try:
-        costmodel.set_cost_model(model, *key)
-        layer_plan.cache_clear()
-        return [layer_plan(spec_for(r["d"], r["ranks"]), r["n"], training=True, device=device).strategy for r in rows]
-    finally:
-        if old is None:
-            costmodel._MODELS.pop(key, None)
-        else:
-            costmodel._MODELS[key] = old
-        clear_plan_cache()
-        layer_plan.cache_clear()
+    The model is passed as a value, so the installed cost models stay as they are."""
+    return [
+        layer_plan(spec_for(r["d"], r["ranks"]), r["n"], training=True, device=device, model=model).strategy
+        for r in rows
+    ]
 
 
 def _worker(argv: Sequence[str]) -> int:

@@ -1,7 +1,12 @@
-"""Minimal numpy/torch dispatch. torch is optional: it is only touched when an input is a tensor."""
+"""Minimal numpy/torch dispatch, and the input checks shared by the math core.
+
+torch is optional: it is only touched when an input is a tensor.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from typing import Any
 
@@ -54,7 +59,10 @@ def to_like(x: Array, like: Array) -> Array:
 
 def to_numpy(x: Array) -> np.ndarray:
     if is_torch(x):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        return x.numpy()
     return np.asarray(x)
 
 
@@ -63,3 +71,63 @@ def backend_key(x: Array) -> tuple[str, str, str]:
     if is_torch(x):
         return "torch", x.device.type, str(x.dtype).removeprefix("torch.")
     return "numpy", "cpu", str(np.asarray(x).dtype)
+
+
+# --- input checks: every message names the offending value and what was expected -------------
+def check_size(name: str, value: object, *, low: int = 1) -> int:
+    """``value`` as an int ``>= low``; bools, floats and strings are refused (numpy ints are fine)."""
+    expected = "a positive integer" if low == 1 else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value: object, low: float, expected: str) -> float:
+    """``value`` as a finite float ``>= low``; ``expected`` says what was wanted in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def check_alpha(alpha: object) -> float:
+    """The global scale α as a float: a finite real number (NaN or Inf would fill ΔW with NaN)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {alpha!r} ({type(alpha).__name__})")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    return float(alpha)
+
+
+def as_array(name: str, x: object, expected: str) -> Array:
+    """``x`` as a numeric numpy array or torch tensor (lists and numbers go through numpy).
+
+    ``expected`` describes the wanted shape, e.g. ``"shape (..., 16)"``.
+    """
+    if is_torch(x):
+        return x  # every torch dtype is numeric (or bool)
+    if x is None or isinstance(x, (str, bytes, dict, set)):
+        raise TypeError(f"{name} must be a numpy array or torch tensor of {expected}, got {type(x).__name__}: {x!r:.80}")
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as err:  # ragged nesting, unconvertible objects
+            raise TypeError(f"{name} must be a numpy array or torch tensor of {expected}, got {type(x).__name__} ({err})") from None
+    if x.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must hold numbers ({expected}), got dtype {x.dtype} from {type(x).__name__}")
+    return x
+
+
+def all_finite(x: Array) -> bool:
+    """Whether ``x`` holds no NaN or Inf (integer and bool arrays always do)."""
+    if is_torch(x):
+        import torch
+
+        return bool(torch.isfinite(x.detach()).all())
+    return bool(np.isfinite(x).all())
+
+
+def is_on_cpu(x: Array) -> bool:
+    """Whether reading ``x``'s values costs no device synchronization."""
+    return not is_torch(x) or x.device.type == "cpu"

@@ -18,11 +18,10 @@ HiRA's bound assumes a full-rank W0.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from ._backend import check_size
 from .spec import TeRASpec
 
 __all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]
@@ -58,24 +57,29 @@ class MethodTotals:
         return sum(lc.max_rank == min(lc.d_out, lc.d_in) for lc in self.layers)
 
 
-def _check_rank(method: str, r: object) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{method} rank r must be a positive integer, got {r!r}")
-    return int(r)
+def _check_shapes(shapes: object) -> list[tuple[int, int]]:
+    """``shapes`` as a list of ``(d_out, d_in)`` pairs of positive ints."""
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
+        raise ValueError(f"shapes must be a list of (d_out, d_in) pairs, got {shapes!r}")
+    out = []
+    for k, shape in enumerate(shapes):
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 2:
+            raise ValueError(f"shapes[{k}] must be a (d_out, d_in) pair, got {shape!r}")
+        out.append((check_size(f"shapes[{k}][0] (d_out)", shape[0]), check_size(f"shapes[{k}][1] (d_in)", shape[1])))
+    return out
 
 
 def layer_cost(method: str, d_out: int, d_in: int, *, r: int | None = None, spec: TeRASpec | None = None) -> LayerCost:
     """Counts for one layer. ``method`` is one of ``METHODS``; LoRA/VeRA/HiRA need ``r``, TeRA a ``spec``."""
-    for name, d in (("d_out", d_out), ("d_in", d_in)):
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-            raise ValueError(f"{name} must be a positive integer, got {d!r}")
+    d_out, d_in = check_size("d_out", d_out), check_size("d_in", d_in)
     if method == "tera":
-        if spec is None or spec.shape != (d_out, d_in):
-            raise ValueError(f"method 'tera' needs a TeRASpec of shape {(d_out, d_in)}, got {spec}")
+        if not isinstance(spec, TeRASpec) or spec.shape != (d_out, d_in):
+            got = spec if isinstance(spec, TeRASpec) else repr(spec)
+            raise ValueError(f"method 'tera' needs a TeRASpec of shape {(d_out, d_in)}, got {got}")
         return LayerCost("tera", d_out, d_in, spec.num_trainable, spec.max_rank)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    r = _check_rank(method, r)
+    r = check_size(f"{method} rank r", r)
     cap = min(d_out, d_in)
     if method == "lora":
         return LayerCost(method, d_out, d_in, r * (d_out + d_in), min(r, cap))
@@ -100,8 +104,9 @@ def method_totals(
     ``diag`` (or are given as ``specs``, one per shape); frozen factors are counted once per
     distinct spec (shape group).
     """
+    shapes = _check_shapes(shapes)
     if not shapes:
-        raise ValueError("method_totals needs at least one (d_out, d_in) layer shape")
+        raise ValueError("method_totals needs at least one (d_out, d_in) layer shape, got none")
     if method == "tera":
         spec_list = list(specs) if specs is not None else [
             TeRASpec.from_shape(o, i, order=order, ranks=ranks, diag=diag) for o, i in shapes
@@ -130,4 +135,4 @@ def method_totals(
 
 def total_params(shapes: Sequence[tuple[int, int]]) -> int:
     """Numbers in the dense weights of ``shapes`` (what full fine-tuning trains)."""
-    return sum(math.prod(s) for s in shapes)
+    return sum(o * i for o, i in _check_shapes(shapes))

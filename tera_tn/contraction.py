@@ -1,6 +1,6 @@
 """Computing ``ΔW x`` for a batch: the contraction planner and :func:`apply`.
 
-Two exact strategies (tera-math §7):
+Two exact strategies, both computing the same ``ΔW x``:
 
 * ``"materialize"``: contract the network into ΔW (a chain of mode products), then one GEMM
   ``x ΔWᵀ``. The chain costs ≈ 2·d_out·d_in·ΣK_n FLOPs once, whatever the token count.
@@ -8,31 +8,32 @@ Two exact strategies (tera-math §7):
   factors, the core and the row factors (an opt_einsum path), never forming d_out × d_in.
 
 :func:`plan` prices both with the calibrated roofline :mod:`tera_tn.costmodel` and explains the
-choice; plans and opt_einsum expressions are cached per (spec, token count, backend, device,
-dtype).
+choice; plans are cached per (spec, token count, backend, device, dtype, cost model), so
+installing another cost model re-plans without any cache being cleared, and opt_einsum
+expressions per (spec, token count).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
 
 import opt_einsum as oe
 
-from ._backend import Array, backend_key, floating_like, is_torch, pick_like, to_like
-from .costmodel import CostModel, cost_model
-from .factors import TeRAFactors, check_scales
+from ._backend import Array, as_array, backend_key, check_alpha, floating_like, is_torch, pick_like, to_like
+from .costmodel import DTYPES, CostModel, cost_model, normalize_key
+from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import chain_steps
-from .network import delta_weight, scaled_factors
-from .spec import TeRASpec
+from .network import _delta_weight, _scaled_factors
+from .spec import TeRASpec, check_spec
 
-__all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "clear_plan_cache", "STRATEGIES"]
+__all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "STRATEGIES"]
 
 Strategy = Literal["auto", "materialize", "factored"]
 STRATEGIES = ("auto", "materialize", "factored")
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,11 @@ class ContractionPlan:
         return "\n".join(lines)
 
 
-def _check_tokens(n_tokens: object) -> int:
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+def check_tokens(n_tokens: object) -> int:
+    """``n_tokens`` as an int, refusing bools, floats and values below 1 (numpy ints are fine)."""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, numbers.Integral) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    return n_tokens
+    return int(n_tokens)
 
 
 def _materialize_cost(spec: TeRASpec, n: int, itemsize: int, model: CostModel) -> StrategyCost:
@@ -182,16 +184,17 @@ def _factored_cost(spec: TeRASpec, n: int, itemsize: int, model: CostModel) -> S
         terms = inputs.split(",")
         k = math.prod(sizes[c] for c in removed)
         out_size = math.prod(sizes[c] for c in out)
+        # Counted as opt_einsum counts (PathInfo.opt_cost): every index combination once per
+        # operand beyond the first, plus one add when an index is summed away.
+        f = math.prod(sizes[c] for c in set("".join(terms))) * max(len(terms) - 1 + bool(removed), 1)
         if len(terms) == 2:
             shared = set(terms[0]) & set(terms[1]) & set(out)
             batch = math.prod(sizes[c] for c in shared)
             m = math.prod(sizes[c] for c in terms[0] if c not in removed and c not in shared)
             nn = math.prod(sizes[c] for c in terms[1] if c not in removed and c not in shared)
             t = model.gemm_seconds(m * batch, nn, k, itemsize) if batch == 1 else model.gemm_seconds(m, nn, k, itemsize, calls=batch)
-            f = 2 * batch * m * nn * k
             moved = (batch * (m * k + nn * k) + out_size) * itemsize
         else:
-            f = out_size * max(k, 1) * len(terms)
             moved = sum(math.prod(sizes[c] for c in t) for t in terms) * itemsize + out_size * itemsize
             t = model.stream_seconds(moved)
         flops += f
@@ -203,7 +206,7 @@ def _factored_cost(spec: TeRASpec, n: int, itemsize: int, model: CostModel) -> S
 
 @lru_cache(maxsize=2048)
 def _plan_cached(spec: TeRASpec, n_tokens: int, backend: tuple[str, str, str], model: CostModel) -> ContractionPlan:
-    itemsize = _ITEMSIZE.get(backend[2], 4)
+    itemsize = DTYPES[backend[2]]
     mat = _materialize_cost(spec, n_tokens, itemsize, model)
     fac = _factored_cost(spec, n_tokens, itemsize, model)
     strategy = "materialize" if mat.seconds < fac.seconds else "factored"
@@ -211,29 +214,36 @@ def _plan_cached(spec: TeRASpec, n_tokens: int, backend: tuple[str, str, str], m
 
 
 def plan(
-    spec: TeRASpec, n_tokens: int, *, backend: str = "torch", device: str = "cpu", dtype: str = "float32"
+    spec: TeRASpec,
+    n_tokens: int,
+    *,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str = "float32",
+    model: CostModel | None = None,
 ) -> ContractionPlan:
     """Choose how to compute ``ΔW x`` for ``n_tokens`` tokens and explain why.
 
     Args:
         spec: the layer's spec.
         n_tokens: rows of ``x`` (batch × sequence).
-        backend, device, dtype: select the cost model (see :mod:`tera_tn.costmodel`).
+        backend, device, dtype: what the contraction runs on: ``"torch"`` or ``"numpy"``, a
+            device such as ``"cpu"`` or ``"cuda:0"``, a floating dtype name.
+        model: the cost model to price with; default: the one installed for (backend, device,
+            dtype) (see :mod:`tera_tn.costmodel`).
 
     Returns:
         A :class:`ContractionPlan`; ``print(plan(...))`` shows FLOPs, the largest
         intermediate, bytes moved and the expected time of both strategies, step by step.
     """
-    if not isinstance(spec, TeRASpec):
-        raise ValueError(f"plan expects a TeRASpec, got {type(spec).__name__}")
-    n_tokens = _check_tokens(n_tokens)
-    key = (backend, device, dtype)
-    return _plan_cached(spec, n_tokens, key, cost_model(*key))
-
-
-def clear_plan_cache() -> None:
-    """Forget cached plans (done automatically when a cost model is installed)."""
-    _plan_cached.cache_clear()
+    check_spec(spec, "plan")
+    n_tokens = check_tokens(n_tokens)
+    key = normalize_key(backend, device, dtype)
+    if model is None:
+        model = cost_model(*key)
+    elif not isinstance(model, CostModel):
+        raise ValueError(f"model must be a CostModel or None, got {type(model).__name__}: {model!r}")
+    return _plan_cached(spec, n_tokens, key, model)
 
 
 def apply(
@@ -252,10 +262,13 @@ def apply(
     :func:`plan`; ``"factored"`` never forms the ``d_out × d_in`` matrix. Torch results are
     differentiable with respect to ``x`` and the scales.
     """
-    if strategy not in STRATEGIES:
+    check_spec(spec, "apply")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_scales(spec, tuple(scales))
-    factors.check(spec)
+    scales = check_scales(spec, scales)
+    check_factors(factors, spec)
+    alpha = check_alpha(alpha)
+    x = as_array("x", x, f"shape (..., {spec.d_in})")
     if x.ndim == 0 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x must have shape (..., {spec.d_in}) for {spec}, got {tuple(x.shape)}")
     like = floating_like(pick_like(x, *scales, factors.core), *scales, factors.core)
@@ -266,12 +279,13 @@ def apply(
         return _empty_like(x, batch + (spec.d_out,))
     x2 = x.reshape(n, spec.d_in)
     if strategy == "auto":
-        strategy = plan(spec, n, **dict(zip(("backend", "device", "dtype"), backend_key(x)))).strategy
+        backend, device, dtype = backend_key(x)
+        strategy = plan(spec, n, backend=backend, device=device, dtype=dtype).strategy
+    factors, scales = factors.to(like), [to_like(s, like) for s in scales]
     if strategy == "materialize":
-        dw = delta_weight(spec, factors.to(like), [to_like(s, like) for s in scales], alpha)
-        y = x2 @ dw.T
+        y = x2 @ _delta_weight(spec, factors, scales, alpha).T
     else:
-        y = _factored(spec, factors.to(like), [to_like(s, like) for s in scales], x2, alpha)
+        y = _factored(spec, factors, scales, x2, alpha)
     return y.reshape(batch + (spec.d_out,))
 
 
@@ -303,7 +317,7 @@ def _factored(spec: TeRASpec, factors: TeRAFactors, scales: list[Array], x2: Arr
         ops = list(scales)
         ops[0] = ops[0] * alpha
     else:
-        ops = list(scaled_factors(spec, factors, scales, alpha))
+        ops = list(_scaled_factors(spec, factors, scales, alpha))
     expr, _ = _factored_expression(spec, n)
     y = expr(xt, *ops[p:], factors.core, *ops[:p])
     y = y.reshape(n, spec.padded_shape[0])

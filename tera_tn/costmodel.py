@@ -10,14 +10,40 @@ where ``s`` is the smallest of the GEMM's m, n, k (a GEMM with a 16-wide side ru
 ``16 / (16 + s_half)`` of peak). The four constants are kept per (backend, device, dtype);
 defaults were measured on a 2-core AMD EPYC (torch 2.13, 2 threads) and :func:`calibrate`
 re-measures them on the current machine in about a second.
+
+This module is a leaf: it imports nothing from the planner. A :class:`CostModel` is a frozen,
+hashable value and every plan cache is keyed by the model it priced with, so installing a new
+model (:func:`set_cost_model`, :func:`calibrate`) changes later plans without any cache being
+told.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
 
-__all__ = ["CostModel", "cost_model", "calibrate", "set_cost_model"]
+__all__ = ["CostModel", "cost_model", "calibrate", "set_cost_model", "BACKENDS", "DTYPES", "normalize_key"]
+
+BACKENDS = ("torch", "numpy")
+#: Bytes per element of every dtype the planner prices (what ``apply`` can compute in).
+DTYPES: dict[str, int] = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "float128": 16,
+    "complex64": 8,
+    "complex128": 16,
+    "complex256": 32,
+}
+_BACKEND_DTYPES = {
+    "torch": ("float16", "bfloat16", "float32", "float64", "complex64", "complex128"),
+    "numpy": ("float16", "float32", "float64", "float128", "complex64", "complex128", "complex256"),
+}
+# Device types torch knows that can run a GEMM; "meta" is accepted so shape-only runs can plan.
+_TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta", "privateuseone")
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,16 @@ class CostModel:
     bandwidth: float
     overhead: float
     source: str = "default"
+
+    def __post_init__(self) -> None:
+        for name, low, strict in (("peak_flops", 0.0, True), ("s_half", 0.0, False), ("bandwidth", 0.0, True), ("overhead", 0.0, False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low or (strict and value == low):
+                expected = "a finite number > 0" if strict else "a finite number >= 0"
+                raise ValueError(f"CostModel.{name} must be {expected}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.source, str):
+            raise ValueError(f"CostModel.source must be a string, got {self.source!r}")
 
     def gemm_seconds(self, m: int, n: int, k: int, itemsize: int, calls: int = 1) -> float:
         """Time of ``calls`` GEMMs (m × k) @ (k × n) that stream their operands from memory."""
@@ -63,31 +99,78 @@ _DEFAULTS: dict[tuple[str, str], CostModel] = {
     ("cuda", "float16"): CostModel(600e12, 128.0, 2.5e12, 1e-5),
 }
 _MODELS: dict[tuple[str, str, str], CostModel] = {}
+_RESOLVED: dict[tuple, CostModel] = {}
 
 
-def _key(backend: str, device: str, dtype: str) -> tuple[str, str, str]:
-    return backend, device, dtype
+def _dtype_name(dtype: object) -> str:
+    if isinstance(dtype, str):
+        return dtype.removeprefix("torch.")
+    if type(dtype).__module__ == "torch":  # a torch.dtype
+        return str(dtype).removeprefix("torch.")
+    try:
+        import numpy as np
+
+        return np.dtype(dtype).name  # type: ignore[arg-type]
+    except TypeError:
+        return repr(dtype)
+
+
+def normalize_key(backend: object, device: object, dtype: object) -> tuple[str, str, str]:
+    """``(backend, device type, dtype name)`` after checking each: the key of cost models and plans.
+
+    ``device="cuda:1"`` becomes ``"cuda"`` (one model per device type); ``dtype`` may be a name,
+    a numpy dtype or a torch dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', got {device!r}")
+    dev = device.split(":", 1)[0]
+    index = device[len(dev) + 1 :] if ":" in device else "0"
+    allowed = _TORCH_DEVICES if backend == "torch" else ("cpu",)
+    if dev not in allowed or not index.isdigit():
+        raise ValueError(f"device must be one of {allowed} (optionally with ':index') for backend {backend!r}, got {device!r}")
+    name = _dtype_name(dtype)
+    if name not in _BACKEND_DTYPES[backend]:
+        raise ValueError(f"dtype must be a floating dtype of {backend}, one of {_BACKEND_DTYPES[backend]}, got {dtype!r}")
+    return backend, dev, name  # type: ignore[return-value]
 
 
 def cost_model(backend: str = "torch", device: str = "cpu", dtype: str = "float32") -> CostModel:
-    """The model used for (backend, device, dtype): a calibrated one if set, else the default."""
-    found = _MODELS.get(_key(backend, device, dtype))
-    if found is not None:
-        return found
-    dev = "cuda" if device not in ("cpu",) else "cpu"
-    default = _DEFAULTS.get((dev, dtype))
-    if default is None:
-        # Half precision on a CPU runs through float32 kernels at best.
-        default = _DEFAULTS[(dev, "float32")] if dev == "cpu" else _DEFAULTS[("cuda", "float32")]
-    return default
+    """The model used for (backend, device, dtype): an installed one if set, else the default.
+
+    Accelerators without calibration get nominal H100-class figures; half precision and
+    complex dtypes on a CPU get the float32 figures (they run through float32-class kernels at
+    best).
+    """
+    try:
+        return _RESOLVED[(backend, device, dtype)]
+    except (KeyError, TypeError):  # TypeError: an unhashable argument, refused just below
+        pass
+    key = normalize_key(backend, device, dtype)
+    found = _MODELS.get(key)
+    if found is None:
+        dev = "cpu" if key[1] == "cpu" else "cuda"
+        found = _DEFAULTS.get((dev, key[2])) or _DEFAULTS[(dev, "float32")]
+    # Layers look their model up on every call; this memo of checked arguments keeps that to one
+    # dict lookup. set_cost_model empties it.
+    _RESOLVED[(backend, device, dtype)] = found
+    return found
 
 
-def set_cost_model(model: CostModel, backend: str = "torch", device: str = "cpu", dtype: str = "float32") -> None:
-    """Install ``model`` for (backend, device, dtype); plans made afterwards use it."""
-    from .contraction import clear_plan_cache
+def set_cost_model(model: CostModel | None, backend: str = "torch", device: str = "cpu", dtype: str = "float32") -> None:
+    """Install ``model`` for (backend, device, dtype); plans made afterwards use it.
 
-    _MODELS[_key(backend, device, dtype)] = model
-    clear_plan_cache()
+    ``None`` removes an installed model, so the default applies again.
+    """
+    if model is not None and not isinstance(model, CostModel):
+        raise ValueError(f"set_cost_model expects a CostModel or None, got {type(model).__name__}: {model!r}")
+    key = normalize_key(backend, device, dtype)
+    if model is None:
+        _MODELS.pop(key, None)
+    else:
+        _MODELS[key] = model
+    _RESOLVED.clear()
 
 
 def _best_of(fn, reps: int) -> float:
@@ -106,6 +189,7 @@ def calibrate(backend: str = "torch", device: str = "cpu", dtype: str = "float32
     Times a 1024³ GEMM (peak), a (65536×16)@(16×16) GEMM (s_half), an 8M-element copy (bandwidth) and
     a tiny op (overhead) with the given backend, device and dtype.
     """
+    backend, _, dtype = normalize_key(backend, device, dtype)
     if backend == "torch":
         import torch
 
@@ -129,19 +213,15 @@ def calibrate(backend: str = "torch", device: str = "cpu", dtype: str = "float32
             return lambda: (a.add_(0), sync())
 
         empty = lambda *s: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
-    elif backend == "numpy":
+    else:
         import numpy as np
 
-        if device != "cpu":
-            raise ValueError(f"numpy runs on the CPU only, got device={device!r}")
         rng = np.random.default_rng(0)
         mk = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
         mm = lambda a, b, out: (lambda: np.matmul(a, b, out=out))  # noqa: E731
         copy = lambda a, b: (lambda: np.copyto(b, a))  # noqa: E731
         tiny = lambda a: (lambda: np.add(a, 0, out=a))  # noqa: E731
         empty = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
-    else:
-        raise ValueError(f"backend must be 'torch' or 'numpy', got {backend!r}")
 
     n = 1024
     t_big = _best_of(mm(mk(n, n), mk(n, n), empty(n, n)), 3)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from ._backend import check_real, check_size
+
 __all__ = ["balanced_factorization", "padded_factorization", "imbalance"]
 
 
@@ -25,7 +27,6 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-@lru_cache(maxsize=4096)
 def balanced_factorization(n: int, order: int) -> tuple[int, ...]:
     """The split of ``n`` into ``order`` factors ≥ 1 with the smallest maximum factor.
 
@@ -33,8 +34,11 @@ def balanced_factorization(n: int, order: int) -> tuple[int, ...]:
     most significant (first) mode is the largest. ``order`` factors of 1 are allowed only where
     ``n`` has fewer prime factors than ``order``.
     """
-    if n < 1 or order < 1:
-        raise ValueError(f"balanced_factorization needs n >= 1 and order >= 1, got n={n}, order={order}")
+    return _balanced(check_size("n", n), check_size("order", order))
+
+
+@lru_cache(maxsize=4096)
+def _balanced(n: int, order: int) -> tuple[int, ...]:
     best: tuple[int, ...] | None = None
     best_key: tuple[int, int] | None = None
 
@@ -78,11 +82,12 @@ def padded_factorization(
     ``m - n`` rows or columns are padding. Raises ValueError when no size within
     ``n * (1 + max_padding)`` qualifies.
     """
-    if max_imbalance < 1.0:
-        raise ValueError(f"max_imbalance must be >= 1.0 (1.0 = perfectly balanced), got {max_imbalance}")
+    n, order = check_size("n", n), check_size("order", order)
+    max_imbalance = check_real("max_imbalance", max_imbalance, 1.0, "a finite number >= 1.0 (1.0 = perfectly balanced)")
+    max_padding = check_real("max_padding", max_padding, 0.0, "a finite fraction >= 0 (0.25 = up to 25% padding)")
     limit = max(n, math.floor(n * (1.0 + max_padding)))
     for m in range(n, limit + 1):
-        factors = balanced_factorization(m, order)
+        factors = _balanced(m, order)
         if min(factors) >= 2 and imbalance(factors) <= max_imbalance:
             return factors
     raise ValueError(

@@ -16,8 +16,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ._backend import Array, is_torch, to_like
-from .spec import TeRASpec
+from ._backend import Array, all_finite, as_array, check_size, is_on_cpu, is_torch, to_like
+from .spec import TeRASpec, check_spec
 
 __all__ = ["TeRAFactors", "random_factors", "init_scales", "FACTOR_INITS", "SCALE_INITS"]
 
@@ -28,9 +28,16 @@ ScaleInit = Literal["zero_start", "ones", "random"]
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return check_size("seed", seed, low=0)
+
+
+def check_factors(factors: object, spec: TeRASpec) -> "TeRAFactors":
+    if not isinstance(factors, TeRAFactors):
+        raise TypeError(
+            f"factors must be a TeRAFactors (from tera_tn.random_factors(spec, seed)), got {type(factors).__name__}"
+        )
+    factors.check(spec)
+    return factors
 
 
 def _generator(seed: int, name: str, shape: tuple[int, ...]) -> np.random.Generator:
@@ -53,6 +60,8 @@ class TeRAFactors:
 
     def to(self, like: Array) -> "TeRAFactors":
         """Converted to the backend, dtype and device of ``like`` (numpy array or torch tensor)."""
+        if not (is_torch(like) or isinstance(like, np.ndarray)):
+            raise TypeError(f"like must be a numpy array or torch tensor, got {type(like).__name__}: {like!r:.80}")
         return TeRAFactors(
             to_like(self.core, like),
             tuple(None if u is None else to_like(u, like) for u in self.factors),
@@ -70,6 +79,7 @@ class TeRAFactors:
 
     def check(self, spec: TeRASpec) -> None:
         """Raise ValueError when the shapes do not match ``spec``."""
+        check_spec(spec, "TeRAFactors.check")
         if tuple(self.core.shape) != spec.ranks:
             raise ValueError(f"core has shape {tuple(self.core.shape)}, expected {spec.ranks} for {spec}")
         if len(self.factors) != spec.order:
@@ -102,6 +112,7 @@ def random_factors(spec: TeRASpec, seed: int, *, init: FactorInit = "orthogonal"
       i.i.d. Gaussian / uniform entries of variance 1/K_n (unit expected column norm).
     * ``diag="identity"``: no factor matrices (``U_n = I``).
     """
+    check_spec(spec, "random_factors")
     seed = _check_seed(seed)
     if init not in FACTOR_INITS:
         raise ValueError(f"init must be one of {FACTOR_INITS}, got {init!r}")
@@ -135,6 +146,9 @@ def init_scales(
 
     Returned as float64 numpy arrays, or converted to the backend/dtype/device of ``like``.
     """
+    check_spec(spec, "init_scales")
+    if like is not None and not (is_torch(like) or isinstance(like, np.ndarray)):
+        raise TypeError(f"like must be a numpy array, a torch tensor or None, got {type(like).__name__}: {like!r:.80}")
     if init not in SCALE_INITS:
         raise ValueError(f"init must be one of {SCALE_INITS}, got {init!r}")
     sizes = spec.scale_sizes
@@ -160,14 +174,30 @@ def init_scales(
     return out
 
 
-def check_scales(spec: TeRASpec, scales: tuple[Array, ...]) -> None:
-    """Raise ValueError when ``scales`` do not match ``spec.scale_sizes``."""
-    if isinstance(scales, (np.ndarray,)) or is_torch(scales) or len(scales) != spec.order:
-        got = "an array" if not isinstance(scales, (tuple, list)) else f"{len(scales)} vectors"
-        raise ValueError(f"scales must be a sequence of {spec.order} vectors (one per mode), got {got}")
+def check_scales(spec: TeRASpec, scales: object) -> tuple[Array, ...]:
+    """``scales`` as a tuple of arrays, after checking them against ``spec.scale_sizes``.
+
+    Lists of numbers become numpy arrays. Values on the CPU are checked to be finite (a NaN λ
+    makes every entry of ΔW NaN); device tensors are not, as reading them would synchronize.
+    """
+    expected = f"a sequence of {spec.order} vectors λ_n (one per mode) of lengths {spec.scale_sizes}"
+    if scales is None or isinstance(scales, (str, bytes, np.ndarray)) or is_torch(scales):
+        raise TypeError(f"scales must be {expected}, got {type(scales).__name__}")
+    try:
+        scales = tuple(scales)
+    except TypeError:
+        raise TypeError(f"scales must be {expected}, got {type(scales).__name__}") from None
+    if len(scales) != spec.order:
+        raise ValueError(f"scales must be {expected}, got {len(scales)} vectors")
+    out = []
     for n, (s, size) in enumerate(zip(scales, spec.scale_sizes)):
+        s = as_array(f"scales[{n}]", s, f"shape ({size},)")
         if tuple(s.shape) != (size,):
             raise ValueError(
                 f"scales[{n}] has shape {tuple(s.shape)}, expected ({size},) for diag={spec.diag!r} "
                 f"(len R_n for 'rank', K_n for 'mode'/'identity')"
             )
+        if is_on_cpu(s) and not all_finite(s):
+            raise ValueError(f"scales[{n}] holds NaN or Inf ({s!r:.120}); expected finite values")
+        out.append(s)
+    return tuple(out)

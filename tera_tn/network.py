@@ -12,21 +12,24 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, pick_like, to_like, to_numpy
-from .factors import TeRAFactors, check_scales
+from ._backend import Array, check_alpha, floating_like, pick_like, to_like, to_numpy
+from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
-from .spec import TeRASpec, prefix_rank
+from .spec import TeRASpec, check_spec, prefix_rank
 
 __all__ = ["scaled_factors", "delta_weight", "theoretical_rank", "kron_vectors"]
 
 
-def _prepare(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array]) -> tuple[TeRAFactors, tuple[Array, ...]]:
-    if not isinstance(spec, TeRASpec):
-        raise ValueError(f"expected a TeRASpec, got {type(spec).__name__}")
-    check_scales(spec, tuple(scales))
-    factors.check(spec)
-    like = pick_like(*scales, factors.core)
-    return factors.to(like), tuple(to_like(s, like) for s in scales)
+def _prepare(
+    caller: str, spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float
+) -> tuple[TeRAFactors, tuple[Array, ...], float]:
+    """Checked operands in one floating backend/dtype/device (integer λ must not round the factors)."""
+    check_spec(spec, caller)
+    scales = check_scales(spec, scales)
+    check_factors(factors, spec)
+    alpha = check_alpha(alpha)
+    like = floating_like(pick_like(*scales, factors.core), *scales, factors.core)
+    return factors.to(like), tuple(to_like(s, like) for s in scales), alpha
 
 
 def scaled_factors(
@@ -37,7 +40,10 @@ def scaled_factors(
     ``alpha`` is folded into ``A_1`` (cheaper than scaling the result). Returns ``None``
     entries for ``diag="identity"``, whose ``A_n = diag(λ_n)`` is never formed.
     """
-    factors, scales = _prepare(spec, factors, scales)
+    return _scaled_factors(spec, *_prepare("scaled_factors", spec, factors, scales, alpha))
+
+
+def _scaled_factors(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float) -> tuple[Optional[Array], ...]:
     if spec.diag == "identity":
         return (None,) * spec.order
     out = []
@@ -68,7 +74,10 @@ def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], 
     order (:func:`tera_tn.modeproduct.multi_mode_product`); ``diag="identity"`` uses
     ``ΔW = α G_mat ⊙ (u vᵀ)`` with ``u = ⊗λ_row``, ``v = ⊗λ_col``. Padding is sliced away.
     """
-    factors, scales = _prepare(spec, factors, scales)
+    return _delta_weight(spec, *_prepare("delta_weight", spec, factors, scales, alpha))
+
+
+def _delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float) -> Array:
     po, pi = spec.padded_shape
     if spec.diag == "identity":
         p = spec.n_row
@@ -76,7 +85,7 @@ def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], 
         v = kron_vectors(scales[p:])
         x = factors.core.reshape(po, pi) * u[:, None] * v[None, :]
     else:
-        mats = scaled_factors(spec, factors, scales, alpha)
+        mats = _scaled_factors(spec, factors, scales, alpha)
         x = multi_mode_product(factors.core, list(mats)).reshape(po, pi)
     if (po, pi) != spec.shape:
         x = x[: spec.d_out, : spec.d_in]
@@ -84,15 +93,17 @@ def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], 
 
 
 def theoretical_rank(spec: TeRASpec, scales: Sequence[Array]) -> int:
-    """The almost-sure rank of ΔW for generic frozen factors (tera-math §4), without materializing.
+    """The almost-sure rank of ΔW for generic frozen factors, without materializing.
 
     With every ``U_n`` of full column rank, a generic core and ``α ≠ 0``, and no padding:
     ``rank(ΔW) = min(∏_row r_n, ∏_col r_n)`` where ``r_n = nnz(λ_n)`` for ``diag="rank"`` and
     ``"identity"``, and ``r_n = min(nnz(λ_n), R_n)`` for ``diag="mode"``. With padding the kept
     rows/columns are C-order prefixes of the padded Kronecker factors and the exact prefix rank
-    is used instead. Exact zeros in λ count as zeros; any other value counts as non-zero.
+    is used instead. Exact zeros in λ count as zeros; any other finite value counts as non-zero
+    (NaN or Inf is refused: ΔW would have no rank).
     """
-    check_scales(spec, tuple(scales))
+    check_spec(spec, "theoretical_rank")
+    scales = check_scales(spec, scales)
     nonzero = [to_numpy(s) != 0 for s in scales]
     if spec.diag == "rank":
         # U_n diag(λ_n): all K_n rows are generic in the span of the nnz(λ_n) kept columns.

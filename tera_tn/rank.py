@@ -29,8 +29,8 @@ half-precision SVD), but the default threshold uses the *input* dtype's machine 
 because that is the precision the entries were stored in. Integer and bool inputs are
 decomposed in ``float64``.
 
-:func:`theoretical_rank` (the almost-sure rank of a TeRA update, tera-math §4) lives in
-:mod:`tera_tn.network` and is re-exported here.
+:func:`theoretical_rank` (the almost-sure rank of a TeRA update for generic frozen factors)
+lives in :mod:`tera_tn.network` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, is_torch, to_numpy
+from ._backend import Array, as_array, is_torch, to_numpy
 from .network import theoretical_rank
+from .spec import check_spec
 
 __all__ = [
     "singular_values",
@@ -104,10 +105,7 @@ def dtype_eps(dtype: object) -> float:
 def _as_matrix(a: Array, name: str = "a") -> tuple[Array, str]:
     """Validate a 2-D finite matrix; return it in a dtype LAPACK/torch can decompose, and the
     name of the *input* dtype (which sets the default threshold)."""
-    if not (is_torch(a) or isinstance(a, np.ndarray)):
-        a = np.asarray(a)
-        if a.dtype == object:
-            raise ValueError(f"{name} must be a numeric matrix, got an object array")
+    a = as_array(name, a, "shape (m, n)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(a.shape)}")
     dtype = _dtype_name(a)
@@ -171,7 +169,10 @@ def singular_values(a: Array) -> Array:
 # measures from singular values (the single place where each formula lives)
 # --------------------------------------------------------------------------------------------
 def _sv64(sv: Array) -> np.ndarray:
-    s = np.asarray(to_numpy(sv), dtype=np.float64).reshape(-1)
+    s = to_numpy(as_array("singular values", sv, "a 1-D array"))
+    if s.ndim != 1 or np.iscomplexobj(s):
+        raise ValueError(f"singular values must be a real 1-D array, got shape {s.shape} of dtype {s.dtype}")
+    s = s.astype(np.float64)
     if s.size and not np.isfinite(s).all():
         raise ValueError("singular values contain NaN or Inf")
     if s.size and s.min() < 0:
@@ -392,9 +393,14 @@ def summarize_singular_values(
             dense SVD would report).
         rtol, atol, energy: as in :func:`numerical_rank` and :func:`energy_rank`.
     """
+    if (
+        isinstance(shape, (str, bytes))
+        or not isinstance(shape, Sequence)
+        or len(shape) != 2
+        or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in shape)
+    ):
+        raise ValueError(f"shape must be (m, n) with integers m, n >= 0, got {shape!r}")
     shape = tuple(int(x) for x in shape)
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"shape must be (m, n) with m, n >= 0, got {shape}")
     energy = _check_fraction(energy)
     s = _sv64(sv)
     k = min(shape)
@@ -436,22 +442,27 @@ def _as_tensor(x: Array, modes: Sequence[int] | None, spec) -> tuple[np.ndarray,
     """The tensor to unfold — ``x`` itself, ``x`` reshaped to ``modes`` (C-order), or
     ``tensorize(spec, x)`` (zero-padded) — as a decomposable numpy array, and the input dtype."""
     if spec is not None and modes is not None:
-        raise ValueError("give either modes or spec, not both")
+        raise ValueError(f"give either modes or spec, not both; got modes={modes!r} and spec={spec}")
     if spec is not None:
         from .tensorize import tensorize
 
-        x = tensorize(spec, x)
+        x = tensorize(check_spec(spec, "multilinear_ranks"), x)
+    x = as_array("x", x, "at least one dimension")
     dtype = _dtype_name(x)
     if is_torch(x) and not (x.is_floating_point() and x.dtype.itemsize >= 4):
         x = x.detach().float()  # numpy has no bfloat16
     x = to_numpy(x)
     if modes is not None:
+        if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in modes
+        ):
+            raise ValueError(f"modes must be a sequence of positive integers, got {modes!r}")
         modes = tuple(int(k) for k in modes)
         if math.prod(modes) != x.size:
             raise ValueError(f"modes {modes} multiply to {math.prod(modes)}, but the input has {x.size} entries")
         x = x.reshape(modes)
     if x.ndim < 1:
-        raise ValueError("multilinear ranks need a tensor with at least one mode")
+        raise ValueError(f"multilinear ranks need a tensor with at least one mode, got a 0-d {type(x).__name__}")
     if x.dtype == np.float16:
         x = x.astype(np.float32)
     elif not np.issubdtype(x.dtype, np.inexact):

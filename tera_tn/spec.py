@@ -23,29 +23,37 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 
+from ._backend import check_real, check_size
 from .factorize import padded_factorization
 
-__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS"]
+__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "check_spec"]
 
 Diag = Literal["rank", "mode", "identity"]
 DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity")
 RanksArg = Union[None, str, int, float, Sequence[int]]
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return int(value)
+# from_shape factorizes by trial division: a dimension past this is no weight matrix that fits in
+# memory, and its search would run for hours. Explicit modes have no such limit.
+MAX_FACTORIZED_SIZE = 2**31
 
 
 def _check_modes(name: str, modes: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(modes, np.ndarray) and modes.ndim == 1:
+        modes = modes.tolist()
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
-        raise ValueError(f"{name} must be a sequence of positive integers, got {modes!r}")
+        raise ValueError(f"{name} must be a sequence of positive integers, got {modes!r} ({type(modes).__name__})")
     if len(modes) == 0:
         raise ValueError(f"{name} must hold at least one mode size, got an empty sequence")
-    return tuple(_check_size(f"{name}[{k}]", m) for k, m in enumerate(modes))
+    return tuple(check_size(f"{name}[{k}]", m) for k, m in enumerate(modes))
+
+
+def check_spec(spec: object, caller: str) -> "TeRASpec":
+    """``spec`` itself when it is a :class:`TeRASpec`; else a TypeError naming ``caller``."""
+    if not isinstance(spec, TeRASpec):
+        raise TypeError(f"{caller} expects a TeRASpec as spec, got {type(spec).__name__}: {spec!r:.80}")
+    return spec
+
+
+_DICT_KEYS = ("row_modes", "col_modes", "ranks", "diag", "d_out", "d_in")
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class TeRASpec:
         rows = _check_modes("row_modes", self.row_modes)
         cols = _check_modes("col_modes", self.col_modes)
         modes = rows + cols
-        if self.diag not in DIAG_PLACEMENTS:
+        if not isinstance(self.diag, str) or self.diag not in DIAG_PLACEMENTS:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
         if self.ranks is None:
             ranks = modes
@@ -94,8 +102,8 @@ class TeRASpec:
             raise ValueError(
                 f"diag='identity' uses U_n = I and needs full ranks {modes}, got ranks={ranks}"
             )
-        d_out = math.prod(rows) if self.d_out is None else _check_size("d_out", self.d_out)
-        d_in = math.prod(cols) if self.d_in is None else _check_size("d_in", self.d_in)
+        d_out = math.prod(rows) if self.d_out is None else check_size("d_out", self.d_out)
+        d_in = math.prod(cols) if self.d_in is None else check_size("d_in", self.d_in)
         if d_out > math.prod(rows):
             raise ValueError(
                 f"row_modes {rows} multiply to {math.prod(rows)}, less than d_out={d_out}; "
@@ -134,14 +142,24 @@ class TeRASpec:
                 the geometric mean; otherwise the size is padded to the nearest one that is.
             max_padding: largest padding accepted, as a fraction of the size.
         """
-        d_out = _check_size("d_out", d_out)
-        d_in = _check_size("d_in", d_in)
-        p, q = cls._split_order(d_out, d_in, order)
-        for side, d, k in (("row", d_out, p), ("column", d_in, q)):
-            if 2**k > d * (1.0 + max_padding):
+        d_out = check_size("d_out", d_out)
+        d_in = check_size("d_in", d_in)
+        for name, d in (("d_out", d_out), ("d_in", d_in)):
+            if d > MAX_FACTORIZED_SIZE:
                 raise ValueError(
-                    f"order {order} asks for {k} {side} modes of d={d}, but {k} modes of size >= 2 "
-                    f"need d >= {2**k}; use a lower order"
+                    f"{name}={d} is larger than {MAX_FACTORIZED_SIZE} (2**31), the largest size from_shape "
+                    f"factorizes; give the modes explicitly: TeRASpec(row_modes, col_modes, d_out=..., d_in=...)"
+                )
+        # Checked here too: the order bound below needs it before padded_factorization sees it.
+        max_padding = check_real("max_padding", max_padding, 0.0, "a finite fraction >= 0 (0.25 = up to 25% padding)")
+        p, q = cls._split_order(d_out, d_in, order)
+        for side, name, d, k in (("row", "d_out", d_out, p), ("column", "d_in", d_in, q)):
+            # Modes have size >= 2, so k of them need at least 2**k rows (padding included).
+            most = int(math.log2(d) + math.log2(1.0 + max_padding))
+            if k > most:
+                raise ValueError(
+                    f"order {order!r} asks for {k} {side} modes, but {name}={d} (with max_padding="
+                    f"{max_padding:g}) allows at most {most} modes of size >= 2; use a lower order"
                 )
         rows = padded_factorization(d_out, p, max_imbalance=max_imbalance, max_padding=max_padding)
         cols = padded_factorization(d_in, q, max_imbalance=max_imbalance, max_padding=max_padding)
@@ -150,13 +168,13 @@ class TeRASpec:
 
     @staticmethod
     def _split_order(d_out: int, d_in: int, order: int | tuple[int, int]) -> tuple[int, int]:
-        if isinstance(order, tuple):
+        if isinstance(order, (tuple, list)):
             if len(order) != 2:
-                raise ValueError(f"order as a tuple must be (row_order, col_order), got {order!r}")
-            p = _check_size("order[0] (row modes)", order[0])
-            q = _check_size("order[1] (column modes)", order[1])
+                raise ValueError(f"order as a pair must be (row_order, col_order), got {order!r}")
+            p = check_size("order[0] (row modes)", order[0])
+            q = check_size("order[1] (column modes)", order[1])
             return p, q
-        n = _check_size("order", order)
+        n = check_size("order", order)
         if n < 2:
             raise ValueError(f"order must be >= 2 (at least one row and one column mode), got {n}")
         total = math.log(d_out) + math.log(d_in)
@@ -168,18 +186,18 @@ class TeRASpec:
     def _resolve_ranks(modes: tuple[int, ...], ranks: RanksArg) -> tuple[int, ...] | None:
         if ranks is None or (isinstance(ranks, str) and ranks == "full"):
             return None
-        if isinstance(ranks, str):
-            raise ValueError(f"ranks must be 'full', a fraction, an int or a tuple, got {ranks!r}")
-        if isinstance(ranks, bool):
-            raise ValueError(f"ranks must be 'full', a fraction, an int or a tuple, got {ranks!r}")
-        if isinstance(ranks, float):
-            if not 0.0 < ranks <= 1.0:
-                raise ValueError(f"ranks as a fraction must be in (0, 1], got {ranks}")
-            return tuple(max(1, math.ceil(ranks * k - 1e-9)) for k in modes)
-        if isinstance(ranks, numbers.Integral):
-            r = _check_size("ranks", ranks)
+        if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+            r = check_size("ranks", ranks)
             return tuple(min(r, k) for k in modes)
-        return tuple(ranks)
+        if isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
+            if not 0.0 < ranks <= 1.0:
+                raise ValueError(f"ranks as a fraction must be in (0, 1], got {ranks!r}")
+            return tuple(max(1, math.ceil(float(ranks) * k - 1e-9)) for k in modes)
+        if isinstance(ranks, (list, tuple, np.ndarray)):
+            return _check_modes("ranks", ranks)
+        raise ValueError(
+            f"ranks must be 'full', a fraction in (0, 1], an int or one int per mode, got {ranks!r} ({type(ranks).__name__})"
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready form (lists of ints); :meth:`from_dict` inverts it exactly."""
@@ -197,11 +215,14 @@ class TeRASpec:
         """A spec from :meth:`to_dict` output (validated like any other construction)."""
         if not isinstance(d, dict) or "row_modes" not in d or "col_modes" not in d:
             raise ValueError(f"a spec dict needs 'row_modes' and 'col_modes', got {d!r}")
+        unknown = sorted(set(d) - set(_DICT_KEYS), key=str)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in spec dict; expected only {_DICT_KEYS}")
         ranks = d.get("ranks")
         return cls(
-            tuple(d["row_modes"]),
-            tuple(d["col_modes"]),
-            None if ranks is None else tuple(ranks),
+            _check_modes("row_modes", d["row_modes"]),
+            _check_modes("col_modes", d["col_modes"]),
+            None if ranks is None else _check_modes("ranks", ranks),
             d.get("diag", "rank"),
             d.get("d_out"),
             d.get("d_in"),

@@ -1,6 +1,6 @@
 """Exact singular values of a TeRA update ΔW from its structure, and a conditioning report.
 
-Matrix form (tera-math §3), with ``A_n`` the scaled factors (``U_n diag(λ_n)``, ``diag(λ_n) U_n``
+Matrix form, with ``A_n`` the scaled factors (``U_n diag(λ_n)``, ``diag(λ_n) U_n``
 or ``diag(λ_n)``) and C-order Kronecker products::
 
     ΔW = α · B_row · G_mat · B_colᵀ,   B_row = (A_1 ⊗ … ⊗ A_P)[:d_out],  B_col = (A_{P+1} ⊗ … ⊗ A_N)[:d_in]
@@ -43,12 +43,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, is_torch, pick_like, to_like, to_numpy
-from .factors import TeRAFactors, check_scales
+from ._backend import Array, check_alpha, is_torch, pick_like, to_like, to_numpy
+from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
-from .network import scaled_factors, theoretical_rank
+from .network import _scaled_factors, theoretical_rank
 from .rank import RankSummary, dtype_eps, summarize_singular_values
-from .spec import TeRASpec
+from .spec import TeRASpec, check_spec
 
 __all__ = [
     "tera_singular_values",
@@ -180,10 +180,10 @@ def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Arra
 
 def _scaled(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float):
     """Scaled factors ``A_n`` (α folded into ``A_1``) in a decomposable dtype, and ``like``."""
-    if not isinstance(spec, TeRASpec):
-        raise ValueError(f"expected a TeRASpec, got {type(spec).__name__}")
-    check_scales(spec, tuple(scales))
-    factors.check(spec)
+    check_spec(spec, "tera_singular_values")
+    scales = check_scales(spec, scales)
+    check_factors(factors, spec)
+    alpha = check_alpha(alpha)
     like = _compute_like(pick_like(*scales, factors.core))
     scales = [to_like(s, like) for s in scales]
     factors = factors.to(like)
@@ -196,7 +196,7 @@ def _scaled(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha
             mats = [np.diag(s) for s in scales]
         mats[0] = mats[0] * alpha
     else:
-        mats = list(scaled_factors(spec, factors, scales, alpha))
+        mats = list(_scaled_factors(spec, factors, scales, alpha))
     return mats, factors.core, like
 
 
@@ -305,7 +305,7 @@ class TeRAConditioning:
     Attributes:
         spec: ``str(spec)``.
         shape: ``(d_out, d_in)``.
-        theoretical_rank: the almost-sure rank (tera-math §4).
+        theoretical_rank: the almost-sure rank for generic factors (:func:`tera_tn.theoretical_rank`).
         factor_conditions: ``cond(A_n)`` of each scaled ``K_n × R_n`` factor (``inf`` if it
             lost column rank, e.g. a zero in λ_n).
         row_condition, col_condition: ``∏ cond(A_n)`` over row/column modes — exactly
@@ -373,8 +373,9 @@ def tera_conditioning(
     each small factor. ``include_core`` adds ``cond(G_mat)``, one more SVD of the
     ``∏R_row × ∏R_col`` core (as large as ΔW at full ranks).
     """
-    f64 = factors.as_numpy(np.float64)
-    s64 = [np.asarray(to_numpy(s), dtype=np.float64) for s in scales]
+    check_spec(spec, "tera_conditioning")
+    f64 = check_factors(factors, spec).as_numpy(np.float64)
+    s64 = [np.asarray(to_numpy(s), dtype=np.float64) for s in check_scales(spec, scales)]
     mats, core, _ = _scaled(spec, f64, s64, alpha)
     sv = np.asarray(tera_singular_values(spec, f64, s64, alpha), dtype=np.float64)
     r = theoretical_rank(spec, s64)
@@ -420,7 +421,8 @@ def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tu
     This is the tensor before padding is sliced away; for unpadded specs it equals
     ``multilinear_ranks(tensorize(spec, ΔW))``.
     """
-    check_scales(spec, tuple(scales))
+    check_spec(spec, "theoretical_multilinear_ranks")
+    scales = check_scales(spec, scales)
     nnz = [int(np.count_nonzero(to_numpy(s))) for s in scales]
     r = nnz if spec.diag != "mode" else [min(z, k) for z, k in zip(nnz, spec.ranks)]
     total = math.prod(r)

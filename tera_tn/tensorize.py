@@ -7,8 +7,8 @@ reshapes it to ``spec.modes``; ``matricize(spec, X)`` reverses it and slices the
 
 from __future__ import annotations
 
-from ._backend import Array, is_torch
-from .spec import TeRASpec
+from ._backend import Array, as_array, is_torch
+from .spec import TeRASpec, check_spec
 
 __all__ = ["tensorize", "matricize"]
 
@@ -27,6 +27,8 @@ def _pad2d(w: Array, rows: int, cols: int) -> Array:
 
 def tensorize(spec: TeRASpec, w: Array) -> Array:
     """``W`` of shape ``(d_out, d_in)`` → tensor of shape ``spec.modes`` (zero-padded, C-order)."""
+    check_spec(spec, "tensorize")
+    w = as_array("w", w, f"shape {spec.shape}")
     if tuple(w.shape) != spec.shape:
         raise ValueError(f"tensorize expects a matrix of shape {spec.shape} for {spec}, got {tuple(w.shape)}")
     pad_rows, pad_cols = spec.padding
@@ -35,6 +37,8 @@ def tensorize(spec: TeRASpec, w: Array) -> Array:
 
 def matricize(spec: TeRASpec, x: Array) -> Array:
     """Tensor of shape ``spec.modes`` → matrix of shape ``(d_out, d_in)`` (padding sliced away)."""
+    check_spec(spec, "matricize")
+    x = as_array("x", x, f"shape {spec.modes}")
     if tuple(x.shape) != spec.modes:
         raise ValueError(f"matricize expects a tensor of shape {spec.modes} for {spec}, got {tuple(x.shape)}")
     return x.reshape(spec.padded_shape)[: spec.d_out, : spec.d_in]

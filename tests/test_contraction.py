@@ -10,10 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies import alphas, reference_einsum, relerr, seeds, spec_and_scales
+import opt_einsum as oe
+
+from strategies import alphas, reference_einsum, relerr, seeds, spec_and_scales, specs
 from tera_tn import CostModel, TeRASpec, apply, calibrate, delta_weight, init_scales, plan, random_factors
 from tera_tn import costmodel
-from tera_tn.contraction import ContractionPlan, StrategyCost
+from tera_tn.contraction import ContractionPlan, StrategyCost, _factored_equation
+from tera_tn.modeproduct import chain_steps
 
 STRATS = ("factored", "materialize", "auto")
 batch_shapes = st.one_of(
@@ -26,11 +29,14 @@ batch_shapes = st.one_of(
 def restore_cost_models():
     saved = dict(costmodel._MODELS)
     yield
-    costmodel._MODELS.clear()
-    costmodel._MODELS.update(saved)
-    from tera_tn.contraction import clear_plan_cache
+    for key in set(costmodel._MODELS) | set(saved):
+        costmodel.set_cost_model(saved.get(key), *key)
 
-    clear_plan_cache()
+
+# Two cost models under which a 64×64 order-4 layer at 64 tokens (inference) prefers opposite
+# strategies: cheap bandwidth favours materialize, cheap FLOPs with slow memory favours factored.
+FLOP_BOUND = CostModel(1e9, 0.0, 1e15, 0.0, source="test: flop-bound")
+MEMORY_BOUND = CostModel(1e15, 0.0, 1e9, 0.0, source="test: memory-bound")
 
 
 # --- correctness ----------------------------------------------------------------------------------
@@ -202,19 +208,85 @@ def test_plan_is_cached(ss, n):
     assert plan(spec, n, backend="numpy", dtype="float64") is plan(spec, n, backend="numpy", dtype="float64")
 
 
-def test_set_cost_model_clears_cache(restore_cost_models):
+def test_plans_are_keyed_by_the_cost_model(restore_cost_models):
     spec = TeRASpec((4, 4), (4, 4))
     p1 = plan(spec, 8, backend="numpy", dtype="float64")
+    # the same model value, installed again: the cached plan is still right and is reused
+    costmodel.set_cost_model(costmodel.cost_model("numpy", "cpu", "float64"), "numpy", "cpu", "float64")
     assert plan(spec, 8, backend="numpy", dtype="float64") is p1
-    model = costmodel.cost_model("numpy", "cpu", "float64")
-    costmodel.set_cost_model(model, "numpy", "cpu", "float64")
-    p2 = plan(spec, 8, backend="numpy", dtype="float64")
-    assert p2 is not p1 and p2.strategy == p1.strategy
-    # a new model is used by later plans
     slow_gemm = CostModel(1e3, 9.0, 1e15, 0.0, source="test")
     costmodel.set_cost_model(slow_gemm, "numpy", "cpu", "float64")
     p3 = plan(spec, 8, backend="numpy", dtype="float64")
-    assert p3.model == slow_gemm and p3 is not p2
+    assert p3.model == slow_gemm and p3 is not p1
+    # a model passed as a value prices without touching what is installed
+    assert plan(spec, 8, backend="numpy", dtype="float64", model=p1.model).model == p1.model
+    assert costmodel.cost_model("numpy", "cpu", "float64") == slow_gemm
+    costmodel.set_cost_model(None, "numpy", "cpu", "float64")
+    assert plan(spec, 8, backend="numpy", dtype="float64") is p1
+
+
+def test_installing_a_cost_model_changes_plan_choice(restore_cost_models):
+    # ΔW x alone (no base GEMM): for diag="identity" at one token, materializing is two
+    # elementwise passes and one GEMM, the factored path four small contractions over d².
+    spec = TeRASpec.from_shape(64, 64, order=4, diag="identity")
+    costmodel.set_cost_model(FLOP_BOUND, "torch", "cpu", "float32")
+    assert plan(spec, 1).strategy == "materialize"
+    costmodel.set_cost_model(MEMORY_BOUND, "torch", "cpu", "float32")
+    assert plan(spec, 1).strategy == "factored"
+
+
+def test_installing_a_cost_model_changes_layer_choice(restore_cost_models):
+    """A TeRALinear re-chooses after calibrate()/set_cost_model: neither layer_plan's cache nor
+    the layer's own memo may keep a choice priced with the previous model."""
+    from tera_tn.torch import TeRALinear
+    from tera_tn.torch.planning import layer_plan
+
+    spec = TeRASpec.from_shape(64, 64, order=4)
+    layer = TeRALinear(torch.nn.Linear(64, 64), spec).eval()
+    x = torch.randn(64, 64)
+    costmodel.set_cost_model(FLOP_BOUND, "torch", "cpu", "float32")
+    assert layer_plan(spec, 64, training=False).strategy == "materialize"
+    with torch.no_grad():
+        y_mat = layer(x)
+    assert layer._strategy(64, x, False) == "materialize"
+    costmodel.set_cost_model(MEMORY_BOUND, "torch", "cpu", "float32")
+    assert layer_plan(spec, 64, training=False).strategy == "factored"
+    assert layer._strategy(64, x, False) == "factored"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_mat)
+
+
+# --- planner FLOPs against opt_einsum ---------------------------------------------------------------
+
+
+def _chain_path(spec: TeRASpec) -> list[tuple[int, int]]:
+    """The materialize chain (core × A_n in the planner's order) as an explicit opt_einsum path."""
+    ops = ["G"] + [f"A{n}" for n in range(spec.order)]
+    path = []
+    for mode, *_ in chain_steps(spec.ranks, spec.modes):
+        i, j = ops.index("G"), ops.index(f"A{mode}")
+        path.append((min(i, j), max(i, j)))
+        ops = [o for o in ops if o not in ("G", f"A{mode}")] + ["G"]
+    return path
+
+
+@settings(max_examples=40, deadline=None)
+@given(specs(max_side=64), st.integers(min_value=1, max_value=512))
+def test_planner_flops_match_opt_einsum(spec, n):
+    p = plan(spec, n, backend="numpy", dtype="float64")
+    # factored: the same einsum, priced by opt_einsum itself
+    eq, shapes = _factored_equation(spec)
+    _, info = oe.contract_path(eq, (n,) + spec.col_modes, *shapes, shapes=True, optimize="dp")
+    assert p.factored.flops == info.opt_cost
+    if spec.diag == "identity":
+        return
+    # materialize: the chain G ×_n A_n along the planner's own order, then one GEMM
+    sym = [oe.get_symbol(i) for i in range(2 * spec.order)]
+    k_idx, r_idx = sym[: spec.order], sym[spec.order :]
+    chain_eq = ",".join(["".join(r_idx)] + [k + r for k, r in zip(k_idx, r_idx)]) + "->" + "".join(k_idx)
+    chain_shapes = [spec.ranks] + list(zip(spec.modes, spec.ranks))
+    _, chain = oe.contract_path(chain_eq, *chain_shapes, shapes=True, optimize=_chain_path(spec))
+    assert p.materialize.flops == chain.opt_cost + 2 * n * spec.d_out * spec.d_in
 
 
 def test_calibrate_numpy(restore_cost_models):
@@ -247,7 +319,7 @@ def test_plan_bad_tokens(bad):
 
 
 def test_plan_bad_spec():
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="plan expects a TeRASpec"):
         plan((4, 4), 1)
 
 

@@ -101,7 +101,7 @@ def test_mode_side_form(ss, seed, alpha):
 
 @given(spec_and_scales(zeros=True, diags=("rank",)), seeds)
 def test_rank_side_hadamard_form(ss, seed):
-    """ΔW = P (G_mat ⊙ u vᵀ) Qᵀ with P = ⊗U_row, Q = ⊗U_col (tera-math §3)."""
+    """ΔW = P (G_mat ⊙ u vᵀ) Qᵀ with P = ⊗U_row, Q = ⊗U_col (the Kronecker form of the network)."""
     spec, scales = ss
     f = random_factors(spec, seed)
     p = spec.n_row
@@ -515,7 +515,7 @@ def test_mismatched_factors_raise():
     ident = TeRASpec((2, 3), (4,), diag="identity")
     with pytest.raises(ValueError, match="identity"):
         delta_weight(ident, random_factors(other, 0), init_scales(ident, "ones"))
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="TeRASpec"):
         delta_weight("not a spec", f, scales)
 
 

@@ -44,7 +44,10 @@ def test_derived_quantities(spec):
     assert spec.num_trainable == sum(expected_sizes)
     frozen = math.prod(ranks) + (0 if spec.diag == "identity" else sum(k * r for k, r in zip(spec.modes, ranks)))
     assert spec.num_frozen == frozen
-    assert spec.max_rank == min(math.prod(ranks[:p]), math.prod(ranks[p:]), spec.d_out, spec.d_in)
+    bound = min(math.prod(ranks[:p]), math.prod(ranks[p:]), spec.d_out, spec.d_in)
+    # Padding keeps a C-order prefix of the Kronecker rows, which can span less than the bound
+    # (rows (2, 2) at ranks (2, 1) keep two rows A_1[0] ⊗ A_2: rank 1).
+    assert spec.max_rank == bound if spec.padding == (0, 0) else 1 <= spec.max_rank <= bound
     assert spec.padded_shape == (math.prod(rows), math.prod(cols))
     assert spec.shape == (spec.d_out, spec.d_in)
     assert spec.padding == (math.prod(rows) - spec.d_out, math.prod(cols) - spec.d_in)

@@ -5,6 +5,9 @@ materialize strategy folds the base into its single GEMM (``x (W0 + ΔW)ᵀ``), 
 totals differ from the ``ΔW x`` ones by the base GEMM. With the calibrated cost model of
 :mod:`tera_tn.costmodel` (same constants as :func:`tera_tn.plan`):
 
+Layer plans are cached per (spec, token count, training, device, dtype, cost model): installing a
+new model (:func:`tera_tn.calibrate`) makes layers re-choose on their next call.
+
 inference (no grad)
     materialize = chain + W0 add + GEMM;  factored = base GEMM + factored ΔW x.
 training (λ and x need gradients; the memory-lean backward of :mod:`.autograd`)
@@ -19,9 +22,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..contraction import _ITEMSIZE, plan
-from ..costmodel import cost_model
-from ..spec import TeRASpec
+from ..contraction import check_tokens, plan
+from ..costmodel import DTYPES, CostModel, cost_model, normalize_key
+from ..spec import TeRASpec, check_spec
 
 __all__ = ["LayerPlan", "layer_plan"]
 
@@ -65,14 +68,35 @@ def _projection_seconds(model, n: int, modes, ranks, itemsize: int) -> float:
     return total
 
 
+def layer_plan(
+    spec: TeRASpec,
+    n_tokens: int,
+    *,
+    training: bool,
+    device: str = "cpu",
+    dtype: str = "float32",
+    model: CostModel | None = None,
+) -> LayerPlan:
+    """Price both strategies for a layer call on ``n_tokens`` tokens (see the module docstring).
+
+    ``model`` defaults to the cost model installed for (torch, device, dtype).
+    """
+    check_spec(spec, "layer_plan")
+    n_tokens = check_tokens(n_tokens)
+    if not isinstance(training, bool):
+        raise ValueError(f"training must be True or False, got {training!r}")
+    _, device, dtype = normalize_key("torch", device, dtype)
+    if model is None:
+        model = cost_model("torch", device, dtype)
+    elif not isinstance(model, CostModel):
+        raise ValueError(f"model must be a CostModel or None, got {type(model).__name__}: {model!r}")
+    return _layer_plan(spec, n_tokens, training, device, dtype, model)
+
+
 @lru_cache(maxsize=4096)
-def layer_plan(spec: TeRASpec, n_tokens: int, *, training: bool, device: str = "cpu", dtype: str = "float32") -> LayerPlan:
-    """Price both strategies for a layer call on ``n_tokens`` tokens (see the module docstring)."""
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    core = plan(spec, n_tokens, backend="torch", device=device, dtype=dtype)
-    model = cost_model("torch", device, dtype)
-    itemsize = _ITEMSIZE.get(dtype, 4)
+def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtype: str, model: CostModel) -> LayerPlan:
+    core = plan(spec, n_tokens, backend="torch", device=device, dtype=dtype, model=model)
+    itemsize = DTYPES[dtype]
     d_out, d_in = spec.shape
     base = model.gemm_seconds(n_tokens, d_out, d_in, itemsize)
     w0_add = model.stream_seconds(3 * d_out * d_in * itemsize)
