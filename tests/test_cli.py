@@ -116,3 +116,68 @@ def test_plan_explains_and_plots(tmp_path, capsys):
 def test_finetune_subcommand_help(capsys):
     assert main(["finetune", "--help"]) == 0
     assert "usage: tera-tn finetune" in capsys.readouterr().out
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("heavy work started before the arguments were checked")
+
+
+def test_report_checks_out_before_computing(tmp_path, monkeypatch, capsys):
+    from tera_tn import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "model_report", _must_not_run)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for out in ("/proc/x", "notes"):
+        assert main(["report", "--no-progress", "--models", "minilm", "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and out in err and "Traceback" not in err
+    assert main(["report", "--no-progress", "--models", "minilm", "--out", "notes", "--force"]) == 2
+    assert "refusing to delete" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_failed_report_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    from tera_tn import plot
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plot, "save_figure", disk_full)
+    assert main(["report", "--no-progress", "-q", "--models", "minilm", "--formats", "png"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "tera-tn report: error: [Errno 28] No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_checks_plot_before_planning(tmp_path, monkeypatch, capsys):
+    from tera_tn import contraction
+
+    monkeypatch.setattr(contraction, "plan", _must_not_run)
+    assert main(["plan", "64x64", "-n", "8", "--plot", "/proc/x/p.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'/proc/x/p.png' cannot be written" in err
+
+
+def test_plan_never_overwrites_a_plot_that_appears_meanwhile(tmp_path, monkeypatch, capsys):
+    from tera_tn import plot
+
+    target = tmp_path / "p.png"
+    real = plot.planner_figure
+
+    def figure_while_someone_writes_the_target(*args, **kwargs):
+        target.write_bytes(b"theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plot, "planner_figure", figure_while_someone_writes_the_target)
+    assert main(["plan", "64x64", "-n", "8", "--plot", str(target)]) == 2
+    assert "appeared while planning" in capsys.readouterr().err
+    assert target.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+
+def test_rank_output_cites_no_private_notes(capsys):
+    assert main(["rank", "64x64", "--order", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "rank theorem" in out and "tera-math" not in out and "§" not in out

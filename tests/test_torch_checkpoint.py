@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,64 @@ def test_foreign_file_rejected(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="format 99"):
         load_tera(_model(), tmp_path / "y.safetensors")
+
+
+def test_save_and_load_sweep_temporaries_of_a_killed_save(tmp_path):
+    import subprocess
+    import sys
+
+    from tera_tn import _files
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / f".adapter.safetensors.tera-tmp-{_files._host_id()}-{proc.pid}-abcdef.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live = _files.temp_path_in(tmp_path, "other.safetensors")  # a save still running (this process)
+    path = save_tera(_model(), tmp_path / "adapter.safetensors")
+    assert not stale.exists() and (tmp_path / Path(live).name).exists()
+    stale.write_bytes(b"again")
+    load_tera(_model(), path)
+    assert not stale.exists()
+
+
+def test_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = save_tera(_model(), tmp_path / "adapter.safetensors")
+    before = path.read_bytes()
+    from tera_tn import _files
+
+    def disk_error(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_files.os, "fsync", disk_error)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_tera(_model(1), path, overwrite=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+
+
+def test_load_refuses_non_finite_lambda_and_loads_nothing(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_tera(_model(), tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors["2.lambda.0"][1] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    dst = _model(3)
+    before = [lam.detach().clone() for _, layer in tera_layers(dst) for lam in layer.tera_lambda]
+    with pytest.raises(ValueError, match=r"(?s)nan.safetensors holds non-finite λ.*2.lambda.0 has 1 of"):
+        load_tera(dst, tmp_path / "nan.safetensors")
+    after = [lam for _, layer in tera_layers(dst) for lam in layer.tera_lambda]
+    assert all(a.equal(b) for a, b in zip(before, after))
+
+
+def test_load_refuses_another_factor_dtype(tmp_path):
+    path = save_tera(_model(cfg=TeRAConfig(order=4, seed=7, factor_dtype="float64")), tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointMismatch, match="factor_dtype: checkpoint 'float64', model 'float32'"):
+        load_tera(_model(), path)
+
+
+def test_load_of_a_folder_names_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path.name} is a folder; expected a checkpoint"):
+        load_tera(_model(), tmp_path)

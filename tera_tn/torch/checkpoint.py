@@ -107,8 +107,8 @@ def _open(path: Path):
     try:
         f = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); expected {_EXPECTED}; "
-                         "a truncated file usually means an interrupted copy") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): damaged, cut short by an "
+                         f"interrupted copy, or of another format; expected {_EXPECTED}") from None
     with f:
         yield f
 
