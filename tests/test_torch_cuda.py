@@ -55,3 +55,45 @@ def test_training_step_and_merge_on_cuda(dtype):
         plain = merge_and_unload(nn.Sequential(layer))
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         torch.testing.assert_close(plain(x), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("strategy", ["materialize", "factored", "auto"])
+@pytest.mark.parametrize("diag", ["rank", "mode", "identity"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gradients_match_fp32_on_cuda(strategy, diag, dtype):
+    spec = TeRASpec((4, 4), (4, 2), d_out=14, d_in=8, diag=diag)
+    torch.manual_seed(0)
+    layer = TeRALinear(nn.Linear(8, 14), spec, scale_init="random", strategy=strategy).cuda()
+    layer.base_layer.requires_grad_(False)
+    x0 = torch.randn(5, 8, device="cuda")
+    grads = {}
+    for autocast in (False, True):
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            y = layer(x)
+            # backward inside the autocast region too: the Function must not mix dtypes there
+            y.float().pow(2).sum().backward()
+        assert y.dtype == (dtype if autocast else torch.float32)
+        grads[autocast] = [x.grad] + [lam.grad.clone() for lam in layer.tera_lambda]
+        layer.zero_grad()
+    for got, want in zip(grads[True], grads[False]):
+        assert got.dtype == torch.float32
+        err = (got - want).norm() / want.norm().clamp_min(1e-12)
+        assert err < 3e-2, f"relative error {err:.3g}"
+
+
+def test_split_model_across_cpu_and_cuda_uses_factors_on_each_device():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    ref = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    ref.load_state_dict(model.state_dict())
+    cfg = TeRAConfig(order=4, scale_init="random")
+    add_tera(ref, cfg)
+    model[1].cuda()
+    add_tera(model, cfg)
+    for layer, lam in zip(model, ref):
+        layer.load_state_dict(lam.state_dict())
+    x = torch.randn(3, 32)
+    h = model[0](x)
+    torch.testing.assert_close(h, ref[0](x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1](h.cuda()).cpu(), ref[1](h), rtol=1e-4, atol=1e-4)
