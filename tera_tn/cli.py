@@ -7,9 +7,7 @@
 * ``tera-tn plan`` — how the contraction planner computes ``ΔW x`` for a token count, and why.
 * ``tera-tn finetune`` — the MiniLM fine-tuning benchmark (:mod:`tera_tn.finetune`).
 
-Bad arguments print one ``error:`` line on stderr and exit with status 2, before any heavy work
-(output paths are checked and claimed first); a failure of the machine during the work (a full
-disk) prints one ``error:`` line and exits with status 1.
+Bad arguments print one ``error:`` line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -213,27 +210,24 @@ def _sanitize(data):
 # --------------------------------------------------------------------------------------------
 # tera-tn report
 # --------------------------------------------------------------------------------------------
-def _claim_report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> tuple[Path, bool]:
-    """Claim the report's output folder atomically, before any computation; return it and whether
-    this run created it (a failed run then removes it). Two runs never share a folder."""
-    from ._files import OutputFolderError, claim_dir, unique_sibling
-
+def _report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> Path:
     if out is None:
-        try:
-            return unique_sibling(DEFAULT_REPORT_DIR, now.strftime("%Y%m%d-%H%M%S"), kind="report"), True
-        except OSError as err:
-            raise UsageError(f"cannot create a report folder in {os.getcwd()!r}: {err.strerror or err}") from None
-    if not out.strip():
-        raise UsageError("--out expects a folder path, got ''")
-    fresh = not os.path.lexists(out)
-    try:
-        return claim_dir(out, kind="report", overwrite=force), fresh
-    except (OutputFolderError, NotADirectoryError) as err:
-        raise UsageError(f"--out: {err}") from None
-    except OSError as err:  # not a folder, no permission, read-only or special file system
-        reason = err.strerror or str(err)
-        raise UsageError(f"--out {out!r} cannot be used as the report folder ({reason}); "
-                         "expected a writable folder path") from None
+        base = Path(DEFAULT_REPORT_DIR)
+        if not base.exists():
+            return base
+        stamp = now.strftime("%Y%m%d-%H%M%S")
+        cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}")
+        k = 2
+        while cand.exists():
+            cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}-{k}")
+            k += 1
+        return cand
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise UsageError(f"--out {out} already exists; pass --force to overwrite its report files")
+    return path
 
 
 _README = """# tera-tn report
@@ -254,13 +248,12 @@ Columns: *trainable* numbers over all adapted layers; *% dense* of the layers' d
 
 
 def _cmd_report(args) -> int:
+    from . import __version__
     from . import report as report_mod
-    from .shapes import available_models, model_config, model_shapes
+    from .shapes import available_models, model_config
 
     try:
         models = [model_config(m).name for m in (args.models or available_models())]
-        for name in models:  # cheap; an unmatched --targets must fail before the folder is claimed
-            model_shapes(name, args.targets)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
@@ -272,19 +265,7 @@ def _cmd_report(args) -> int:
     if bad or (not formats and not args.no_plots):
         raise UsageError(f"--formats takes png, svg and/or pdf, got {args.formats!r}")
     now = _dt.datetime.now().replace(microsecond=0)
-    folder, fresh = _claim_report_folder(args.out, args.force, now)
-    try:
-        return _write_report(args, folder, now, models, methods, formats)
-    except BaseException:
-        if fresh:  # a failed or interrupted run leaves no half-written folder behind
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: list, formats: list) -> int:
-    from . import __version__
-    from . import report as report_mod
-
+    folder = _report_folder(args.out, args.force, now)
     console = _console(args.quiet)
     show_progress = not args.quiet and not args.no_progress
 
@@ -305,6 +286,7 @@ def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: 
                     raise UsageError(f"{name}: {err}") from None
                 reports.append(rep)
                 bar.update(1)
+            folder.mkdir(parents=True, exist_ok=True)
             extra: dict[str, Any] = {}
             if not args.no_plots:
                 from . import plot
@@ -452,7 +434,7 @@ def _cmd_rank(args) -> int:
         t.add_row(label, f"{c['trainable']:,}", str(c["max_rank"]))
     console.print(t)
     console.print(f"frozen shared per shape group: {spec.num_frozen:,}; padding overhead {spec.padding_overhead:.2%}")
-    console.print(f"theoretical rank at λ = {args.scales}: {result['theoretical_rank']} (rank theorem)")
+    console.print(f"theoretical rank at λ = {args.scales}: {result['theoretical_rank']} (rank theorem, tera-math §4)")
     rows = []
     if "structured" in result:
         rows.append(("structured, float64 threshold", result["structured"]["float64"]))
@@ -477,45 +459,13 @@ def _cmd_rank(args) -> int:
 # --------------------------------------------------------------------------------------------
 # tera-tn plan
 # --------------------------------------------------------------------------------------------
-def _plot_target(text: str, force: bool) -> tuple[Path, str]:
-    """Check ``--plot FILE`` before any work: a known format, a folder that exists (or can be
-    created) and is writable, and no existing file unless ``--force``."""
-    target = Path(text)
-    fmt = target.suffix.lstrip(".").lower()
-    if fmt not in ("png", "svg", "pdf") or not target.name:
-        raise UsageError(f"--plot must end in .png, .svg or .pdf, got {text!r}")
-    if target.is_dir():
-        raise UsageError(f"--plot {text!r} is a folder; expected a file path such as {str(target / 'planner.png')!r}")
-    if os.path.lexists(target) and not force:
-        raise UsageError(f"--plot {text!r} exists; pass --force to overwrite it")
-    return target, fmt
-
-
 def _cmd_plan(args) -> int:
+    from .contraction import plan
+
     try:
         spec = _spec_from_args(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    with contextlib.ExitStack() as stack:
-        staged = None
-        if args.plot:
-            from ._files import staging_dir
-
-            target, fmt = _plot_target(args.plot, args.force)
-            try:  # creating the staging folder proves the plot's folder is writable, before any work
-                target.parent.mkdir(parents=True, exist_ok=True)
-                staged = stack.enter_context(staging_dir(target.parent, target.name)) / f"plot.{fmt}"
-            except OSError as err:
-                raise UsageError(f"--plot {args.plot!r} cannot be written ({err.strerror or err}); "
-                                 "expected a file path in a writable folder") from None
-        return _run_plan(args, spec, staged)
-
-
-def _run_plan(args, spec, staged: Optional[Path]) -> int:
-    """The plan command once its arguments are checked; ``staged`` is where ``--plot`` is drawn
-    before it is moved onto its target."""
-    from .contraction import plan
-
     if args.calibrate:
         from .costmodel import calibrate
 
@@ -531,17 +481,18 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
         from .plot import planner_data
 
         sweep = planner_data(spec, [2**k for k in range(0, 17)], backend=args.backend, device=args.device, dtype=args.dtype)
-    if staged is not None:
-        from ._files import publish
+    if args.plot:
         from .plot import planner_data, planner_figure, save_figure
 
         data = sweep or planner_data(spec, sorted({*(2**k for k in range(17)), args.tokens}),
                                      backend=args.backend, device=args.device, dtype=args.dtype)
-        save_figure(planner_figure(data=data), staged, (staged.suffix.lstrip("."),))
-        try:
-            publish(staged, args.plot, overwrite=args.force)
-        except FileExistsError:
-            raise UsageError(f"--plot {args.plot!r} appeared while planning; pass --force to overwrite it") from None
+        target = Path(args.plot)
+        fmt = target.suffix.lstrip(".").lower() or "png"
+        if fmt not in ("png", "svg", "pdf"):
+            raise UsageError(f"--plot must end in .png, .svg or .pdf, got {args.plot!r}")
+        if target.exists() and not args.force:
+            raise UsageError(f"{args.plot} exists; pass --force to overwrite it")
+        save_figure(planner_figure(data=data), target, (fmt,))
     if args.json:
         out = {
             "spec": str(spec), "n_tokens": p.n_tokens, "backend": list(p.backend), "strategy": p.strategy,
@@ -577,30 +528,157 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
 # tera-tn finetune
 # --------------------------------------------------------------------------------------------
 def _add_finetune(sub) -> None:
-    try:
-        from . import finetune
-    except ImportError:  # pragma: no cover - finetune's imports are lazy; keep the CLI usable
-        return
-    p = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with TeRA, LoRA, VeRA and full fine-tuning",
-                       description=(finetune.__doc__ or "").split("\n\n")[0])
-    finetune.add_finetune_arguments(p)
-    p.add_argument("--force", dest="overwrite", action="store_true", help="same as --overwrite")
+    from .finetune import DEFAULT_LR
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a local model on your labelled text with TeRA, LoRA or VeRA",
+        description="Fine-tune a local Hugging Face encoder (default: the bundled all-MiniLM-L6-v2) as a text "
+        "classifier on your own labelled data (CSV or JSON lines) with TeRA, LoRA or VeRA, one run per seed; "
+        "writes the adapters, heads and a results table into a new folder.")
+    p.add_argument("--data-path", required=True, metavar="FILE",
+                   help="training data: .csv (with a header) or .jsonl (one JSON object per line)")
+    p.add_argument("--validation-path", metavar="FILE",
+                   help="validation data (default: --val-fraction of --data-path, split by seed)")
+    p.add_argument("--test-path", metavar="FILE", help="test data, evaluated once per seed (optional)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default text)")
+    p.add_argument("--label-column", default="label", help="column holding the label (default label)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
+                   help="share of --data-path held out for validation when no --validation-path (default 0.1)")
+    p.add_argument("--method", choices=("tera", "lora", "vera"), default="tera", help="adapter (default tera)")
+    p.add_argument("--adapter", type=_adapter_options, default={}, metavar="K=V,...",
+                   help="options of the method's PEFT config, e.g. order=4,ranks=0.5 (TeRA) or r=16 (LoRA)")
+    p.add_argument("--model", metavar="DIR", help="local model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--lr", type=_positive_float, metavar="LR",
+                   help="learning rate of the adapter (default: " +
+                   ", ".join(f"{m} {DEFAULT_LR[m]:g}" for m in ("tera", "lora", "vera")) + ")")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training data (default 3)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--seeds", type=_seed_list, default=(0,), metavar="S,...", help="seeds, one run each (default 0)")
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--out", "-o", default="tera-tn-finetune", metavar="DIR",
+                   help="new output folder (default ./tera-tn-finetune)")
+    p.add_argument("--overwrite", "--force", action="store_true",
+                   help="replace an earlier 'tera-tn finetune' output folder (never any other folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
 
 
-def _cmd_finetune(args) -> int:
-    from . import finetune
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    seeds = tuple(_nonneg_int(s.strip()) for s in text.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def _adapter_options(text: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_finetune(args) -> int:
+    from . import finetune as ft
+    from ._files import claim_dir
+
+    # every argument is checked here, before the model (seconds) or any training (minutes)
+    for flag in ("data_path", "validation_path", "test_path"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{flag.replace('_', '-')} {path!r} is not a file; expected a CSV or JSON-lines file")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model {args.model!r} is not a model folder (no config.json); expected a local "
+                         "Hugging Face model folder")
     try:
-        config = finetune.config_from_args(args)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+        configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, epochs=args.epochs,
+                                     steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                                     seed=s) for s in args.seeds]
+        examples, names = ft.read_examples(args.data_path, args.text_column, args.label_column)
+        parts = {"validation": args.validation_path, "test": args.test_path}
+        extra = {k: _examples_as(ft.read_examples(p, args.text_column, args.label_column), names, p)
+                 for k, p in parts.items() if p is not None}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read the data: {err}") from None
     try:
-        results = finetune.run_finetune(config, progress=not args.no_progress)
+        out = claim_dir(args.out, kind="finetune", overwrite=args.overwrite)
     except FileExistsError as err:
-        raise UsageError(f"{err} (pass --overwrite)") from None
-    print(f"results written to {Path(results.output_dir).resolve()}/", flush=True)
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot create output folder {args.out!r}: {err.strerror or err}; expected a writable "
+                         "folder path") from None
+
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ft.load_model(args.model)
+    rows = []
+    for config in configs:
+        train, validation = examples, extra.get("validation")
+        if validation is None:
+            shuffled = list(examples)
+            random.Random(config.seed).shuffle(shuffled)
+            n_val = max(1, round(args.val_fraction * len(shuffled)))
+            validation, train = shuffled[:n_val], shuffled[n_val:]
+        bar = tqdm(desc=f"{args.method} seed {config.seed}", unit="step", disable=args.no_progress, leave=False)
+
+        def step(i: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        result = ft.finetune(config, train, validation, extra.get("test"), model=model, num_labels=len(names),
+                             on_step=step)
+        bar.close()
+        ft.save_adapter(result, out / f"seed{config.seed}")
+        rows.append({"seed": config.seed, **result.metrics})
+    (out / "results.json").write_text(json.dumps({"labels": list(names), "method": args.method,
+                                                  "adapter": args.adapter, "runs": rows}, indent=2) + "\n")
+    print(f"{'seed':>4}  {'val acc':>7}  {'test acc':>8}  {'trainable':>10}  {'lr':>7}  {'train s':>7}")
+    for r in rows:
+        test = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "-"
+        print(f"{r['seed']:>4}  {r['val_accuracy']:>7.4f}  {test:>8}  {r['trainable_params']:>10,}  {r['lr']:>7g}  "
+              f"{r['train_time_s']:>7.1f}{'  (diverged)' if r['diverged'] else ''}")
+    print(f"results written to {out.resolve()}/", flush=True)
     return 0
+
+
+def _examples_as(read: tuple, names: tuple, path: str) -> list:
+    """Re-index a second file's labels onto the training file's label names."""
+    examples, their = read
+    unknown = sorted(set(their) - set(names))
+    if unknown:
+        raise UsageError(f"{path!r} has labels {unknown[:5]} that the training data lacks; expected labels "
+                         f"among {list(names)[:20]}")
+    return [(t, names.index(their[y])) for t, y in examples]
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,7 +796,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -727,15 +805,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return 0
-    except OSError as err:  # the machine, not the arguments: a full disk, a vanished folder
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-
-
-def _one_line(err: BaseException) -> str:
-    """Multi-line messages (lists of problems) joined so that an error stays one line."""
-    lines = (line.strip() for line in str(err).splitlines())
-    return "; ".join(line[2:] if line.startswith("- ") else line for line in lines if line)
 
 
 if __name__ == "__main__":  # pragma: no cover

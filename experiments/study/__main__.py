@@ -1,0 +1,65 @@
+"""``python -m experiments.study run|status --plan NAME [--results FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "results" / "study.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.study.plans import PLANS
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__)
+    parser.add_argument("action", choices=("run", "status"))
+    parser.add_argument("--plan", required=True, choices=sorted(PLANS))
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=f"JSON-lines file (default {DEFAULT_RESULTS})")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N new runs")
+    parser.add_argument("--model", default=None, metavar="DIR", help="local model folder (default: bundled MiniLM)")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive integer, got {args.limit}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    from experiments.study.results import ResultsFile
+
+    results = ResultsFile(args.results)
+    if args.action == "status":
+        best: dict[tuple, dict] = {}
+        counts: dict[tuple, int] = defaultdict(int)
+        for r in results.records():
+            if r["plan"] != args.plan:
+                continue
+            k = (r["dataset"], r["contender"])
+            counts[k] += 1
+            if not r["metrics"]["diverged"] and (k not in best or r["metrics"]["val_accuracy"] > best[k]["metrics"]["val_accuracy"]):
+                best[k] = r
+        for k in sorted(counts):
+            b = best.get(k)
+            line = f"{k[0]:<16} {k[1]:<22} runs {counts[k]:>3}"
+            if b:
+                line += (f"  best lr {b['lr']:<8g} val {b['metrics']['val_accuracy']:.4f} test "
+                         f"{b['metrics']['test_accuracy']:.4f} params {b['trainable_params']:,}")
+            print(line)
+        return 0
+
+    import tera_tn
+    from experiments.study.runner import code_version, run_plan
+
+    version = code_version()
+    print(f"tera_tn from {tera_tn.__file__}; commit {version['commit']}{' (dirty)' if version['dirty'] else ''}; "
+          f"results -> {args.results}", flush=True)
+    ran = run_plan(args.plan, PLANS[args.plan], results, limit=args.limit, model_dir=args.model,
+                   log=lambda s: print(s, flush=True))
+    print(f"{ran} new runs; plan {args.plan!r} {'complete' if args.limit is None or ran < args.limit else 'not finished'}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Run a plan: every (dataset, contender, seed, learning rate) once, resumably.
+
+A run is identified by a key hashed from everything that determines its outcome (dataset, split
+seed, budget, method, adapter arguments, seed, learning rate). Keys already in the results file
+are skipped, so a study can be stopped at any time and continued in a later sitting. After a
+contender's grid has run, the grid is extended past its edge while the best learning rate (by
+mean validation accuracy over the stage's seeds) sits on it; a diverged point is a valid edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tera_tn
+from experiments.datasets import DATASETS, HELD_OUT, TextSplits, load, split_examples
+from experiments.study.plans import Budget, Contender, Stage
+from experiments.study.results import ResultsFile
+from tera_tn.finetune import FinetuneConfig, finetune, load_model
+
+__all__ = ["MAX_EXTENSIONS", "code_version", "extend_grid", "run_key", "run_plan"]
+
+#: how far a grid may grow past its starting points (each step is a factor of about 3)
+MAX_EXTENSIONS = 4
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _half_decade(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 ladder (1e-2 -> 3e-2 -> 1e-1 ...)."""
+    one_rung = lr / 10 ** math.floor(math.log10(lr)) < 2
+    if up:
+        factor = 3.0 if one_rung else 10 / 3
+    else:
+        factor = 0.3 if one_rung else 1 / 3
+    return float(f"{lr * factor:.3g}")
+
+
+def extend_grid(scores: Mapping[float, tuple[float, bool]]) -> float | None:
+    """The learning rate to add, or None when the grid is done.
+
+    ``scores`` maps each tried rate to ``(validation accuracy, diverged)``. The best non-diverged
+    rate must have a tried neighbour on both sides (a diverged rate above it counts as one).
+    """
+    if not scores:
+        raise ValueError("extend_grid needs at least one tried learning rate")
+    grid = sorted(scores)
+    ok = [lr for lr in grid if not scores[lr][1]]
+    if not ok:  # everything diverged: go lower
+        return _half_decade(grid[0], up=False)
+    best = max(ok, key=lambda lr: (scores[lr][0], -lr))
+    if best == grid[-1]:
+        return _half_decade(best, up=True)
+    if best == grid[0]:
+        return _half_decade(best, up=False)
+    return None
+
+
+def run_key(dataset: str, split_seed: int, budget: Budget, contender: Contender, seed: int, lr: float) -> str:
+    what = {"dataset": dataset, "split_seed": split_seed, "budget": budget.to_dict(), "method": contender.method,
+            "adapter": dict(contender.adapter), "seed": seed, "lr": lr}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def code_version() -> dict[str, Any]:
+    """Commit of the code that runs, and whether the library or study files differ from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "tera_tn", "experiments"))}
+
+
+def _versions() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "tera_tn": tera_tn.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+
+
+def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log: Callable[[str], None] = print,
+             limit: int | None = None, model_dir: str | None = None) -> int:
+    """Run every missing run of ``stages``; returns how many ran. ``limit`` stops after that many."""
+    import torch
+
+    done = {r["key"]: r for r in results.records()}
+    context = {**code_version(), "versions": _versions()}
+    model = None
+    splits: dict[tuple, tuple[TextSplits, int]] = {}
+    ran = 0
+    for stage in stages:
+        torch.set_num_threads(stage.budget.threads)
+        context["versions"]["threads"] = stage.budget.threads
+        for dataset in stage.datasets:
+            for c in stage.contenders:
+                lrs = list(c.lrs)
+                for _ in range(MAX_EXTENSIONS + 1):
+                    for lr in lrs:
+                        for seed in stage.seeds:
+                            key = run_key(dataset, stage.split_seed, stage.budget, c, seed, lr)
+                            if key in done:
+                                continue
+                            if limit is not None and ran >= limit:
+                                return ran
+                            if model is None:
+                                model = load_model(model_dir)
+                            sk = (dataset, stage.split_seed, stage.budget.train_size, stage.budget.val_size,
+                                  stage.budget.test_size)
+                            if sk not in splits:
+                                examples, names = load(dataset)
+                                splits[sk] = (split_examples(examples, train_size=stage.budget.train_size,
+                                                             val_size=stage.budget.val_size,
+                                                             test_size=stage.budget.test_size,
+                                                             seed=stage.split_seed), len(names))
+                            rec = _run_one(plan, key, dataset, stage, c, seed, lr, splits[sk], model, context)
+                            results.append(rec)
+                            done[key] = rec
+                            ran += 1
+                            m = rec["metrics"]
+                            log(f"[{ran}] {dataset} {c.name} seed={seed} lr={lr:g}: val {m['val_accuracy']:.4f} "
+                                f"test {m['test_accuracy']:.4f} params {m['trainable_params']:,} "
+                                f"{'DIVERGED ' if m['diverged'] else ''}({rec['wall_s']:.0f} s)")
+                    scores = {}
+                    for lr in lrs:
+                        recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in stage.seeds]
+                        scores[lr] = (sum(r["metrics"]["val_accuracy"] for r in recs) / len(recs),
+                                      any(r["metrics"]["diverged"] for r in recs))
+                    nxt = extend_grid(scores)
+                    if nxt is None:
+                        break
+                    log(f"    {c.name}: best learning rate at the grid's edge; extending to {nxt:g}")
+                    lrs.append(nxt)
+    return ran
+
+
+def _run_one(plan: str, key: str, dataset: str, stage: Stage, c: Contender, seed: int, lr: float,
+             split: tuple[TextSplits, int], model, context: dict[str, Any]) -> dict[str, Any]:
+    data, num_labels = split
+    b = stage.budget
+    config = FinetuneConfig(method=c.method, adapter=dict(c.adapter), lr=lr, head_lr=b.head_lr, steps=b.steps,
+                            batch_size=b.batch_size, eval_batch_size=b.eval_batch_size, max_length=b.max_length,
+                            warmup_ratio=b.warmup_ratio, seed=seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = finetune(config, data.train, data.validation, data.test, model=model, num_labels=num_labels)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    m = result.metrics
+    return {
+        "key": key, "plan": plan, "contender": c.name, "method": c.method, "adapter": dict(c.adapter),
+        "dataset": dataset, "held_out": dataset == HELD_OUT, "dataset_source": DATASETS[dataset].source,
+        "split_seed": stage.split_seed, "split_sizes": data.sizes(), "seed": seed, "lr": lr, "steps": m["steps"],
+        "budget": b.to_dict(), "config": {**asdict(config), "adapter": dict(config.adapter)},
+        "metrics": m, "trainable_params": m["trainable_params"], "wall_s": wall, "cpu_s": cpu,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **context,
+    }
