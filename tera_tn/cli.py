@@ -708,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapt only these modules (suffixes or kinds: q k v o up down ...); default all block linears")
     p.add_argument("--out", "-o", metavar="DIR",
                    help=f"output folder (default ./{DEFAULT_REPORT_DIR}, or a timestamped one when that exists)")
-    p.add_argument("--force", action="store_true", help="write into an existing --out folder, replacing its report files")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier report in the --out folder (only a folder 'tera-tn report' wrote)")
     p.add_argument("--formats", default="png,svg", help="plot formats, comma separated (default png,svg)")
     p.add_argument("--no-plots", action="store_true", help="tables and JSON only")
     p.add_argument("--achieved", choices=ACHIEVED_MODES, default="auto",

@@ -86,7 +86,10 @@ def _temps(folder: Path) -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The finished files under ``folder``; temporaries are skipped unread (a running save may
+    remove them at any moment)."""
+    files = (p for p in sorted(folder.rglob("*")) if ".tera-tmp-" not in str(p.relative_to(folder)))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files if p.is_file()}
 
 
 def _kill_mid_save(kind: str, folder: Path, target: Path, attempts: int = 3) -> dict[str, bytes]:
@@ -98,7 +101,7 @@ def _kill_mid_save(kind: str, folder: Path, target: Path, attempts: int = 3) -> 
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "saved", proc.stderr.read()
-            earlier = {k: v for k, v in _snapshot(folder).items() if ".tera-tmp-" not in k and ".tmp" not in k}
+            earlier = _snapshot(folder)
             deadline = time.monotonic() + 30
             while not any(".tera-tmp-" in name for name in os.listdir(folder)):
                 assert time.monotonic() < deadline, "the child never started a second save"
