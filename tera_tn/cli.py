@@ -7,7 +7,9 @@
 * ``tera-tn plan`` — how the contraction planner computes ``ΔW x`` for a token count, and why.
 * ``tera-tn finetune`` — the MiniLM fine-tuning benchmark (:mod:`tera_tn.finetune`).
 
-Bad arguments print one ``error:`` line on stderr and exit with status 2.
+Bad arguments print one ``error:`` line on stderr and exit with status 2, before any heavy work
+(output paths are checked and claimed first); a failure of the machine during the work (a full
+disk) prints one ``error:`` line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -210,24 +213,27 @@ def _sanitize(data):
 # --------------------------------------------------------------------------------------------
 # tera-tn report
 # --------------------------------------------------------------------------------------------
-def _report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> Path:
+def _claim_report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> tuple[Path, bool]:
+    """Claim the report's output folder atomically, before any computation; return it and whether
+    this run created it (a failed run then removes it). Two runs never share a folder."""
+    from ._files import OutputFolderError, claim_dir, unique_sibling
+
     if out is None:
-        base = Path(DEFAULT_REPORT_DIR)
-        if not base.exists():
-            return base
-        stamp = now.strftime("%Y%m%d-%H%M%S")
-        cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}")
-        k = 2
-        while cand.exists():
-            cand = Path(f"{DEFAULT_REPORT_DIR}-{stamp}-{k}")
-            k += 1
-        return cand
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise UsageError(f"--out {out} already exists; pass --force to overwrite its report files")
-    return path
+        try:
+            return unique_sibling(DEFAULT_REPORT_DIR, now.strftime("%Y%m%d-%H%M%S"), kind="report"), True
+        except OSError as err:
+            raise UsageError(f"cannot create a report folder in {os.getcwd()!r}: {err.strerror or err}") from None
+    if not out.strip():
+        raise UsageError("--out expects a folder path, got ''")
+    fresh = not os.path.lexists(out)
+    try:
+        return claim_dir(out, kind="report", overwrite=force), fresh
+    except (OutputFolderError, NotADirectoryError) as err:
+        raise UsageError(f"--out: {err}") from None
+    except OSError as err:  # not a folder, no permission, read-only or special file system
+        reason = err.strerror or str(err)
+        raise UsageError(f"--out {out!r} cannot be used as the report folder ({reason}); "
+                         "expected a writable folder path") from None
 
 
 _README = """# tera-tn report
@@ -248,12 +254,13 @@ Columns: *trainable* numbers over all adapted layers; *% dense* of the layers' d
 
 
 def _cmd_report(args) -> int:
-    from . import __version__
     from . import report as report_mod
-    from .shapes import available_models, model_config
+    from .shapes import available_models, model_config, model_shapes
 
     try:
         models = [model_config(m).name for m in (args.models or available_models())]
+        for name in models:  # cheap; an unmatched --targets must fail before the folder is claimed
+            model_shapes(name, args.targets)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
@@ -265,7 +272,19 @@ def _cmd_report(args) -> int:
     if bad or (not formats and not args.no_plots):
         raise UsageError(f"--formats takes png, svg and/or pdf, got {args.formats!r}")
     now = _dt.datetime.now().replace(microsecond=0)
-    folder = _report_folder(args.out, args.force, now)
+    folder, fresh = _claim_report_folder(args.out, args.force, now)
+    try:
+        return _write_report(args, folder, now, models, methods, formats)
+    except BaseException:
+        if fresh:  # a failed or interrupted run leaves no half-written folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: list, formats: list) -> int:
+    from . import __version__
+    from . import report as report_mod
+
     console = _console(args.quiet)
     show_progress = not args.quiet and not args.no_progress
 
@@ -286,7 +305,6 @@ def _cmd_report(args) -> int:
                     raise UsageError(f"{name}: {err}") from None
                 reports.append(rep)
                 bar.update(1)
-            folder.mkdir(parents=True, exist_ok=True)
             extra: dict[str, Any] = {}
             if not args.no_plots:
                 from . import plot
@@ -434,7 +452,7 @@ def _cmd_rank(args) -> int:
         t.add_row(label, f"{c['trainable']:,}", str(c["max_rank"]))
     console.print(t)
     console.print(f"frozen shared per shape group: {spec.num_frozen:,}; padding overhead {spec.padding_overhead:.2%}")
-    console.print(f"theoretical rank at λ = {args.scales}: {result['theoretical_rank']} (rank theorem, tera-math §4)")
+    console.print(f"theoretical rank at λ = {args.scales}: {result['theoretical_rank']} (rank theorem)")
     rows = []
     if "structured" in result:
         rows.append(("structured, float64 threshold", result["structured"]["float64"]))
@@ -459,13 +477,45 @@ def _cmd_rank(args) -> int:
 # --------------------------------------------------------------------------------------------
 # tera-tn plan
 # --------------------------------------------------------------------------------------------
-def _cmd_plan(args) -> int:
-    from .contraction import plan
+def _plot_target(text: str, force: bool) -> tuple[Path, str]:
+    """Check ``--plot FILE`` before any work: a known format, a folder that exists (or can be
+    created) and is writable, and no existing file unless ``--force``."""
+    target = Path(text)
+    fmt = target.suffix.lstrip(".").lower()
+    if fmt not in ("png", "svg", "pdf") or not target.name:
+        raise UsageError(f"--plot must end in .png, .svg or .pdf, got {text!r}")
+    if target.is_dir():
+        raise UsageError(f"--plot {text!r} is a folder; expected a file path such as {str(target / 'planner.png')!r}")
+    if os.path.lexists(target) and not force:
+        raise UsageError(f"--plot {text!r} exists; pass --force to overwrite it")
+    return target, fmt
 
+
+def _cmd_plan(args) -> int:
     try:
         spec = _spec_from_args(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    with contextlib.ExitStack() as stack:
+        staged = None
+        if args.plot:
+            from ._files import staging_dir
+
+            target, fmt = _plot_target(args.plot, args.force)
+            try:  # creating the staging folder proves the plot's folder is writable, before any work
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged = stack.enter_context(staging_dir(target.parent, target.name)) / f"plot.{fmt}"
+            except OSError as err:
+                raise UsageError(f"--plot {args.plot!r} cannot be written ({err.strerror or err}); "
+                                 "expected a file path in a writable folder") from None
+        return _run_plan(args, spec, staged)
+
+
+def _run_plan(args, spec, staged: Optional[Path]) -> int:
+    """The plan command once its arguments are checked; ``staged`` is where ``--plot`` is drawn
+    before it is moved onto its target."""
+    from .contraction import plan
+
     if args.calibrate:
         from .costmodel import calibrate
 
@@ -481,18 +531,17 @@ def _cmd_plan(args) -> int:
         from .plot import planner_data
 
         sweep = planner_data(spec, [2**k for k in range(0, 17)], backend=args.backend, device=args.device, dtype=args.dtype)
-    if args.plot:
+    if staged is not None:
+        from ._files import publish
         from .plot import planner_data, planner_figure, save_figure
 
         data = sweep or planner_data(spec, sorted({*(2**k for k in range(17)), args.tokens}),
                                      backend=args.backend, device=args.device, dtype=args.dtype)
-        target = Path(args.plot)
-        fmt = target.suffix.lstrip(".").lower() or "png"
-        if fmt not in ("png", "svg", "pdf"):
-            raise UsageError(f"--plot must end in .png, .svg or .pdf, got {args.plot!r}")
-        if target.exists() and not args.force:
-            raise UsageError(f"{args.plot} exists; pass --force to overwrite it")
-        save_figure(planner_figure(data=data), target, (fmt,))
+        save_figure(planner_figure(data=data), staged, (staged.suffix.lstrip("."),))
+        try:
+            publish(staged, args.plot, overwrite=args.force)
+        except FileExistsError:
+            raise UsageError(f"--plot {args.plot!r} appeared while planning; pass --force to overwrite it") from None
     if args.json:
         out = {
             "spec": str(spec), "n_tokens": p.n_tokens, "backend": list(p.backend), "strategy": p.strategy,
@@ -797,7 +846,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -806,6 +855,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as err:  # the machine, not the arguments: a full disk, a vanished folder
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """Multi-line messages (lists of problems) joined so that an error stays one line."""
+    lines = (line.strip() for line in str(err).splitlines())
+    return "; ".join(line[2:] if line.startswith("- ") else line for line in lines if line)
 
 
 if __name__ == "__main__":  # pragma: no cover
