@@ -18,9 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
-from torch import nn  # noqa: E402
-
-from tera_tn.torch import TeRAConfig, add_tera, load_tera, save_tera  # noqa: E402
+from tera_tn.torch import load_tera, save_tera  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
