@@ -97,7 +97,7 @@ def test_add_tera_errors():
     [
         (dict(diag="side"), "diag must be one of"),
         (dict(strategy="einsum"), "strategy must be one of"),
-        (dict(seed=-1), "seed must be a non-negative integer, got -1"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(dropout=1.0), "dropout must be a probability"),
         (dict(target_modules="(["), "not a valid regular expression"),

@@ -84,6 +84,18 @@ def signature_diff(saved: dict, current: dict) -> list[str]:
     return problems
 
 
+def _check_config_type(config) -> None:
+    if isinstance(config, TeraConfig):
+        return
+    kind = f"{type(config).__module__}.{type(config).__qualname__}"
+    hint = (
+        " — that is the plain-torch API's config (for tera_tn.torch.add_tera); with PEFT use tera_tn.peft.TeraConfig(...)"
+        if type(config).__name__ == "TeRAConfig"
+        else ""
+    )
+    raise TypeError(f"the PEFT TeRA method takes a tera_tn.peft.TeraConfig, got {kind}{hint}")
+
+
 class TeraModel(BaseTuner):
     """Creates a TeRA model from a pretrained transformers model (use :func:`peft.get_peft_model`).
 
@@ -113,17 +125,15 @@ class TeraModel(BaseTuner):
             banks[key] = bank
         return bank
 
+    def __init__(self, model, config, adapter_name: str = "default", *args, **kwargs) -> None:
+        # BaseTuner indexes a non-PeftConfig as a dict of configs before any check of ours runs.
+        for c in config.values() if isinstance(config, dict) else (config,):
+            _check_config_type(c)
+        super().__init__(model, config, adapter_name, *args, **kwargs)
+
     def _check_new_adapter_config(self, config: TeraConfig) -> None:
+        _check_config_type(config)
         super()._check_new_adapter_config(config)
-        if not isinstance(config, TeraConfig):
-            kind = f"{type(config).__module__}.{type(config).__qualname__}"
-            hint = (
-                " — that is the plain-torch API's config (for tera_tn.torch.add_tera); with PEFT use "
-                "tera_tn.peft.TeraConfig(...)"
-                if type(config).__name__ == "TeRAConfig"
-                else ""
-            )
-            raise TypeError(f"the PEFT TeRA method takes a tera_tn.peft.TeraConfig, got {kind}{hint}")
 
     # --- injection ---------------------------------------------------------------------------
     def _create_and_replace(self, tera_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
 from ..factors import FACTOR_INITS, SCALE_INITS, _check_seed
-from ..spec import DIAG_PLACEMENTS, TeRASpec
+from ..spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
@@ -69,6 +69,10 @@ class TeRAConfig:
     def __post_init__(self) -> None:
         tm = self.target_modules
         if tm is not None:
+            if not isinstance(tm, (str, list, tuple, set, frozenset)):
+                raise ValueError(
+                    f"target_modules must be a regex, a list of names or None, got {tm!r} ({type(tm).__name__})"
+                )
             if isinstance(tm, str):
                 try:
                     re.compile(tm)
@@ -83,6 +87,13 @@ class TeRAConfig:
             object.__setattr__(self, "ranks", tuple(self.ranks))
         if isinstance(self.order, list):
             object.__setattr__(self, "order", tuple(self.order))
+        # The spec policy is applied per layer shape later; its value rules are checked now, with
+        # the same rules (and messages) as TeRASpec.from_shape, so a typo fails at construction.
+        TeRASpec._split_order(2, 2, self.order)
+        if isinstance(self.ranks, (tuple, list)):
+            _check_modes("ranks", self.ranks)
+        else:
+            TeRASpec._resolve_ranks((2,), self.ranks)
         if self.diag not in DIAG_PLACEMENTS:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
         if self.factor_init not in FACTOR_INITS:
@@ -116,6 +127,17 @@ class TeRAConfig:
                 raise ValueError(f"zero_mode={self.zero_mode} is not a mode of specs[{shape!r}] (order {spec.order})")
         object.__setattr__(self, "specs", tuple((tuple(s), sp) for s, sp in pairs))
 
+    def __getattr__(self, name: str):
+        # Only reached for missing attributes: PEFT reads its own fields (peft_type, task_type,
+        # base_model_name_or_path, ...) from whatever config it is given, so a TeRAConfig passed
+        # to peft.get_peft_model or add_adapter would fail with a bare AttributeError.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"TeRAConfig has no attribute {name!r}. TeRAConfig is the plain-torch API's config "
+            "(tera_tn.torch.add_tera); for peft.get_peft_model / add_adapter use tera_tn.peft.TeraConfig"
+        )
+
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is a target."""
         tm = self.target_modules
@@ -135,7 +157,7 @@ class TeRAConfig:
         except ValueError as e:
             raise ValueError(
                 f"no TeRA spec for a {d_out}×{d_in} layer with order={self.order!r}, ranks={self.ranks!r}: {e}; "
-                f"pass an explicit spec in TeRAConfig(specs={{({d_out}, {d_in}): ...}})"
+                f"pass an explicit spec for the ({d_out}, {d_in}) shape in the config's specs"
             ) from None
         if self.scale_init == "zero_start" and self.zero_mode >= spec.order:
             raise ValueError(f"zero_mode={self.zero_mode} is not a mode of {spec} (order {spec.order})")

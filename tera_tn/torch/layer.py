@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..factors import init_scales
+from ..factors import SCALE_INITS, init_scales
 from ..spec import TeRASpec
 from .autograd import FrozenNetwork, _no_autocast, check_input, compute_dtype, merged_weight, non_finite, tera_linear
 from .bank import FactorBank
@@ -90,7 +90,8 @@ class TeRALinear(nn.Module):
             ``FloatingPointError`` naming the layer otherwise (one small reduction and a host
             sync per call).
 
-    Input ``(..., d_in)``, output ``(..., d_out)``; computation in the input dtype, λ in fp32.
+    Input ``(..., d_in)``, output ``(..., d_out)``; computation in the input dtype (the autocast
+    dtype under ``torch.autocast``), λ in fp32.
     """
 
     def __init__(
@@ -126,8 +127,17 @@ class TeRALinear(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if scale_init not in SCALE_INITS:
+            raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {scale_init!r}")
+        for flag, value in (("cache_delta", cache_delta), ("check_finite", check_finite)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        if bank is not None and not isinstance(bank, FactorBank):
+            raise ValueError(f"bank must be a FactorBank (or None for a private one), got {type(bank).__name__}")
         if bank is None:
             bank = FactorBank(0 if seed is None else seed, factor_init)
+            if base_layer.weight.device.type != "meta":
+                bank.to(base_layer.weight.device)  # private: nobody else to keep it for
         elif seed is not None and seed != bank.seed:
             raise ValueError(f"seed={seed} differs from the shared bank's seed {bank.seed}; pass one or the other")
         device = base_layer.weight.device

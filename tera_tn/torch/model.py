@@ -171,10 +171,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Returns ``model``.
 
     Raises:
-        ValueError: when a layer's λ are not finite; checked for every layer before any weight
-            is written, so the model is left as it was.
+        ValueError: when the model has no TeRA layer, or a layer's λ are not finite (checked for
+            every layer before any weight is written, so the model is left as it was).
     """
     layers = list(tera_layers(model))
+    if not layers:
+        peft_hint = "; for a PEFT model call its own model.merge_and_unload()" if hasattr(model, "peft_config") else ""
+        raise ValueError(f"model has no TeRA layers to merge (no TeRALinear found){peft_hint}")
     for name, layer in layers:
         bad = None if layer.merged else layer._bad_scales()
         if bad is not None:
