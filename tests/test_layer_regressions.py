@@ -116,10 +116,18 @@ def test_opt_in_delta_cache_is_refreshed_by_clear_cache():
 def test_split_model_layers_use_factors_on_their_own_device(api, strategy, when):
     """Block ``b`` on the second "device" (meta) must not drag block ``a``'s factors with it."""
     ref = _model(api, strategy=strategy)
-    if when == "before" and api == "torch":
+    if when == "before":
         model = TwoBlocks()
         model.b.to("meta")
-        add_tera(model, TeRAConfig(target_modules=["a", "b"], order=4, scale_init="random", strategy=strategy))
+        if api == "torch":
+            add_tera(model, TeRAConfig(target_modules=["a", "b"], order=4, scale_init="random", strategy=strategy))
+        else:
+            from peft import get_peft_model
+
+            from tera_tn.peft import TeraConfig
+
+            cfg = TeraConfig(target_modules=["a", "b"], order=4, scale_init="random", strategy=strategy)
+            model = get_peft_model(model, cfg)
     else:
         model = _model(api, strategy=strategy)
         inner = model.base_model.model if api == "peft" else model
