@@ -67,11 +67,10 @@ class FinetuneConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method in ("full", "head") and self.adapter:
             raise ValueError(f"method {self.method!r} takes no adapter arguments, got {dict(self.adapter)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be a positive integer or None, got {self.steps!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "steps"):
+            v = getattr(self, name)
+            if (v is not None or name != "steps") and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("lr", "head_lr"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -246,13 +245,10 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
     net = _classifier(copy.deepcopy(encoder), k, config.dropout)
     net.encoder = _adapt(net.encoder, config)
     net.train()
-    head = list(net.head.parameters())
-    body = [p for p in net.encoder.parameters() if p.requires_grad]
+    head, body = list(net.head.parameters()), [p for p in net.encoder.parameters() if p.requires_grad]
     lr = config.learning_rate
     groups = [{"params": head, "lr": lr if config.method == "head" else config.head_lr}]
-    if body:
-        groups.append({"params": body, "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(groups + ([{"params": body, "lr": lr}] if body else []), weight_decay=config.weight_decay)
     batches = _batches(data["train"], config, torch.Generator().manual_seed(config.seed))
     total, warm = len(batches), int(round(config.warmup_ratio * len(batches)))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -280,8 +276,7 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
     metrics["val_accuracy"], metrics["val_loss"] = _evaluate(net, data["validation"], config.eval_batch_size, pad_id)
     if "test" in data:
         metrics["test_accuracy"], metrics["test_loss"] = _evaluate(net, data["test"], config.eval_batch_size, pad_id)
-    n_head = sum(p.numel() for p in head)
-    n_body = sum(p.numel() for p in body)
+    n_head, n_body = sum(p.numel() for p in head), sum(p.numel() for p in body)
     metrics.update(trainable_params=n_head + n_body, adapter_params=n_body, head_params=n_head,
                    num_labels=k, train_time_s=wall, train_cpu_s=cpu,
                    first_loss=losses[0], last_loss=sum(losses[-q:]) / q)
