@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__)
     parser.add_argument("action", choices=("run", "status"))
     parser.add_argument("--plan", required=True, choices=sorted(PLANS))
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=f"JSON-lines file (default {DEFAULT_RESULTS})")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                        help=f"JSON-lines file (default {DEFAULT_RESULTS})")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N new runs")
     parser.add_argument("--model", default=None, metavar="DIR", help="local model folder (default: bundled MiniLM)")
     args = parser.parse_args(argv)
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             k = (r["dataset"], r["contender"])
             counts[k] += 1
-            if not r["metrics"]["diverged"] and (k not in best or r["metrics"]["val_accuracy"] > best[k]["metrics"]["val_accuracy"]):
+            acc = r["metrics"]["val_accuracy"]
+            if not r["metrics"]["diverged"] and (k not in best or acc > best[k]["metrics"]["val_accuracy"]):
                 best[k] = r
         for k in sorted(counts):
             b = best.get(k)
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
           f"results -> {args.results}", flush=True)
     ran = run_plan(args.plan, PLANS[args.plan], results, limit=args.limit, model_dir=args.model,
                    log=lambda s: print(s, flush=True))
-    print(f"{ran} new runs; plan {args.plan!r} {'complete' if args.limit is None or ran < args.limit else 'not finished'}",
-          flush=True)
+    finished = args.limit is None or ran < args.limit
+    print(f"{ran} new runs; plan {args.plan!r} {'complete' if finished else 'not finished'}", flush=True)
     return 0
 
 
