@@ -43,6 +43,10 @@ def main() -> int:
     ap.add_argument("--init", default="orthogonal", choices=("orthogonal", "gaussian", "uniform"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--speed-target", type=float, default=SPEEDUP_TARGET,
+        help="speedup the run must reach to pass; set for --size 4096 (0 checks accuracy only, for small sizes)",
+    )
     args = ap.parse_args()
 
     spec = TeRASpec.from_shape(args.size, args.size, order=args.order, ranks=args.ranks)
@@ -88,12 +92,12 @@ def main() -> int:
     err = float(np.abs(s - d).max() / d[0])
     err_top = float(np.max(np.abs(s[:r] - d[:r]) / d[:r]))
     speedup = t_dense / t_struct
-    ok_speed, ok_err = speedup >= SPEEDUP_TARGET, err <= ERROR_TARGET
+    ok_speed, ok_err = speedup >= args.speed_target, err <= ERROR_TARGET
 
     print(f"structured tera_singular_values: {t_struct * 1e3:10.1f} ms  (best of {args.repeats}; all: "
           + ", ".join(f"{t * 1e3:.1f}" for t in times) + ")")
     print(f"dense svdvals of ΔW:             {t_dense * 1e3:10.1f} ms  (+ {t_mat * 1e3:.1f} ms to materialize ΔW)")
-    print(f"speedup:                         {speedup:10.1f}×   target ≥ {SPEEDUP_TARGET:g}×   {'PASS' if ok_speed else 'FAIL'}")
+    print(f"speedup:                         {speedup:10.1f}×   target ≥ {args.speed_target:g}×   {'PASS' if ok_speed else 'FAIL'}")
     print(f"max |Δσ| / σ_1:                  {err:10.2e}    target ≤ {ERROR_TARGET:g}   {'PASS' if ok_err else 'FAIL'}")
     print(f"max relative error, top {r} σ:  {err_top:10.2e}    (informative)")
     print("PASS" if ok_speed and ok_err else "FAIL")

@@ -67,6 +67,8 @@ class SuiteConfig:
     spectrum_size: int = 1024
     spectrum_order: int = 6
     spectrum_repeats: int = 3
+    # The 20× target is set for 4096² layers; small smoke sizes check accuracy only (0).
+    spectrum_speed_target: float = 20.0
     recheck: bool = True  # re-time points where the planner's pick misses, TeRA contenders only
     mode: str = "custom"
     extra: dict = field(default_factory=dict)
@@ -220,6 +222,7 @@ def run_spectrum(cfg: SuiteConfig, log=print) -> Optional[dict]:
     cmd = [
         sys.executable, os.path.join(_ROOT, "bench", "bench_spectrum.py"),
         "--size", str(cfg.spectrum_size), "--order", str(cfg.spectrum_order), "--repeats", str(cfg.spectrum_repeats),
+        "--speed-target", str(cfg.spectrum_speed_target),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, env=env, timeout=3600)

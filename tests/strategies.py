@@ -4,7 +4,7 @@ Strategies draw small :class:`TeRASpec` instances (orders 2–6, mode sizes 1–
 column modes, ranks ≤ mode sizes, every diag placement, optional padding) and well-conditioned
 scale vectors (|λ| in [0.5, 2], random signs, optionally exact zeros).
 
-The references below are written from tera-math §3 only (Kronecker products, numpy.einsum); they
+The references below are written from the Kronecker form of ΔW only (Kronecker products, numpy.einsum); they
 never call tera_tn's contraction code, so a test comparing against them can fail.
 """
 

@@ -1,4 +1,4 @@
-"""Parameter accounting (tera-math §8): per-layer counts, model totals, the LLaMA-2-7B example."""
+"""Parameter accounting: per-layer counts, model totals, the LLaMA-2-7B example."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_explicit_specs_and_shape_groups():
 
 
 def test_llama2_7b_example():
-    """tera-math §8: TeRA order 6 full ranks 17,088; LoRA r=32 56,098,816; VeRA r=256 917,504."""
+    """LLaMA-2-7B q,k,v,up,down: TeRA order 6 full ranks 17,088; LoRA r=32 56,098,816; VeRA r=256 917,504."""
     tera = method_totals("tera", LLAMA, order=6)
     assert tera.trainable == 17_088
     assert tera.min_max_rank == 4096 and tera.full_rank_layers == len(LLAMA)

@@ -1,7 +1,7 @@
 """DistributedDataParallel with TeRA: 2 gloo processes on the CPU.
 
-Each rank builds its model and factors on its own (no broadcast of the factors: they are
-excluded from DDP's buffer sync), trains a few SGD steps on different data, and the ranks check
+Each rank builds its model and factors on its own (no broadcast of the factors: they are not
+module state, so DDP never sees them), trains a few SGD steps on different data, and the ranks check
 that their frozen factors are bit-identical (SHA-256) and their λ identical after training.
 Run by pytest; the worker is this file run as a script.
 """
@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     sys.path.insert(0, str(ROOT))
-    from tera_tn.torch import TeRAConfig, add_tera, ddp_ignore_factor_bank, tera_layers
+    from tera_tn.torch import TeRAConfig, add_tera, tera_layers
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -38,8 +38,10 @@ def _worker(rank: int, world: int, port: int) -> dict:
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
     add_tera(model, TeRAConfig(target_modules=["0", "2"], order=4, seed=1234, alpha=4.0))
     bank = next(iter(tera_layers(model)))[1].tera_bank
+    lam_init = [p.detach().clone() for _, layer in tera_layers(model) for p in layer.tera_lambda]
     digest_before = bank.fingerprint()
-    ignored = ddp_ignore_factor_bank(model)
+    # The factors are no module state, so DDP has nothing of them to broadcast or reduce.
+    factor_state = [n for n, _ in [*model.named_buffers(), *model.named_parameters()] if "tera_bank" in n]
     ddp = DDP(model)
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
     gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -56,17 +58,20 @@ def _worker(rank: int, world: int, port: int) -> dict:
     mine = torch.tensor(list(bytes.fromhex(digest_before)), dtype=torch.uint8)
     digests = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(digests, mine)
-    lam = torch.cat([p.detach().flatten() for _, layer in tera_layers(model) for p in layer.tera_lambda])
+    lam_final = [p.detach().clone() for _, layer in tera_layers(model) for p in layer.tera_lambda]
+    lam = torch.cat([p.flatten() for p in lam_final])
     lams = [torch.empty_like(lam) for _ in range(world)]
     dist.all_gather(lams, lam)
     result = {
         "rank": rank,
-        "ignored": ignored,
+        "factor_state": factor_state,
         "digest": digest_before,
         "digest_unchanged": digest_after == digest_before,
         "factors_identical": all(d.equal(digests[0]) for d in digests),
         "lambda_identical": all(t.equal(lams[0]) for t in lams),
-        "lambda_trained": bool(lam.abs().sum() > 0 and not torch.equal(lam, torch.zeros_like(lam))),
+        # Zero-start sets every λ but one per layer to 1, so "non-zero" holds before any step:
+        # each vector λ_n of each layer must have left its initial value.
+        "lambda_moved": [not torch.equal(a, b) for a, b in zip(lam_init, lam_final)],
         "lambda_sha": hashlib.sha256(lam.numpy().tobytes()).hexdigest(),
         "losses": losses,
     }
@@ -100,11 +105,11 @@ def test_ddp_two_ranks_share_factors_without_broadcast():
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     r0, r1 = outs
-    assert r0["ignored"] and all("tera_bank" in n for n in r0["ignored"])
+    assert r0["factor_state"] == [] and r1["factor_state"] == []
     assert r0["digest"] == r1["digest"] and r0["factors_identical"] and r1["factors_identical"]
     assert r0["digest_unchanged"] and r1["digest_unchanged"]
     assert r0["lambda_identical"] and r1["lambda_identical"] and r0["lambda_sha"] == r1["lambda_sha"]
-    assert r0["lambda_trained"]
+    assert r0["lambda_moved"] and all(r0["lambda_moved"]) and all(r1["lambda_moved"]), (r0["lambda_moved"], r1["lambda_moved"])
     assert r0["losses"] != r1["losses"]  # the ranks really saw different data
 
 
