@@ -190,6 +190,8 @@ def calibrate(backend: str = "torch", device: str = "cpu", dtype: str = "float32
     a tiny op (overhead) with the given backend, device and dtype.
     """
     backend, _, dtype = normalize_key(backend, device, dtype)
+    if not isinstance(install, bool):
+        raise ValueError(f"install must be True or False, got {install!r}")
     if backend == "torch":
         import torch
 

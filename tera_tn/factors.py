@@ -68,9 +68,14 @@ class TeRAFactors:
         )
 
     def as_torch(self, dtype=None, device=None) -> "TeRAFactors":
-        """As torch tensors (default dtype float32, CPU)."""
+        """As torch tensors (default dtype float32, CPU); ``dtype`` may be a torch dtype or its name."""
         import torch
 
+        if isinstance(dtype, str):
+            named = getattr(torch, dtype.removeprefix("torch."), None)
+            if not isinstance(named, torch.dtype):
+                raise ValueError(f"dtype {dtype!r} is no torch dtype; expected e.g. 'float32' or torch.float64")
+            dtype = named
         like = torch.empty(0, dtype=dtype or torch.float32, device=device)
         return self.to(like)
 
@@ -80,6 +85,10 @@ class TeRAFactors:
     def check(self, spec: TeRASpec) -> None:
         """Raise ValueError when the shapes do not match ``spec``."""
         check_spec(spec, "TeRAFactors.check")
+        arrays = [("core", self.core)] + [(f"U_{n}", u) for n, u in enumerate(self.factors) if u is not None]
+        for name, a in arrays:
+            if not (is_torch(a) or isinstance(a, np.ndarray)):
+                raise TypeError(f"factor {name} must be a numpy array or torch tensor, got {type(a).__name__}")
         if tuple(self.core.shape) != spec.ranks:
             raise ValueError(f"core has shape {tuple(self.core.shape)}, expected {spec.ranks} for {spec}")
         if len(self.factors) != spec.order:

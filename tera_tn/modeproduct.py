@@ -64,6 +64,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._backend import as_array
+
 __all__ = [
     "multi_mode_product",
     "best_order",
@@ -731,10 +733,13 @@ def multi_mode_product(core: Array, matrices: Sequence[Optional[Array]], *, out:
     torch grad mode on and any operand requiring grad, a differentiable chain of
     out-of-place ops is used; otherwise (CPU) a cache-blocked, buffer-reusing path.
     """
-    matrices = list(matrices)
+    core = as_array("core", core, "at least one mode")
+    if matrices is None or isinstance(matrices, (str, bytes)) or _is_torch(matrices) or isinstance(matrices, np.ndarray):
+        raise TypeError(f"matrices must be a list with one matrix (or None) per core mode, got {type(matrices).__name__}")
+    matrices = [None if m is None else as_array(f"matrices[{n}]", m, "shape (K, R)") for n, m in enumerate(matrices)]
     N = core.ndim
     if N < 1:
-        raise ValueError("core must have at least one mode")
+        raise ValueError(f"core must have at least one mode, got a 0-d {type(core).__name__}")
     is_t = _is_torch(core)
     for n, m in enumerate(matrices):
         if m is None:

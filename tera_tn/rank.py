@@ -169,7 +169,7 @@ def singular_values(a: Array) -> Array:
 # measures from singular values (the single place where each formula lives)
 # --------------------------------------------------------------------------------------------
 def _sv64(sv: Array) -> np.ndarray:
-    s = to_numpy(as_array("singular values", sv, "a 1-D array"))
+    s = to_numpy(as_array("singular values", sv, "shape (k,)"))
     if s.ndim != 1 or np.iscomplexobj(s):
         raise ValueError(f"singular values must be a real 1-D array, got shape {s.shape} of dtype {s.dtype}")
     s = s.astype(np.float64)
@@ -181,10 +181,20 @@ def _sv64(sv: Array) -> np.ndarray:
     return np.sort(s)[::-1]
 
 
+def _check_shape(shape: object) -> tuple[int, int]:
+    if (
+        isinstance(shape, (str, bytes))
+        or not isinstance(shape, Sequence)
+        or len(shape) != 2
+        or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in shape)
+    ):
+        raise ValueError(f"shape must be (m, n) with integers m, n >= 0, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
 def default_rtol(shape: Sequence[int], dtype: object) -> float:
     """The default relative threshold ``max(m, n)·eps(dtype)`` (numpy's and torch's rule)."""
-    m, n = (int(x) for x in shape)
-    return max(m, n) * dtype_eps(dtype)
+    return max(_check_shape(shape)) * dtype_eps(dtype)
 
 
 def _check_tol(name: str, value: object) -> Optional[float]:
@@ -204,6 +214,7 @@ def rank_threshold(
     ``rtol = max(m, n)·eps(dtype)`` and ``atol = 0``; when only ``atol`` is given, ``rtol = 0``;
     when only ``rtol`` is given, ``atol = 0``.
     """
+    shape = _check_shape(shape)
     rtol = _check_tol("rtol", rtol)
     atol = _check_tol("atol", atol)
     if rtol is None:
@@ -330,6 +341,9 @@ def condition_number(a: Array, *, nonzero: bool = False, rtol: float | None = No
     numerically non-singular part. ``inf`` for a singular (or zero) matrix when
     ``nonzero=False``; 1.0 for an empty one.
     """
+    if not isinstance(nonzero, bool):
+        raise ValueError(f"nonzero must be True or False, got {nonzero!r}")
+    rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     m, dtype = _as_matrix(a)
     s = _sv64(_svdvals(m))
     tol = rank_threshold(s, m.shape, dtype, rtol=rtol, atol=atol) if nonzero else 0.0
@@ -393,14 +407,7 @@ def summarize_singular_values(
             dense SVD would report).
         rtol, atol, energy: as in :func:`numerical_rank` and :func:`energy_rank`.
     """
-    if (
-        isinstance(shape, (str, bytes))
-        or not isinstance(shape, Sequence)
-        or len(shape) != 2
-        or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in shape)
-    ):
-        raise ValueError(f"shape must be (m, n) with integers m, n >= 0, got {shape!r}")
-    shape = tuple(int(x) for x in shape)
+    shape = _check_shape(shape)
     energy = _check_fraction(energy)
     s = _sv64(sv)
     k = min(shape)

@@ -374,6 +374,8 @@ def tera_conditioning(
     ``∏R_row × ∏R_col`` core (as large as ΔW at full ranks).
     """
     check_spec(spec, "tera_conditioning")
+    if not isinstance(include_core, bool):
+        raise ValueError(f"include_core must be True or False, got {include_core!r}")
     f64 = check_factors(factors, spec).as_numpy(np.float64)
     s64 = [np.asarray(to_numpy(s), dtype=np.float64) for s in check_scales(spec, scales)]
     mats, core, _ = _scaled(spec, f64, s64, alpha)

@@ -12,7 +12,7 @@ import pytest
 
 import tera_tn as tt
 from tera_tn import CostModel, TeRASpec, init_scales, random_factors
-from tera_tn import accounting, costmodel, factorize, rank, spectrum
+from tera_tn import accounting, costmodel, factorize, modeproduct, rank, spectrum
 from tera_tn.torch.planning import layer_plan
 
 from .teach import Case, assert_teaches, params
@@ -165,6 +165,11 @@ CASES = [
     Case("summary-too-many", lambda: rank.summarize_singular_values(np.ones(3), (2, 2)), ValueError, ("3 singular values", "at most 2")),
     Case("summary-negative-sv", lambda: rank.summarize_singular_values(np.array([-1.0]), (2, 2)), ValueError, ("non-negative", "-1.0")),
     Case("summary-2d-sv", lambda: rank.summarize_singular_values(np.ones((2, 2)), (2, 2)), ValueError, ("1-d", "(2, 2)")),
+    Case("threshold-shape-triple", lambda: rank.rank_threshold(np.ones(2), (1, 2, 3)), ValueError, ("(1, 2, 3)", "(m, n)")),
+    Case("default-rtol-shape-string", lambda: rank.default_rtol("ab", "float32"), ValueError, ("'ab'", "(m, n)")),
+    Case("condition-rtol-string", lambda: rank.condition_number(np.eye(2), rtol="x"), ValueError, ("rtol", "'x'", "non-negative")),
+    Case("condition-nonzero-string", lambda: rank.condition_number(np.eye(2), nonzero="yes"), ValueError, ("nonzero", "'yes'", "true or false")),
+    Case("threshold-sv-string", lambda: rank.rank_threshold("ab", (2, 2)), TypeError, ("singular values", "'ab'", "shape (k,)")),
     Case("dtype-eps-unknown", lambda: rank.dtype_eps("foo"), ValueError, ("'foo'", "float dtype")),
     Case("multilinear-modes-zero", lambda: rank.multilinear_ranks(np.ones(8), modes=(0, 8)), ValueError, ("(0, 8)", "positive integers")),
     Case("multilinear-modes-product", lambda: rank.multilinear_ranks(np.ones(8), modes=(3, 3)), ValueError, ("(3, 3)", "9", "8 entries")),
@@ -175,6 +180,13 @@ CASES = [
     Case("conditioning-factors-none", lambda: tt.tera_conditioning(S, None, L), TypeError, ("factors", "nonetype", "terafactors")),
     Case("conditioning-inf", lambda: tt.tera_conditioning(S, F, INF_L), ValueError, ("scales[3]", "inf", "finite")),
     Case("multilinear-theory-nan", lambda: spectrum.theoretical_multilinear_ranks(S, NAN_L), ValueError, ("scales[0]", "nan")),
+    Case("conditioning-include-core", lambda: tt.tera_conditioning(S, F, L, include_core="yes"), ValueError, ("include_core", "'yes'")),
+    Case("mode-product-matrices-none", lambda: modeproduct.multi_mode_product(np.ones((2, 2)), None), TypeError, ("matrices", "nonetype", "one matrix")),
+    Case("mode-product-matrix-string", lambda: modeproduct.multi_mode_product(np.ones((2, 2)), ["ab", None]), TypeError, ("matrices[0]", "'ab'", "(k, r)")),
+    Case("mode-product-core-scalar", lambda: modeproduct.multi_mode_product(np.float64(1), []), ValueError, ("core", "0-d", "at least one mode")),
+    Case("factors-core-none", lambda: tt.delta_weight(S, tt.TeRAFactors(None, F.factors), L), TypeError, ("core", "nonetype", "numpy array")),
+    Case("as-torch-dtype-name", lambda: F.as_torch(dtype="float33"), ValueError, ("'float33'", "torch dtype")),
+    Case("calibrate-install-string", lambda: tt.calibrate(backend="numpy", dtype="float64", install="no"), ValueError, ("install", "'no'", "true or false")),
     Case("prefix-kron-d-zero", lambda: spectrum.prefix_kron_r([np.eye(2)], 0), ValueError, ("d must be in [1, 2]", "got 0")),
     # --- accounting -------------------------------------------------------------------------
     Case("layer-cost-method", lambda: accounting.layer_cost("dora", 4, 4, r=2), ValueError, ("'dora'", "'lora'")),
