@@ -3,11 +3,13 @@
 Besides injection it owns two pieces of model-level state:
 
 * the factor banks, one :class:`~tera_tn.torch.FactorBank` per ``(seed, factor_init, factor_dtype)``
-  shared by every layer and adapter that uses it (never in ``state_dict``: regenerated from the seed);
-* ``tera_signature``: one small uint8 buffer per adapter holding a JSON description of the adapter
-  (seed, factor init/dtype, α and every adapted layer's shape and spec). It is saved with the λ in
-  ``adapter_model.safetensors`` and compared on load, so a checkpoint applied to another base model,
-  seed or spec fails with a message that lists what differs instead of loading garbage.
+  shared by every layer and adapter that uses it (neither parameters nor buffers, never in
+  ``state_dict``: regenerated from the seed, so DDP/FSDP/accelerate never send them);
+* ``tera_signature``: a JSON description of each adapter (seed, factor init/dtype, α and every
+  adapted layer's shape and spec) as a uint8 tensor. It is computed when the adapter is saved and
+  written with the λ in ``adapter_model.safetensors``, and compared on load, so a checkpoint applied
+  to another base model, seed or spec fails with a message that lists what differs instead of
+  loading garbage. It is not a buffer either: DDP would broadcast it at every forward.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
@@ -48,6 +49,14 @@ def _find_tera_model(model: nn.Module) -> Optional["TeraModel"]:
         if isinstance(m, TeraModel):
             return m
     return None
+
+
+def _is_sharded(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
 
 
 def signature_diff(saved: dict, current: dict) -> list[str]:
@@ -163,23 +172,6 @@ class TeraModel(BaseTuner):
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._set_signature(adapter_name)
-
-    def _set_signature(self, adapter_name: str) -> None:
-        if _SIG not in self._modules:
-            self.add_module(_SIG, BufferDict({}, persistent=True))
-        raw = json.dumps(self.adapter_signature(adapter_name), sort_keys=True).encode()
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self._modules[_SIG][adapter_name] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        sig = self._modules.get(_SIG)
-        if sig is not None and adapter_name in sig:
-            del sig[adapter_name]
-
     # --- description ---------------------------------------------------------------------------
     def adapter_layers(self, adapter_name: str) -> dict[str, TeraLayer]:
         """``{qualified name in the base model: layer}`` of every layer carrying ``adapter_name``."""
@@ -218,23 +210,31 @@ class TeraModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # Keep only this adapter's signature (the BufferDict prefix covers all adapters when unfiltered).
-        to_return = {
-            k: v
-            for k, v in to_return.items()
-            if f".{_SIG}." not in k or k.endswith(f".{_SIG}.{adapter_name}")
-        }
+        sharded = [k for k, v in to_return.items() if _is_sharded(v)]
+        if sharded:
+            # Gathering here would be a collective that hangs when only rank 0 saves; PEFT would
+            # otherwise fail deep inside on the shards' storage.
+            raise ValueError(
+                f"cannot save TeRA adapter {adapter_name!r}: its λ are sharded (FSDP2 DTensors, e.g. {sharded[0]!r}). "
+                "Gather them on every rank first, then save on rank 0: state = torch.distributed.checkpoint.state_dict."
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                "ignore_frozen_params=True)); if rank == 0: model.save_pretrained(out, state_dict=state)"
+            )
+        tera = _find_tera_model(model)
+        # The TeraModel's key prefix in `model` ("base_model." inside a PeftModel).
+        name = next((n for n, m in model.named_modules() if m is tera), "base_model")
+        base = f"{name}." if name else ""
+        if tera is not None:
+            raw = json.dumps(tera.adapter_signature(adapter_name), sort_keys=True).encode()
+            to_return[f"{base}{_SIG}.{adapter_name}"] = torch.tensor(list(raw), dtype=torch.uint8)
         if getattr(config, "save_factors", False):
-            tera = _find_tera_model(model)
             if tera is None:
                 raise ValueError("save_factors=True needs the TeraModel (save through the PeftModel)")
             groups = tera._factor_groups(adapter_name)
             bank = tera._bank(config)
-            sig_key = next((k for k in to_return if k.endswith(f".{_SIG}.{adapter_name}")), None)
-            base = sig_key[: -len(f".{_SIG}.{adapter_name}")] if sig_key else "base_model"
             for spec, gname in groups.items():
                 for tname, t in bank.group_tensors(spec).items():
-                    to_return[f"{base}.{_FACTORS}.{gname}.{tname}"] = t.detach().cpu().contiguous()
+                    to_return[f"{base}{_FACTORS}.{gname}.{tname}"] = t.detach().cpu().contiguous()
         return to_return
 
     @classmethod
@@ -266,10 +266,8 @@ class TeraModel(BaseTuner):
                 raise TeraAdapterMismatch(
                     f"cannot load TeRA adapter {adapter_name!r} into this model:\n  - " + "\n  - ".join(problems)
                 )
-            own = tera._modules[_SIG][adapter_name]
-            for k in sig_keys:
-                state_dict[k] = own.detach().clone()
-        for k in factor_keys:
+        # Checked above; neither is a tensor of the model.
+        for k in sig_keys + factor_keys:
             del state_dict[k]
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 

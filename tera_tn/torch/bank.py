@@ -3,8 +3,11 @@
 Every :class:`~tera_tn.torch.TeRALinear` of one spec uses the same core ``G`` and factors
 ``U_n``, drawn by :func:`tera_tn.random_factors` from ``(seed, spec)`` — a pure function of
 them, so every process (DDP ranks included) rebuilds bit-identical factors without any
-communication. The bank stores them as non-persistent buffers (never in ``state_dict``), and
-layers register the same bank object as a submodule: ``.to()`` moves each tensor once (later
+communication. The bank therefore keeps them as plain tensor attributes, not as parameters or
+buffers: they are not in ``state_dict``, and nothing that walks a module's parameters and
+buffers sees them — DDP's buffer broadcast, FSDP's sharding, accelerate's hooks — so on every
+path only λ (and their gradients) travel between processes. Layers register the same bank
+object as a submodule, so ``.to(device)`` still reaches it: it moves each tensor once (later
 visits find it already there) and all layers keep sharing the same storage.
 
 A model may be split across devices (pipeline stages, ``device_map``), so no layer moves the
@@ -53,11 +56,12 @@ class FactorBank(nn.Module):
         self.factor_init = factor_init
         self.dtype_name = dtype
         self._groups: dict[TeRASpec, str] = {}
+        # {"group0_core": G, "group0_u0": U_0, ...}: deliberately not buffers (see the module doc).
+        self._factors: dict[str, torch.Tensor] = {}
+        self._device = torch.device("cpu")
         self._casts: dict[tuple, FrozenNetwork] = {}
         # Bumped on every move, so layers can tell that cached results depend on stale tensors.
         self.generation = 0
-        # A zero-size probe tells which device the bank lives on before any group exists.
-        self.register_buffer("_anchor", torch.empty(0, dtype=_STORAGE_DTYPES[dtype]), persistent=False)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -65,7 +69,7 @@ class FactorBank(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._anchor.device
+        return self._device
 
     def add(self, spec: TeRASpec) -> str:
         """Create (once) the group for ``spec`` and return its buffer prefix, e.g. ``"group0"``."""
@@ -77,10 +81,10 @@ class FactorBank(nn.Module):
         name = f"group{len(self._groups)}"
         factors = random_factors(spec, self.seed, init=self.factor_init)
         like = dict(dtype=self.storage_dtype, device=self.device)
-        self.register_buffer(f"{name}_core", torch.as_tensor(factors.core).to(**like), persistent=False)
+        self._factors[f"{name}_core"] = torch.as_tensor(factors.core).to(**like)
         for n, u in enumerate(factors.factors):
             if u is not None:
-                self.register_buffer(f"{name}_u{n}", torch.as_tensor(u).to(**like), persistent=False)
+                self._factors[f"{name}_u{n}"] = torch.as_tensor(u).to(**like)
         self._groups[spec] = name
         return name
 
@@ -95,11 +99,11 @@ class FactorBank(nn.Module):
             raise KeyError(f"the bank holds no factors for {spec}; call add(spec) first") from None
 
     def group_tensors(self, spec: TeRASpec) -> dict[str, torch.Tensor]:
-        """``{"core": G, "u0": U_0, ...}`` in storage dtype (the shared buffers themselves)."""
+        """``{"core": G, "u0": U_0, ...}`` in storage dtype (the shared tensors themselves)."""
         name = self.group_name(spec)
-        out = {"core": self._buffers[f"{name}_core"]}
+        out = {"core": self._factors[f"{name}_core"]}
         for n in range(spec.order):
-            u = self._buffers.get(f"{name}_u{n}")
+            u = self._factors.get(f"{name}_u{n}")
             if u is not None:
                 out[f"u{n}"] = u
         return out
@@ -109,7 +113,7 @@ class FactorBank(nn.Module):
     ) -> FrozenNetwork:
         """The frozen operands of ``spec`` in ``dtype`` on ``device`` (default: where and how stored).
 
-        Where both match the storage these are the shared buffers themselves (same ``data_ptr``
+        Where both match the storage these are the shared tensors themselves (same ``data_ptr``
         for every layer); other combinations are copied once per bank placement and cached, so
         the layers of a model split across devices each get the factors on their own device.
         """
@@ -133,32 +137,22 @@ class FactorBank(nn.Module):
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def iter_buffers(self) -> Iterator[torch.Tensor]:
-        """Every factor tensor held (not the device probe)."""
-        for name, buf in self._buffers.items():
-            if name != "_anchor" and buf is not None:
-                yield buf
+    def iter_factors(self) -> Iterator[torch.Tensor]:
+        """Every factor tensor held, in creation order."""
+        yield from self._factors.values()
 
     def _apply(self, fn, recurse=True):
-        # Follow device moves (and in-place ops such as share_memory_) but not dtype casts
-        # (model.half()): a cast would throw away precision of the seeded draws that every
-        # process must share bit for bit. Nor moves to meta (a block offloaded or a stand-in
-        # device): that would discard the factors that the other blocks still use.
-        probe = fn(self._anchor)
-        if probe.device.type == "meta" and self._anchor.device.type != "meta":
+        # Only the device of `fn`'s result is followed, never its values or dtype: a cast
+        # (model.half()) would throw away precision of the seeded draws that every process must
+        # share bit for bit, and `to_empty()` would overwrite them. Moves to meta (a block
+        # offloaded, a stand-in device) are ignored too: the other blocks still use the factors.
+        device = fn(torch.empty(0, device=self._device, dtype=self.storage_dtype)).device
+        if device == self._device or device.type == "meta":
             return self
-        is_cast = probe.dtype != self._anchor.dtype
-        moved = False
-        for name, buf in self._buffers.items():
-            if buf is None:
-                continue
-            new = buf.to(device=probe.device) if is_cast else fn(buf)
-            if new is not buf:
-                self._buffers[name] = new
-                moved = True
-        if moved:
-            self._casts.clear()
-            self.generation += 1
+        self._factors = {name: t.to(device) for name, t in self._factors.items()}
+        self._device = device
+        self._casts.clear()
+        self.generation += 1
         return self
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
-"""Model-level operations: inject TeRA layers, summarize, merge into a plain model, DDP helper."""
+"""Model-level operations: inject TeRA layers, summarize, merge into a plain model."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,8 +46,8 @@ class TeRASummary:
     Attributes:
         layers: one :class:`LayerSummary` per adapted layer.
         trainable, frozen, total: parameter counts of the whole model.
-        shared_factors: frozen factor numbers, stored once per shape group (buffers, not
-            parameters, and not in ``state_dict``).
+        shared_factors: frozen factor numbers, stored once per shape group (neither parameters
+            nor buffers, and not in ``state_dict``: regenerated from the seed).
         groups: number of shape groups.
     """
 
@@ -158,7 +159,7 @@ def tera_summary(model: nn.Module) -> TeRASummary:
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     frozen = sum(p.numel() for p in params if not p.requires_grad)
-    shared = sum(t.numel() for bank in banks.values() for t in bank.iter_buffers())
+    shared = sum(t.numel() for bank in banks.values() for t in bank.iter_factors())
     groups = sum(len(bank.specs()) for bank in banks.values())
     return TeRASummary(tuple(layers), trainable, frozen, shared, groups)
 
@@ -190,14 +191,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def ddp_ignore_factor_bank(model: nn.Module) -> list[str]:
-    """Tell ``DistributedDataParallel`` not to broadcast the frozen factors (call before wrapping).
+    """Deprecated no-op, kept for old scripts: returns ``[]``.
 
-    Every rank already builds bit-identical factors from the seed, so syncing them only costs
-    bandwidth. Returns the buffer names excluded.
+    The frozen factors are no longer buffers, so ``DistributedDataParallel`` (and FSDP,
+    accelerate, the Trainer) never see them and there is nothing left to exclude.
     """
-    ids = {id(t) for _, layer in tera_layers(model) for t in layer.tera_bank.iter_buffers()}
-    names = [name for name, buf in model.named_buffers() if id(buf) in ids]
-    from torch.nn.parallel import DistributedDataParallel
-
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return names
+    warnings.warn(
+        "ddp_ignore_factor_bank is no longer needed: the shared factors are not module buffers, so DDP never "
+        "broadcasts them; drop the call",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return []
