@@ -158,3 +158,29 @@ def test_every_dataset_loads_from_its_package_with_a_fixed_split():
     assert ds.HELD_OUT == "newsgroups20"
     with pytest.raises(ValueError, match="'imdb'.*rotten_tomatoes"):
         ds.load("imdb")
+
+
+def test_shards_split_contenders_and_a_worker_skips_what_another_appended(tmp_path):
+    f = ResultsFile(tmp_path / "study.jsonl")
+    # the smoke plan has one contender: it belongs to shard 0 of 2, so shard 1 has nothing to run
+    assert runner.run_plan("smoke", PLANS["smoke"], f, shard=(1, 2), log=lambda s: None) == 0
+    assert not f.path.exists() or _lines(f.path) == []
+    with pytest.raises(ValueError, match=r"shard must be \(i, n\).*got \(2, 2\)"):
+        runner.run_plan("smoke", PLANS["smoke"], f, shard=(2, 2))
+    # a run appended by another worker after this one started is not run again
+    stage = PLANS["smoke"][0]
+    c = stage.contenders[0]
+    key = runner.run_key("rotten_tomatoes", stage.split_seed, stage.budget, c, 0, c.lrs[0])
+    real_records = f.records
+    calls = {"n": 0}
+
+    def records_with_late_arrival():
+        calls["n"] += 1
+        yield from real_records()
+        if calls["n"] > 1:  # the first read (at start) does not see it yet
+            yield {"key": key, "metrics": {"val_accuracy": 0.9, "diverged": False}}
+
+    f.records = records_with_late_arrival
+    log: list[str] = []
+    runner.run_plan("smoke", PLANS["smoke"], f, limit=1, log=log.append)
+    assert not any(f"lr={c.lrs[0]:g}:" in line for line in log), log

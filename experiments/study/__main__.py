@@ -21,9 +21,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"JSON-lines file (default {DEFAULT_RESULTS})")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N new runs")
     parser.add_argument("--model", default=None, metavar="DIR", help="local model folder (default: bundled MiniLM)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="run only contenders I, I+N, I+2N, ... of each stage (N workers, one results file)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive integer, got {args.limit}")
+    try:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be I/N with 0 <= I < N (e.g. 1/2), got {args.shard!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tera_tn from {tera_tn.__file__}; commit {version['commit']}{' (dirty)' if version['dirty'] else ''}; "
           f"results -> {args.results}", flush=True)
     ran = run_plan(args.plan, PLANS[args.plan], results, limit=args.limit, model_dir=args.model,
-                   log=lambda s: print(s, flush=True))
+                   log=lambda s: print(s, flush=True), shard=shard)
     finished = args.limit is None or ran < args.limit
     print(f"{ran} new runs; plan {args.plan!r} {'complete' if finished else 'not finished'}", flush=True)
     return 0

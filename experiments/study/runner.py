@@ -93,10 +93,20 @@ def _versions() -> dict[str, Any]:
 
 
 def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log: Callable[[str], None] = print,
-             limit: int | None = None, model_dir: str | None = None) -> int:
-    """Run every missing run of ``stages``; returns how many ran. ``limit`` stops after that many."""
+             limit: int | None = None, model_dir: str | None = None, shard: tuple[int, int] = (0, 1)) -> int:
+    """Run every missing run of ``stages``; returns how many ran. ``limit`` stops after that many.
+
+    ``shard=(i, n)`` runs only the contenders whose position in their stage is ``i`` modulo ``n``,
+    so ``n`` workers share one results file without running the same contender twice (a
+    contender's learning-rate grid extension depends on its own earlier runs, so it stays whole).
+    The finished runs are re-read before every run: a worker also skips what another worker has
+    appended since it started.
+    """
     import torch
 
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     done = {r["key"]: r for r in results.records()}
     context = {**code_version(), "versions": _versions()}
     model = None
@@ -106,12 +116,16 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
         torch.set_num_threads(stage.budget.threads)
         context["versions"]["threads"] = stage.budget.threads
         for dataset in stage.datasets:
-            for c in stage.contenders:
+            for position, c in enumerate(stage.contenders):
+                if position % count != index:
+                    continue
                 lrs = list(c.lrs)
                 for _ in range(MAX_EXTENSIONS + 1):
                     for lr in lrs:
                         for seed in stage.seeds:
                             key = run_key(dataset, stage.split_seed, stage.budget, c, seed, lr)
+                            if key not in done:
+                                done.update((r["key"], r) for r in results.records())
                             if key in done:
                                 continue
                             if limit is not None and ran >= limit:
