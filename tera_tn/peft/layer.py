@@ -50,6 +50,9 @@ class TeraLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("tera_lambda",)
+    # False for quantized bases (tera_tn.peft.quantized): their weight is packed, so the base
+    # computes its own output and ΔW x is added next to it instead of fusing W0 + ΔW.
+    _dense_base = True
     other_param_names = ("tera_bank", "tera_dropout", "tera_spec", "tera_alpha", "tera_strategy", "tera_check_finite")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -64,7 +67,8 @@ class TeraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
-        check_base_weight(base, "base_layer")
+        if self._dense_base:
+            check_base_weight(base, "base_layer")
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
         elif isinstance(base, _conv1d_type()):
@@ -149,7 +153,7 @@ class TeraLayer(BaseTunerLayer):
         work = torch.promote_types(w0.dtype, torch.float32)
         lams = [lam.to(device=w0.device, dtype=work) for lam in self.scales(adapter_name)]
         dw = merged_weight(self.network(adapter_name, work, w0.device), lams, self.tera_alpha[adapter_name], None)
-        return (dw.T if self.fan_in_fan_out else dw).to(w0.dtype)
+        return (dw.T if self.fan_in_fan_out else dw).to(w0.dtype if w0.is_floating_point() else work)
 
 
 class Linear(nn.Module, TeraLayer):
@@ -219,7 +223,7 @@ class Linear(nn.Module, TeraLayer):
         )
         n = max(1, math.prod(x.shape[:-1]))
         dropout_active = any(self.training and isinstance(self.tera_dropout[a], nn.Dropout) for a in active)
-        if len(active) == 1 and not self.fan_in_fan_out and not dropout_active and not args and not kwargs:
+        if len(active) == 1 and self._dense_base and not self.fan_in_fan_out and not dropout_active and not args and not kwargs:
             # One fused GEMM x (W0 + ΔW)ᵀ (materialize) or base GEMM + factored ΔW x.
             a = active[0]
             strategy = self._pick_strategy(a, n, x, needs_grad)

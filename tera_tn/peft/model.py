@@ -29,6 +29,7 @@ from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
 from .layer import Linear, TeraLayer, _conv1d_type
+from .quantized import QuantizedLinear, quantization_of
 
 __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
 
@@ -154,7 +155,9 @@ class TeraModel(BaseTuner):
                 f"Target module {current_key} ({type(base).__name__}) is not supported: TeRA adapts torch.nn.Linear "
                 "and transformers' Conv1D layers only; check `target_modules`."
             )
-        check_base_weight(base, current_key)
+        quantized = quantization_of(base)
+        if quantized is None:
+            check_base_weight(base, current_key)
         if isinstance(base, nn.Linear):
             d_out, d_in = base.out_features, base.in_features
         else:
@@ -167,7 +170,7 @@ class TeraModel(BaseTuner):
         if isinstance(target, TeraLayer):
             target.update_layer(adapter_name, spec, bank, tera_config)
         else:
-            new_module = Linear(target, adapter_name, spec, bank, tera_config)
+            new_module = (QuantizedLinear if quantized else Linear)(target, adapter_name, spec, bank, tera_config)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)

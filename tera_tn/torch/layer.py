@@ -32,7 +32,8 @@ def check_base_weight(module: nn.Module, name: str) -> None:
     bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` subclass ``nn.Linear`` but keep packed
     integer weights (``Int8Params``, ``Params4bit``), and torchao swaps in tensor subclasses:
     adding ΔW to those, or multiplying by them as if they were dense, gives wrong numbers without
-    an error. Until quantized bases are supported they are refused here, by every API.
+    an error. The plain-torch API refuses them here; PEFT routes the supported ones to
+    :mod:`tera_tn.peft.quantized` and refuses the rest here.
     """
     w = getattr(module, "weight", None)
     if type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point():
@@ -41,8 +42,9 @@ def check_base_weight(module: nn.Module, name: str) -> None:
     held = "no weight" if w is None else f"a {type(w).__qualname__} of dtype {str(w.dtype).removeprefix('torch.')}"
     raise TypeError(
         f"cannot adapt {name!r} ({kind}): its weight is {held}, not a plain floating-point tensor. "
-        "TeRA does not support quantized base layers (bitsandbytes, torchao, ...) yet; load the base model "
-        "in float32/bfloat16/float16, or leave this layer out of target_modules"
+        "TeRA adapts quantized base layers only through PEFT (tera_tn.peft), and only bitsandbytes 8-bit/4-bit "
+        "and torchao int8 weight-only ones; otherwise load the base model in float32/bfloat16/float16, or leave "
+        "this layer out of target_modules"
     )
 
 
