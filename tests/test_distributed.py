@@ -412,6 +412,103 @@ def test_fsdp2_keeps_factors_whole_and_matches_ddp(ranks):
     assert not any((out / f"plain-save-{r}" / "adapter_model.safetensors").exists() for r in range(WORLD))
 
 
+# --- in-process: a model split by accelerate, gradient checkpointing, bf16 autocast ----------------
+
+
+def _two_block_peft():
+    from peft import get_peft_model
+    from torch import nn
+
+    from tera_tn.peft import TeraConfig
+
+    class TwoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    return get_peft_model(TwoBlocks(), TeraConfig(target_modules=["a", "b"], order=4, scale_init="random"))
+
+
+def test_accelerate_offloaded_block_gives_the_same_outputs(tmp_path):
+    """Block b offloaded (its weights and λ on meta, restored by accelerate's hooks at forward)."""
+    import copy
+
+    accelerate = pytest.importorskip("accelerate")
+    model = _two_block_peft()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    inner = copy.deepcopy(model.base_model.model)
+    layer_cls = type(inner.b).__name__
+    accelerate.dispatch_model(
+        inner, device_map={"a": "cpu", "b": "disk"}, main_device="cpu", offload_dir=str(tmp_path / "off"),
+        preload_module_classes=[layer_cls],
+    )
+    assert inner.b.base_layer.weight.is_meta and inner.b.tera_lambda["default"].is_meta
+    assert inner.a.tera_lambda["default"].device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(inner(x), ref)
+    # Without preloading, accelerate never restores λ (the ParameterDict is not called): a clear error.
+    bare = copy.deepcopy(model.base_model.model)
+    accelerate.dispatch_model(bare, device_map={"a": "cpu", "b": "disk"}, main_device="cpu", offload_dir=str(tmp_path / "off2"))
+    with pytest.raises(RuntimeError, match=f"preload_module_classes=\\['{layer_cls}'\\]"):
+        bare(x)
+
+
+def _tiny_bert_peft(**cfg):
+    import transformers
+    from peft import get_peft_model
+
+    from tera_tn.peft import TeraConfig
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    base = transformers.BertModel(config, add_pooling_layer=False)
+    return get_peft_model(base, TeraConfig(target_modules=["query", "value", "dense"], order=4, scale_init="random", **cfg))
+
+
+def _lambda_grads(model, *, checkpointing: bool, autocast: bool):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    readout = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(input_ids=ids).last_hidden_state
+    (hidden.float() * readout).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_lambda_gradients():
+    model = _tiny_bert_peft()
+    plain = _lambda_grads(model, checkpointing=False, autocast=False)
+    checkpointed = _lambda_grads(model, checkpointing=True, autocast=False)
+    assert model.base_model.model.is_gradient_checkpointing
+    assert plain.keys() == checkpointed.keys() and len(plain) == 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_gradients_match_fp32_with_and_without_checkpointing():
+    model = _tiny_bert_peft()
+    ref = _lambda_grads(model, checkpointing=False, autocast=False)
+    bf16 = _lambda_grads(model, checkpointing=False, autocast=True)
+    bf16_checkpointed = _lambda_grads(model, checkpointing=True, autocast=True)
+    assert all(g.dtype == torch.float32 for g in bf16.values())  # λ stay fp32 master weights
+    flat = lambda grads: torch.cat([grads[k].flatten() for k in sorted(grads)])  # noqa: E731
+    # bf16 keeps 8 bits of mantissa: a few percent of the gradient's norm.
+    assert (flat(bf16) - flat(ref)).norm() <= 0.05 * flat(ref).norm()
+    torch.testing.assert_close(flat(bf16_checkpointed), flat(bf16), rtol=1e-3, atol=1e-5)
+
+
 if __name__ == "__main__":
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     print(json.dumps(_worker(rank, port, out)))

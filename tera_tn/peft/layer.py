@@ -100,6 +100,7 @@ class TeraLayer(BaseTunerLayer):
             config.scale_init,
             zero_mode=config.zero_mode,
             seed=config.seed if config.scale_init == "random" else None,
+            value=config.scale_init_value,
         )
         flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in scales])
         weight = self.get_base_layer().weight
@@ -215,6 +216,14 @@ class Linear(nn.Module, TeraLayer):
         if not active:
             return base(x, *args, **kwargs)
         for a in active:
+            if self.tera_lambda[a].is_meta and not x.is_meta:
+                # accelerate's offload hooks restore a module's tensors only when that module is
+                # called; the λ ParameterDict never is unless the whole layer is preloaded.
+                raise RuntimeError(
+                    f"TeRA adapter {a!r} of a {self.out_features}×{self.in_features} layer has its λ on the meta device "
+                    f"while the input is on {x.device} (offloaded by accelerate?): pass "
+                    f"preload_module_classes=[{type(self).__name__!r}] to accelerate's dispatch_model / cpu_offload"
+                )
             if self.tera_check_finite.get(a):
                 self._check_scales(a)
         lam_params = [self.tera_lambda[a] for a in active]
