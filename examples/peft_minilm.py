@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=1e-1, help="AdamW learning rate of the λ vectors")
+    ap.add_argument("--head-lr", type=float, default=2e-3, help="AdamW learning rate of the new classifier head")
     ap.add_argument("--order", type=int, default=4)
     ap.add_argument("--ranks", default=None, help="'full' (default), a fraction in (0, 1] or an int cap")
     ap.add_argument("--out", default=None, help="adapter folder (default: a new temporary folder)")
@@ -96,7 +97,10 @@ def main(argv=None) -> dict:
         return out.loss.item(), acc
 
     loss0, acc0 = evaluate()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # λ want steps about 50× larger than the ordinary Linear head (task_type="SEQ_CLS" trains and saves it).
+    lam = [p for n, p in model.named_parameters() if p.requires_grad and "tera_" in n]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "tera_" not in n]
+    opt = torch.optim.AdamW([{"params": lam, "lr": args.lr}, {"params": head, "lr": args.head_lr}])
     model.train()
     for step in range(steps):
         chunk = train[step * batch : (step + 1) * batch]

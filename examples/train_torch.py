@@ -2,7 +2,7 @@
 
 A frozen "base" MLP is given; the target is the same MLP with a random TeRA update on each
 Linear (a full-rank ΔW). add_tera adapts a copy of the base, and only the λ vectors (a few dozen
-numbers per layer) are trained with Adam to match the target's outputs. The loss falls far
+numbers per layer) are trained with AdamW to match the target's outputs. The loss falls far
 below its starting value although every ΔW is full rank; then the adapters are merged and saved.
 
     python examples/train_torch.py             # 256-wide MLP, 300 steps
@@ -24,7 +24,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=3e-2)
+    ap.add_argument("--lr", type=float, default=1e-1, help="AdamW learning rate of the λ vectors")
     ap.add_argument("--smoke", action="store_true", help="small settings")
     args = ap.parse_args(argv)
     width, steps = (64, 40) if args.smoke else (args.width, args.steps)
@@ -47,7 +47,7 @@ def main(argv=None):
     summary = add_tera(model, config)
     print(summary)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr)
     losses = []
     for step in range(steps):
         x = torch.randn(64, width)
