@@ -138,7 +138,7 @@ def test_linear_shapes_of_a_plain_torch_model_and_errors():
 
 
 def test_llama2_report_matches_the_worked_example():
-    """tera-math §8: q,k,v,up,down of LLaMA-2-7B, TeRA order 6 full ranks, LoRA 32, VeRA 256."""
+    """q,k,v,up,down of LLaMA-2-7B, TeRA order 6 full ranks, LoRA 32, VeRA 256 (the documented counts)."""
     rep = model_report(
         "llama-2-7b", ["tera:order=6", "lora:r=32", "vera:r=256", "hira:r=32", "tera:order=6,ranks=0.5"],
         target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
