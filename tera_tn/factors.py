@@ -19,12 +19,62 @@ import numpy as np
 from ._backend import Array, all_finite, as_array, check_size, is_on_cpu, is_torch, to_like
 from .spec import TeRASpec, check_spec
 
-__all__ = ["TeRAFactors", "random_factors", "init_scales", "FACTOR_INITS", "SCALE_INITS"]
+__all__ = [
+    "TeRAFactors",
+    "random_factors",
+    "init_scales",
+    "FACTOR_INITS",
+    "SCALE_INITS",
+    "GENERATOR_VERSION",
+    "CORE_SCALE",
+    "factor_recipe",
+    "recipe_diff",
+]
 
 FACTOR_INITS = ("orthogonal", "gaussian", "uniform")
 SCALE_INITS = ("zero_start", "ones", "random")
 FactorInit = Literal["orthogonal", "gaussian", "uniform"]
 ScaleInit = Literal["zero_start", "ones", "random"]
+
+#: Version of the generator below (key derivation, draw order, distributions, sign fixing).
+#: Any change that alters a single drawn number for some (seed, spec, init) must bump it: saved
+#: adapters record it, and loading one written by another version fails instead of pairing its
+#: λ with different factors.
+GENERATOR_VERSION = 1
+#: The core's scale rule, recorded in checkpoints for the same reason. The core's scale is
+#: interchangeable with α (ΔW is linear in both), so it is fixed rather than configurable.
+CORE_SCALE = "normal/sqrt(prod col ranks)"
+#: What generated the factors of a checkpoint, besides the seed and the spec.
+RECIPE_FIELDS = ("factor_init", "core_scale", "generator_version", "factor_dtype")
+#: Recipe fields of checkpoints written before the recipe was recorded: the generator then was
+#: version 1 with the same core scale (factor_init and factor_dtype were always recorded).
+LEGACY_RECIPE = {"core_scale": CORE_SCALE, "generator_version": 1}
+
+
+def factor_recipe(factor_init: str, factor_dtype: str) -> dict:
+    """The recipe the running code generates factors with, for a checkpoint's metadata."""
+    return {"factor_init": factor_init, "core_scale": CORE_SCALE, "generator_version": GENERATOR_VERSION,
+            "factor_dtype": factor_dtype}
+
+
+def with_legacy_recipe(saved: dict) -> dict:
+    """``saved`` (a checkpoint's metadata entry) with the recipe fields it lacks set to their
+    values before they were recorded; fields it has are kept as written."""
+    return {**LEGACY_RECIPE, **saved}
+
+
+def recipe_diff(saved: dict, current: dict) -> list[str]:
+    """One line per recipe field in which a checkpoint (``saved``) differs from the model."""
+    saved = with_legacy_recipe(saved)
+    out = []
+    for key in RECIPE_FIELDS:
+        if saved.get(key) != current.get(key):
+            line = f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}"
+            if key in ("core_scale", "generator_version"):
+                line += (" (this tera_tn generates different frozen factors than the ones these λ were trained "
+                         "with; load the adapter with the tera_tn version that wrote it)")
+            out.append(line)
+    return out
 
 
 def _check_seed(seed: object) -> int:
@@ -116,10 +166,15 @@ def _factor(gen: np.random.Generator, k: int, r: int, init: str) -> np.ndarray:
 def random_factors(spec: TeRASpec, seed: int, *, init: FactorInit = "orthogonal") -> TeRAFactors:
     """Seeded frozen factors for ``spec`` (numpy, float64, generated on the CPU).
 
-    * core ``G``: i.i.d. N(0, 1/∏R_col), so the frozen map ``x ↦ G_mat x`` has gain O(1).
+    * core ``G``: i.i.d. N(0, 1/∏R_col), so the frozen map ``x ↦ G_mat x`` has gain O(1)
+      (:data:`CORE_SCALE`).
     * ``U_n`` of shape ``(K_n, R_n)``: orthonormal columns (QR of a Gaussian, default), or
       i.i.d. Gaussian / uniform entries of variance 1/K_n (unit expected column norm).
     * ``diag="identity"``: no factor matrices (``U_n = I``).
+
+    The draws depend on ``(seed, spec.ranks, spec.modes, init)`` only, not on ``diag``: the
+    ``"rank"``, ``"mode"`` and ``"both"`` placements of one shape share their factors. Any change
+    here that alters a drawn number must bump :data:`GENERATOR_VERSION`.
     """
     check_spec(spec, "random_factors")
     seed = _check_seed(seed)
@@ -143,16 +198,21 @@ def init_scales(
     *,
     zero_mode: int = 0,
     seed: int | None = None,
+    value: float = 1.0,
     like: Array | None = None,
 ) -> tuple[Array, ...]:
     """Trainable vectors λ_n, of lengths ``spec.scale_sizes``.
 
-    * ``"zero_start"`` (default): ``λ_{zero_mode} = 0``, all others 1. ΔW is exactly 0 but,
-      being multilinear in the λ_n, its gradient with respect to ``λ_{zero_mode}`` is not.
-    * ``"ones"``: all 1.
-    * ``"random"``: |λ| uniform in [0.5, 2] with random signs (needs ``seed``): a well-conditioned
-      generic point, used for rank analysis.
+    * ``"zero_start"`` (default): ``λ_{zero_mode} = 0``, all others ``value``. ΔW is exactly 0
+      but, being multilinear in the λ_n, its gradient with respect to ``λ_{zero_mode}`` is not.
+      With ``diag="both"`` only the rank-side part of vector ``zero_mode`` is zero (its
+      mode-side part starts at ``value``, like every other vector).
+    * ``"ones"``: all ``value``.
+    * ``"random"``: |λ| uniform in ``[0.5, 2]·value`` with random signs (needs ``seed``): a
+      well-conditioned generic point, used for rank analysis.
 
+    ``value`` (finite, > 0) is the starting magnitude: a small one with a large α (as RandLoRA
+    does) gives the same ΔW scale as α with ``value=1`` but larger relative steps for Adam.
     Returned as float64 numpy arrays, or converted to the backend/dtype/device of ``like``.
     """
     check_spec(spec, "init_scales")
@@ -160,6 +220,7 @@ def init_scales(
         raise TypeError(f"like must be a numpy array, a torch tensor or None, got {type(like).__name__}: {like!r:.80}")
     if init not in SCALE_INITS:
         raise ValueError(f"init must be one of {SCALE_INITS}, got {init!r}")
+    value = check_scale_value("value", value)
     sizes = spec.scale_sizes
     if init == "random":
         if seed is None:
@@ -168,19 +229,28 @@ def init_scales(
         scales = []
         for n, size in enumerate(sizes):
             gen = _generator(seed, f"scale{n}", (size,))
-            scales.append(gen.uniform(0.5, 2.0, size) * gen.choice([-1.0, 1.0], size))
+            scales.append(gen.uniform(0.5, 2.0, size) * gen.choice([-1.0, 1.0], size) * value)
     else:
         if init == "zero_start" and (
             isinstance(zero_mode, bool) or not isinstance(zero_mode, numbers.Integral) or not 0 <= zero_mode < spec.order
         ):
             raise ValueError(f"zero_mode must be a mode index in [0, {spec.order}), got {zero_mode!r}")
-        scales = [np.ones(size) for size in sizes]
+        scales = [np.full(size, value) for size in sizes]
         if init == "zero_start":
-            scales[zero_mode] = np.zeros(sizes[zero_mode])
+            # The rank side of a "both" vector is its tail (after the K_n mode-side entries).
+            start = spec.modes[zero_mode] if spec.diag == "both" else 0
+            scales[zero_mode][start:] = 0.0
     out = tuple(scales)
     if like is not None:
         out = tuple(to_like(s, like) for s in out)
     return out
+
+
+def check_scale_value(name: str, value: object) -> float:
+    """``value`` as a float when it is a finite number > 0 (a starting magnitude of λ)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (the starting magnitude of λ, e.g. 1.0 or 0.1), got {value!r}")
+    return float(value)
 
 
 def check_scales(spec: TeRASpec, scales: object) -> tuple[Array, ...]:
@@ -204,7 +274,7 @@ def check_scales(spec: TeRASpec, scales: object) -> tuple[Array, ...]:
         if tuple(s.shape) != (size,):
             raise ValueError(
                 f"scales[{n}] has shape {tuple(s.shape)}, expected ({size},) for diag={spec.diag!r} "
-                f"(len R_n for 'rank', K_n for 'mode'/'identity')"
+                f"(len R_n for 'rank', K_n for 'mode'/'identity', K_n + R_n for 'both')"
             )
         if is_on_cpu(s) and not all_finite(s):
             raise ValueError(f"scales[{n}] holds NaN or Inf ({s!r:.120}); expected finite values")

@@ -17,7 +17,7 @@ from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
 from .spec import TeRASpec, check_spec, prefix_rank
 
-__all__ = ["scaled_factors", "delta_weight", "theoretical_rank", "kron_vectors"]
+__all__ = ["scaled_factors", "delta_weight", "theoretical_rank", "kron_vectors", "scale_sides"]
 
 
 def _prepare(
@@ -32,10 +32,25 @@ def _prepare(
     return factors.to(like), tuple(to_like(s, like) for s in scales), alpha
 
 
+def scale_sides(spec: TeRASpec, scales: Sequence[Array]) -> tuple[Optional[list[Array]], Optional[list[Array]]]:
+    """``(mode-side vectors, rank-side vectors)`` of the trainable vectors, ``None`` for an absent side.
+
+    ``diag="rank"`` and ``"identity"`` (``U_n = I``, so its λ_n act on the R_n = K_n side) have
+    only rank-side vectors, ``"mode"`` only mode-side ones, and ``"both"`` splits each vector
+    into ``μ_n = v[:K_n]`` and ``λ_n = v[K_n:]`` (views, so gradients flow to the whole vector).
+    """
+    scales = list(scales)
+    if spec.diag == "mode":
+        return scales, None
+    if spec.diag == "both":
+        return [s[:k] for s, k in zip(scales, spec.modes)], [s[k:] for s, k in zip(scales, spec.modes)]
+    return None, scales
+
+
 def scaled_factors(
     spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float = 1.0
 ) -> tuple[Optional[Array], ...]:
-    """``A_n = U_n diag(λ_n)`` (rank side) or ``diag(λ_n) U_n`` (mode side), shape ``(K_n, R_n)``.
+    """``A_n = U_n diag(λ_n)`` (rank side), ``diag(μ_n) U_n`` (mode side) or both, shape ``(K_n, R_n)``.
 
     ``alpha`` is folded into ``A_1`` (cheaper than scaling the result). Returns ``None``
     entries for ``diag="identity"``, whose ``A_n = diag(λ_n)`` is never formed.
@@ -46,9 +61,11 @@ def scaled_factors(
 def _scaled_factors(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float) -> tuple[Optional[Array], ...]:
     if spec.diag == "identity":
         return (None,) * spec.order
+    mode_side, rank_side = scale_sides(spec, scales)
     out = []
-    for n, (u, lam) in enumerate(zip(factors.factors, scales)):
-        a = u * lam[None, :] if spec.diag == "rank" else lam[:, None] * u
+    for n, u in enumerate(factors.factors):
+        a = u if mode_side is None else mode_side[n][:, None] * u
+        a = a if rank_side is None else a * rank_side[n][None, :]
         out.append(a * alpha if n == 0 and alpha != 1.0 else a)
     return tuple(out)
 
@@ -97,21 +114,22 @@ def theoretical_rank(spec: TeRASpec, scales: Sequence[Array]) -> int:
 
     With every ``U_n`` of full column rank, a generic core and ``α ≠ 0``, and no padding:
     ``rank(ΔW) = min(∏_row r_n, ∏_col r_n)`` where ``r_n = nnz(λ_n)`` for ``diag="rank"`` and
-    ``"identity"``, and ``r_n = min(nnz(λ_n), R_n)`` for ``diag="mode"``. With padding the kept
-    rows/columns are C-order prefixes of the padded Kronecker factors and the exact prefix rank
-    is used instead. Exact zeros in λ count as zeros; any other finite value counts as non-zero
+    ``"identity"``, ``r_n = min(nnz(λ_n), R_n)`` for ``diag="mode"``, and
+    ``r_n = min(nnz(μ_n), nnz(λ_n))`` for ``diag="both"`` (the rank side's count, also capped by
+    the mode side's). With padding the kept rows/columns are C-order prefixes of the padded
+    Kronecker factors and the exact prefix rank is used instead. Exact zeros in λ count as zeros; any other finite value counts as non-zero
     (NaN or Inf is refused: ΔW would have no rank).
     """
     check_spec(spec, "theoretical_rank")
     scales = check_scales(spec, scales)
-    nonzero = [to_numpy(s) != 0 for s in scales]
-    if spec.diag == "rank":
-        # U_n diag(λ_n): all K_n rows are generic in the span of the nnz(λ_n) kept columns.
-        masks = [np.ones(k, dtype=bool) for k in spec.modes]
-        cols = [int(m.sum()) for m in nonzero]
-    else:
-        # diag(λ_n) U_n zeroes rows; U_n = I (identity) has rows in general position too.
-        masks = nonzero
-        cols = list(spec.ranks)
+    mode_side, rank_side = scale_sides(spec, scales)
+    if spec.diag == "identity":
+        # I diag(λ_n) = diag(λ_n) I: rows zeroed where λ_n = 0, the others unit vectors, which
+        # are in general position like the rows of a generic U_n.
+        mode_side, rank_side = rank_side, None
+    # diag(μ_n) U_n zeroes the rows where μ_n = 0; U_n diag(λ_n) keeps every row generic in the
+    # span of the nnz(λ_n) kept columns.
+    masks = [np.ones(k, dtype=bool) for k in spec.modes] if mode_side is None else [to_numpy(m) != 0 for m in mode_side]
+    cols = list(spec.ranks) if rank_side is None else [int(np.count_nonzero(to_numpy(lam))) for lam in rank_side]
     p = spec.n_row
     return min(prefix_rank(masks[:p], cols[:p], spec.d_out), prefix_rank(masks[p:], cols[p:], spec.d_in))

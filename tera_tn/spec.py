@@ -11,7 +11,9 @@ Conventions (stated once, used everywhere in tera_tn):
 * The network is ``X = G ×_1 A_1 … ×_N A_N`` with frozen core ``G`` of shape ``ranks`` and
   ``A_n`` built from a frozen factor ``U_n`` (shape ``(K_n, R_n)``) and a trainable vector
   ``λ_n``: ``A_n = U_n diag(λ_n)`` for ``diag="rank"`` (len R_n), ``A_n = diag(λ_n) U_n`` for
-  ``diag="mode"`` (len K_n), ``A_n = diag(λ_n)`` for ``diag="identity"`` (``U_n = I``, R_n = K_n).
+  ``diag="mode"`` (len K_n), ``A_n = diag(λ_n)`` for ``diag="identity"`` (``U_n = I``, R_n = K_n),
+  and ``A_n = diag(μ_n) U_n diag(λ_n)`` for ``diag="both"``, whose trainable vector per mode is
+  ``μ_n`` (len K_n) followed by ``λ_n`` (len R_n), one vector of length ``K_n + R_n``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from .factorize import padded_factorization
 
 __all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "check_spec"]
 
-Diag = Literal["rank", "mode", "identity"]
-DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity")
+Diag = Literal["rank", "mode", "identity", "both"]
+DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity", "both")
 RanksArg = Union[None, str, int, float, Sequence[int]]
 # from_shape factorizes by trial division: a dimension past this is no weight matrix that fits in
 # memory, and its search would run for hours. Explicit modes have no such limit.
@@ -66,7 +68,8 @@ class TeRASpec:
         ranks: Tucker ranks ``(R_1..R_N)``, ``N = P + Q``, each ``1 ≤ R_n ≤ K_n``; ``None`` at
             construction means full ranks ``R_n = K_n``.
         diag: where the trainable diagonal sits: ``"rank"`` (default, ``U_n Λ_n``), ``"mode"``
-            (``Λ_n U_n``) or ``"identity"`` (``U_n = I``, full ranks only).
+            (``Λ_n U_n``), ``"identity"`` (``U_n = I``, full ranks only) or ``"both"``
+            (``M_n U_n Λ_n``: ``K_n + R_n`` trainable numbers per mode instead of ``R_n``).
         d_out, d_in: the true weight shape; ``None`` means the mode products (no padding).
 
     Build one with :meth:`from_shape` (automatic balanced factorization with padding) or
@@ -137,7 +140,7 @@ class TeRASpec:
                 ``log d_out : log d_in``; or an explicit ``(P, Q)``.
             ranks: ``"full"`` (``R_n = K_n``), a fraction in (0, 1] (``R_n = ceil(f·K_n)``), an
                 int ``r`` (``R_n = min(r, K_n)``), or an explicit per-mode tuple.
-            diag: ``"rank"``, ``"mode"`` or ``"identity"``.
+            diag: ``"rank"``, ``"mode"``, ``"identity"`` or ``"both"``.
             max_imbalance: a split is balanced when its largest mode is at most this many times
                 the geometric mean; otherwise the size is padded to the nearest one that is.
             max_padding: largest padding accepted, as a fraction of the size.
@@ -268,7 +271,10 @@ class TeRASpec:
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
-        """Length of each trainable vector λ_n: ``R_n`` for ``diag="rank"``, else ``K_n``."""
+        """Length of each trainable vector: ``R_n`` for ``diag="rank"``, ``K_n`` for ``"mode"`` and
+        ``"identity"``, ``K_n + R_n`` for ``"both"`` (``μ_n`` then ``λ_n``)."""
+        if self.diag == "both":
+            return tuple(k + r for k, r in zip(self.modes, self.ranks))
         return self.ranks if self.diag == "rank" else self.modes
 
     @property

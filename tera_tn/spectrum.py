@@ -1,7 +1,7 @@
 """Exact singular values of a TeRA update ΔW from its structure, and a conditioning report.
 
-Matrix form, with ``A_n`` the scaled factors (``U_n diag(λ_n)``, ``diag(λ_n) U_n``
-or ``diag(λ_n)``) and C-order Kronecker products::
+Matrix form, with ``A_n`` the scaled factors (``U_n diag(λ_n)``, ``diag(μ_n) U_n``,
+``diag(μ_n) U_n diag(λ_n)`` or ``diag(λ_n)``) and C-order Kronecker products::
 
     ΔW = α · B_row · G_mat · B_colᵀ,   B_row = (A_1 ⊗ … ⊗ A_P)[:d_out],  B_col = (A_{P+1} ⊗ … ⊗ A_N)[:d_in]
 
@@ -46,7 +46,7 @@ import numpy as np
 from ._backend import Array, check_alpha, is_torch, pick_like, to_like, to_numpy
 from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
-from .network import _scaled_factors, theoretical_rank
+from .network import _scaled_factors, scale_sides, theoretical_rank
 from .rank import RankSummary, dtype_eps, summarize_singular_values
 from .spec import TeRASpec, check_spec
 
@@ -417,7 +417,8 @@ def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tu
     """Almost-sure multilinear ranks of the network tensor ``X`` (shape ``spec.modes``).
 
     ``X = G' ×_1 B_1 … ×_N B_N`` with ``B_n`` of full column rank ``r_n`` (``r_n = nnz(λ_n)``
-    for ``"rank"``/``"identity"``, ``min(nnz(λ_n), R_n)`` for ``"mode"``) and a generic core
+    for ``"rank"``/``"identity"``, ``min(nnz(λ_n), R_n)`` for ``"mode"``,
+    ``min(nnz(μ_n), nnz(λ_n))`` for ``"both"``) and a generic core
     ``G'`` of shape ``(r_1..r_N)``, so the mode-n unfolding has rank ``min(r_n, ∏_{m≠n} r_m)``.
 
     This is the tensor before padding is sliced away; for unpadded specs it equals
@@ -425,7 +426,10 @@ def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tu
     """
     check_spec(spec, "theoretical_multilinear_ranks")
     scales = check_scales(spec, scales)
-    nnz = [int(np.count_nonzero(to_numpy(s))) for s in scales]
-    r = nnz if spec.diag != "mode" else [min(z, k) for z, k in zip(nnz, spec.ranks)]
+    mode_side, rank_side = scale_sides(spec, scales)
+    r = list(spec.ranks)
+    for side in (mode_side, rank_side):
+        if side is not None:
+            r = [min(rn, int(np.count_nonzero(to_numpy(v)))) for rn, v in zip(r, side)]
     total = math.prod(r)
     return tuple(min(rn, total // rn) if rn else 0 for rn in r)

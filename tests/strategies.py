@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tera_tn import TeRASpec
 from tera_tn.factors import TeRAFactors
 
-DIAGS = ("rank", "mode", "identity")
+DIAGS = ("rank", "mode", "identity", "both")
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 alphas = st.one_of(
@@ -117,7 +117,8 @@ def spec_and_scales(draw, *, zeros: bool = False, **spec_kwargs):
 
 
 def effective_factors(spec: TeRASpec, factors: TeRAFactors, scales) -> list[np.ndarray]:
-    """A_n = U_n Λ_n (rank), Λ_n U_n (mode) or Λ_n (identity), as float64 numpy matrices."""
+    """A_n = U_n Λ_n (rank), Λ_n U_n (mode), Λ_n (identity) or M_n U_n Λ_n (both: the vector is
+    μ_n (K_n) then λ_n (R_n)), as float64 numpy matrices."""
     out = []
     for n, lam in enumerate(scales):
         lam = np.asarray(lam, dtype=np.float64)
@@ -125,7 +126,11 @@ def effective_factors(spec: TeRASpec, factors: TeRAFactors, scales) -> list[np.n
             out.append(np.diag(lam))
             continue
         u = np.asarray(factors.factors[n], dtype=np.float64)
-        out.append(u @ np.diag(lam) if spec.diag == "rank" else np.diag(lam) @ u)
+        if spec.diag == "both":
+            k = spec.modes[n]
+            out.append(np.diag(lam[:k]) @ u @ np.diag(lam[k:]))
+        else:
+            out.append(u @ np.diag(lam) if spec.diag == "rank" else np.diag(lam) @ u)
     return out
 
 

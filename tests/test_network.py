@@ -159,6 +159,8 @@ def test_rank_theorem_unpadded(ss, seed):
     nnz = [int(np.count_nonzero(s)) for s in scales]
     if spec.diag == "mode":
         r = [min(z, rk) for z, rk in zip(nnz, spec.ranks)]
+    elif spec.diag == "both":  # the rank side's count, capped by the mode side's
+        r = [min(np.count_nonzero(s[:k]), np.count_nonzero(s[k:])) for s, k in zip(scales, spec.modes)]
     else:
         r = nnz
     predicted = min(math.prod(r[:p]), math.prod(r[p:]))
@@ -216,7 +218,9 @@ def test_zero_start_is_zero_with_nonzero_gradient(spec, seed, data):
     zero_mode = data.draw(st.integers(0, spec.order - 1))
     f = random_factors(spec, seed)
     scales = init_scales(spec, zero_mode=zero_mode)
-    assert np.all(scales[zero_mode] == 0)
+    # diag="both": only the rank side λ (after the K_n mode-side entries μ) of the vector is zero
+    first = spec.modes[zero_mode] if spec.diag == "both" else 0
+    assert np.all(scales[zero_mode][first:] == 0) and np.all(scales[zero_mode][:first] == 1)
     assert all(np.all(s == 1) for n, s in enumerate(scales) if n != zero_mode)
     assert np.all(delta_weight(spec, f, scales) == 0)
 
@@ -229,7 +233,8 @@ def test_zero_start_is_zero_with_nonzero_gradient(spec, seed, data):
     g = ts[zero_mode].grad
     assert g is not None and torch.any(g != 0)
     # the gradient is the exact directional derivative: ΔW is linear in λ_{zero_mode}
-    for k in range(spec.scale_sizes[zero_mode]):
+    assert torch.all(g[:first] == 0)  # μ of the zero mode multiplies λ = 0
+    for k in range(first, spec.scale_sizes[zero_mode]):
         e = [s.copy() for s in scales]
         e[zero_mode][k] = 1.0
         expected = float((delta_weight(spec, f, e) * weight.numpy()).sum())
@@ -342,8 +347,11 @@ def test_torch_gradients_match_reference(ss, seed):
     ts = [torch.tensor(s, requires_grad=True) for s in scales]
     (delta_weight(spec, f, ts) * c).sum().backward()
     for n in range(spec.order):
-        for k in range(min(2, spec.scale_sizes[n])):
-            e = [np.zeros_like(s) if i == n else s for i, s in enumerate(scales)]
+        for k in range(min(2, spec.scale_sizes[n])) if spec.diag != "both" else (0, spec.modes[n]):
+            # ΔW is linear in each side (μ_n or λ_n) of the vector: unit vector on k's side
+            e = [s.copy() for s in scales]
+            side = slice(None) if spec.diag != "both" else slice(0, spec.modes[n]) if k < spec.modes[n] else slice(spec.modes[n], None)
+            e[n][side] = 0.0
             e[n][k] = 1.0
             expected = float((reference_einsum(spec, f, e) * c.numpy()).sum())
             assert abs(float(ts[n].grad[k]) - expected) <= 1e-10 * max(1.0, abs(expected))

@@ -39,7 +39,8 @@ def test_derived_quantities(spec):
     assert spec.modes == rows + cols
     assert spec.order == len(rows) + len(cols) == len(ranks)
     assert all(1 <= r <= k for r, k in zip(ranks, spec.modes))
-    expected_sizes = ranks if spec.diag == "rank" else spec.modes
+    expected_sizes = {"rank": ranks, "mode": spec.modes, "identity": spec.modes,
+                      "both": tuple(k + r for k, r in zip(spec.modes, ranks))}[spec.diag]
     assert spec.scale_sizes == expected_sizes
     assert spec.num_trainable == sum(expected_sizes)
     frozen = math.prod(ranks) + (0 if spec.diag == "identity" else sum(k * r for k, r in zip(spec.modes, ranks)))

@@ -48,7 +48,8 @@ class TeraConfig(PeftConfig):
         exclude_modules: names or regex of modules never adapted.
         order: modes per layer ``N`` (split between rows and columns) or ``[P, Q]``.
         ranks: Tucker ranks: ``"full"``, a fraction in (0, 1], an int cap, or a per-mode list.
-        diag: ``"rank"`` (default), ``"mode"`` or ``"identity"`` (see :class:`tera_tn.TeRASpec`).
+        diag: ``"rank"`` (default), ``"mode"``, ``"identity"`` or ``"both"`` (see :class:`tera_tn.TeRASpec`;
+            ``"both"`` trains ``K_n + R_n`` numbers per mode).
         specs: explicit specs per weight shape, ``{"768x384": TeRASpec or its dict}`` (tuples
             ``(d_out, d_in)`` are accepted as keys); other shapes follow ``order``/``ranks``/``diag``.
         alpha: global scale α of ΔW.
@@ -57,6 +58,8 @@ class TeraConfig(PeftConfig):
         factor_dtype: storage dtype of the frozen factors, ``"float32"`` or ``"float64"``.
         scale_init: λ init, ``"zero_start"`` (ΔW = 0, non-zero gradient), ``"ones"`` or ``"random"``.
         zero_mode: the mode whose λ starts at zero for ``"zero_start"``.
+        scale_init_value: starting value of the λ that do not start at zero (finite, > 0); a small
+            value with a large ``alpha`` is RandLoRA's choice.
         tera_dropout: dropout on the adapter input.
         strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
         check_finite: opt-in (default off): every forward checks that the adapter's λ are finite
@@ -74,7 +77,7 @@ class TeraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
     order: Union[int, list[int]] = field(default=6, metadata={"help": "Modes per layer N, or [P, Q]"})
     ranks: Union[str, int, float, list[int]] = field(default="full", metadata={"help": "Tucker-rank policy"})
-    diag: str = field(default="rank", metadata={"help": "'rank', 'mode' or 'identity'"})
+    diag: str = field(default="rank", metadata={"help": "'rank', 'mode', 'identity' or 'both'"})
     specs: Optional[dict] = field(default=None, metadata={"help": "Explicit specs per 'd_outxd_in' shape"})
     alpha: float = field(default=1.0, metadata={"help": "Global scale of ΔW"})
     seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})
@@ -82,6 +85,7 @@ class TeraConfig(PeftConfig):
     factor_dtype: str = field(default="float32", metadata={"help": "Storage dtype of frozen factors"})
     scale_init: str = field(default="zero_start", metadata={"help": "λ init"})
     zero_mode: int = field(default=0, metadata={"help": "Mode whose λ starts at zero"})
+    scale_init_value: float = field(default=1.0, metadata={"help": "Starting value of the non-zero λ"})
     tera_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
     strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize' or 'factored'"})
     check_finite: bool = field(default=False, metadata={"help": "Forward raises on non-finite λ"})
@@ -124,6 +128,7 @@ class TeraConfig(PeftConfig):
             factor_init=self.factor_init,
             scale_init=self.scale_init,
             zero_mode=self.zero_mode,
+            scale_init_value=self.scale_init_value,
             dropout=self.tera_dropout,
             strategy=self.strategy,
             factor_dtype=self.factor_dtype,

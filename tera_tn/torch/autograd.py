@@ -6,6 +6,8 @@ Shapes: ``x`` is ``(n, d_in)`` (callers flatten leading dims), ``W0`` is ``(d_ou
 * ``diag="rank"`` / ``"identity"``: ``ΔW = α P (G_mat ⊙ u vᵀ) Qᵀ`` with ``P = ⊗U_row``,
   ``Q = ⊗U_col`` (``I`` for identity), ``u = ⊗λ_row``, ``v = ⊗λ_col`` (lengths ``∏R``).
 * ``diag="mode"``: ``ΔW = α diag(u) P G_mat Qᵀ diag(v)`` with ``u``, ``v`` of lengths ``∏K``.
+* ``diag="both"``: both at once, ``ΔW = α diag(u_K) P (G_mat ⊙ u_R v_Rᵀ) Qᵀ diag(v_K)`` with the
+  mode-side Kronecker vectors ``u_K = ⊗μ_row``, ``v_K = ⊗μ_col`` and the rank-side ``u_R``, ``v_R``.
 
 ``P`` and ``Q`` are never formed: multiplying by them is a chain of small mode products
 (:func:`project` / :func:`expand`). Padding (``∏K > d``) is handled by zero-padding ``x`` and
@@ -32,13 +34,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..modeproduct import multi_mode_product
-from ..network import kron_vectors
+from ..network import _scaled_factors, kron_vectors, scale_sides
 from ..spec import TeRASpec
 
 __all__ = [
@@ -191,14 +193,6 @@ def _kron_grads(dk: torch.Tensor, lams: Sequence[torch.Tensor]) -> list[torch.Te
     return out
 
 
-def _scaled_mats(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-    mats = []
-    for n, (u, lam) in enumerate(zip(net.factors, lams)):
-        a = u * lam[None, :] if net.spec.diag == "rank" else lam[:, None] * u
-        mats.append(a * alpha if n == 0 else a)
-    return mats
-
-
 def merged_weight(
     net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, w0: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -216,37 +210,56 @@ def merged_weight(
         x = net.g_mat * u[:, None]
         x.mul_(v[None, :])
     else:
-        x = multi_mode_product(net.core, _scaled_mats(net, lams, alpha)).reshape(po, pi)
+        # A FrozenNetwork has the ``factors`` attribute that _scaled_factors reads.
+        x = multi_mode_product(net.core, list(_scaled_factors(spec, net, lams, alpha))).reshape(po, pi)
     if (po, pi) != spec.shape:
         x = x[: spec.d_out, : spec.d_in]
         return x.contiguous() if w0 is None else w0 + x
     return x if w0 is None else x.add_(w0)
 
 
-def _kron_uv(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+class _Kron(NamedTuple):
+    """The Kronecker vectors of one forward: mode side ``uk = ⊗μ_row``, ``vk = ⊗μ_col`` (lengths
+    ``∏K``) and rank side ``ur = ⊗λ_row``, ``vr = ⊗λ_col`` (lengths ``∏R``); ``None`` where the
+    placement has no such side. α is folded into ``ur``, or into ``uk`` when there is no rank side."""
+
+    uk: Optional[torch.Tensor]
+    vk: Optional[torch.Tensor]
+    ur: Optional[torch.Tensor]
+    vr: Optional[torch.Tensor]
+
+
+def _kron(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> _Kron:
     p = net.spec.n_row
-    return kron_vectors(list(lams[:p])) * alpha, kron_vectors(list(lams[p:]))
+    mode_side, rank_side = scale_sides(net.spec, lams)
+    uk = vk = ur = vr = None
+    if rank_side is not None:
+        ur, vr = kron_vectors(rank_side[:p]) * alpha, kron_vectors(rank_side[p:])
+    if mode_side is not None:
+        uk, vk = kron_vectors(mode_side[:p]), kron_vectors(mode_side[p:])
+        if ur is None:
+            uk = uk * alpha
+    return _Kron(uk, vk, ur, vr)
 
 
-def _factored_delta(net: FrozenNetwork, ua: torch.Tensor, v: torch.Tensor, x2: torch.Tensor):
-    """``(ΔW x, saved, xq)`` for the factored strategy. ``saved`` is what backward needs from
-    forward (rank/identity: ``s = (xQ ⊙ v) G_matᵀ`` before ``u``; mode: ``z = P G Qᵀ (v ⊙ x)``)
-    and ``xq = xQ`` (rank/identity; None for mode), kept so backward does not project again."""
+def _mul(t: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if v is None else t * v
+
+
+def _factored_delta(net: FrozenNetwork, kr: _Kron, x2: torch.Tensor):
+    """``(ΔW x, s, z, xq)`` for the factored strategy: ``x → ⊙vk → Q → ⊙vr → G_matᵀ (= s) →
+    ⊙ur → P (= z) → ⊙uk``. Of the intermediates only what backward reads is returned (the others
+    are None): ``s`` for the ``ur`` gradient, ``z`` for ``uk``'s and ``xq`` (before ``⊙vr``) for
+    ``vr``'s, so backward never projects again."""
     spec = net.spec
     po, pi = spec.padded_shape
     p = spec.n_row
-    xp = _pad_cols(x2, pi)
-    if spec.diag == "mode":
-        xq = project(xp * v, net.col_factors, spec.col_modes)
-        z = expand(_core_mm(xq, net.g_mat.T), net.row_factors, spec.ranks[:p])
-        y = z * ua
-        saved, xq = z, None
-    else:
-        xq = project(xp, net.col_factors, spec.col_modes)
-        s = _core_mm(xq * v, net.g_mat.T)
-        y = expand(s * ua, net.row_factors, spec.ranks[:p])
-        saved = s
-    return y[:, : spec.d_out], saved, xq
+    xq = project(_mul(_pad_cols(x2, pi), kr.vk), net.col_factors, spec.col_modes)
+    s = _core_mm(_mul(xq, kr.vr), net.g_mat.T)
+    z = expand(_mul(s, kr.ur), net.row_factors, spec.ranks[:p])
+    y = _mul(z, kr.uk)
+    return (y[:, : spec.d_out], None if kr.ur is None else s, None if kr.uk is None else z,
+            None if kr.vr is None else xq)
 
 
 def _scale_grads_h(gp: torch.Tensor, xq: torch.Tensor, g_mat: torch.Tensor, ua: torch.Tensor, v: torch.Tensor):
@@ -268,28 +281,43 @@ def _scale_grads_h(gp: torch.Tensor, xq: torch.Tensor, g_mat: torch.Tensor, ua: 
     return d_ua, d_v
 
 
-def _scale_grads_factored(net, ua, v, x2, g2, saved, xq, need_x: bool):
-    """``(grad_x of the ΔW part or None, ∂L/∂ua, ∂L/∂v)`` sharing ``(g P ⊙ u) G_mat``."""
+def _scale_grads_factored(net: FrozenNetwork, kr: _Kron, x2, g2, s, z, xq, need_x: bool):
+    """``(grad_x of the ΔW part or None, _Kron of the gradients)``: the forward chain run
+    backwards, sharing ``m2 = (⊙uk → P → ⊙ur)(g) G_mat`` between ``grad_x`` and the column-side
+    gradients; ``s``, ``z``, ``xq`` are :func:`_factored_delta`'s."""
     spec = net.spec
     po, pi = spec.padded_shape
     p = spec.n_row
     gpad = _pad_cols(g2, po)
     xp = _pad_cols(x2, pi)
-    if spec.diag == "mode":
-        gp = project(gpad * ua, net.row_factors, spec.row_modes)
-        w = expand(_core_mm(gp, net.g_mat), net.col_factors, spec.ranks[p:])
-        d_ua = (gpad * saved).sum(0)
-        d_v = (xp * w).sum(0)
-        gx = (w * v)[:, : spec.d_in] if need_x else None
-    else:
-        gp = project(gpad, net.row_factors, spec.row_modes)
-        m2 = _core_mm(gp * ua, net.g_mat)
-        d_ua = (gp * saved).sum(0)
+    d_uk = None if kr.uk is None else (gpad * z).sum(0)
+    gp = project(_mul(gpad, kr.uk), net.row_factors, spec.row_modes)
+    d_ur = None if kr.ur is None else (gp * s).sum(0)
+    m2 = _core_mm(_mul(gp, kr.ur), net.g_mat)
+    d_vr = None
+    if kr.vr is not None:
         if xq is None:
-            xq = project(xp, net.col_factors, spec.col_modes)
-        d_v = (xq * m2).sum(0)
-        gx = expand(m2 * v, net.col_factors, spec.ranks[p:])[:, : spec.d_in] if need_x else None
-    return gx, d_ua, d_v
+            xq = project(_mul(xp, kr.vk), net.col_factors, spec.col_modes)
+        d_vr = (xq * m2).sum(0)
+    w = expand(_mul(m2, kr.vr), net.col_factors, spec.ranks[p:]) if need_x or kr.vk is not None else None
+    d_vk = None if kr.vk is None else (xp * w).sum(0)
+    gx = _mul(w, kr.vk)[:, : spec.d_in] if need_x else None
+    return gx, _Kron(d_uk, d_vk, d_ur, d_vr)
+
+
+def _scale_grads(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, dk: _Kron) -> list[torch.Tensor]:
+    """Gradients of the per-mode vectors from those of the Kronecker vectors (``μ_n`` then
+    ``λ_n`` concatenated for ``diag="both"``)."""
+    p = net.spec.n_row
+    mode_side, rank_side = scale_sides(net.spec, lams)
+    sides = []
+    # ur = α·kron(λ_row), so ∂L/∂kron(λ_row) = α ∂L/∂ur (likewise uk when it carries α).
+    if mode_side is not None:
+        a = alpha if rank_side is None else 1.0
+        sides.append(_kron_grads(dk.uk * a, mode_side[:p]) + _kron_grads(dk.vk, mode_side[p:]))
+    if rank_side is not None:
+        sides.append(_kron_grads(dk.ur * alpha, rank_side[:p]) + _kron_grads(dk.vr, rank_side[p:]))
+    return sides[0] if len(sides) == 1 else [torch.cat(pair) for pair in zip(*sides)]
 
 
 class TeRALinearFunction(torch.autograd.Function):
@@ -299,8 +327,8 @@ class TeRALinearFunction(torch.autograd.Function):
     ``bias (d_out,)`` or None, the frozen network, ``alpha``, ``strategy``
     (``"materialize"``/``"factored"``) and the λ vectors (any float dtype; computed in x's dtype).
     Saved for backward: ``x``, the λ and, for ``"factored"``, activation-sized tensors (the core
-    output ``(n, ∏R_row)`` — ``(n, ∏K_row)`` for mode diag —, ``xQ`` ``(n, ∏R_col)`` and the
-    Kronecker vectors u, v) — never a ``d_out × d_in`` tensor.
+    output ``(n, ∏R_row)`` for a rank side, its expansion ``(n, ∏K_row)`` for a mode side,
+    ``xQ`` ``(n, ∏R_col)`` and the Kronecker vectors) — never a ``d_out × d_in`` tensor.
     """
 
     @staticmethod
@@ -309,12 +337,12 @@ class TeRALinearFunction(torch.autograd.Function):
         lams_c = [_as(lam, dt) for lam in lams]
         w = _as(weight, dt)
         b = _as(bias, dt)
-        saved = xq = ua = v = None
+        kr, inter = _Kron(None, None, None, None), (None, None, None)
         if strategy == "materialize":
             y = F.linear(x, merged_weight(net, lams_c, alpha, w), b)
         elif strategy == "factored":
-            ua, v = _kron_uv(net, lams_c, alpha)
-            delta, saved, xq = _factored_delta(net, ua, v, x)
+            kr = _kron(net, lams_c, alpha)
+            delta, *inter = _factored_delta(net, kr, x)
             y = delta if w is None else F.linear(x, w, b).add_(delta)
             if w is None and b is not None:
                 y = y + b
@@ -322,7 +350,7 @@ class TeRALinearFunction(torch.autograd.Function):
             raise ValueError(f"strategy must be 'materialize' or 'factored', got {strategy!r}")
         ctx.net, ctx.alpha, ctx.strategy = net, alpha, strategy
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, saved, xq, ua, v, *lams)
+        ctx.save_for_backward(x, weight, *inter, *kr, *lams)
         return y
 
     @staticmethod
@@ -334,7 +362,7 @@ class TeRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        x, weight, saved, xq, ua, v, *lams = ctx.saved_tensors
+        x, weight, s, z, xq, uk, vk, ur, vr, *lams = ctx.saved_tensors
         net, alpha, strategy = ctx.net, ctx.alpha, ctx.strategy
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_lam = any(ctx.needs_input_grad[6:])
@@ -343,23 +371,24 @@ class TeRALinearFunction(torch.autograd.Function):
         lams_c = [_as(lam, dt) for lam in lams]
         w = _as(weight, dt)
         gx = gw = gb = None
-        d_ua = d_v = None
+        dk = None
         if strategy == "materialize":
             if need_x:
                 gx = g @ merged_weight(net, lams_c, alpha, w)
             if need_lam:
-                ua, v = _kron_uv(net, lams_c, alpha)
-                if net.spec.diag == "mode":
-                    _, saved, _ = _factored_delta(net, ua, v, x)
-                    _, d_ua, d_v = _scale_grads_factored(net, ua, v, x, g, saved, None, False)
+                kr = _kron(net, lams_c, alpha)
+                if kr.uk is not None:
+                    # Mode-side gradients need the forward's P-side output z: rerun the factored chain.
+                    _, s, z, xq = _factored_delta(net, kr, x)
+                    _, dk = _scale_grads_factored(net, kr, x, g, s, z, xq, False)
                 else:
                     po, pi = net.spec.padded_shape
                     gp = project(_pad_cols(g, po), net.row_factors, net.spec.row_modes)
                     xq = project(_pad_cols(x, pi), net.col_factors, net.spec.col_modes)
-                    d_ua, d_v = _scale_grads_h(gp, xq, net.g_mat, ua, v)
+                    dk = _Kron(None, None, *_scale_grads_h(gp, xq, net.g_mat, kr.ur, kr.vr))
         else:
             if need_x or need_lam:
-                gx_delta, d_ua, d_v = _scale_grads_factored(net, ua, v, x, g, saved, xq, need_x)
+                gx_delta, dk = _scale_grads_factored(net, _Kron(uk, vk, ur, vr), x, g, s, z, xq, need_x)
                 if need_x:
                     gx = gx_delta if w is None else torch.addmm(gx_delta, g, w)
         if need_w and weight is not None:
@@ -368,13 +397,10 @@ class TeRALinearFunction(torch.autograd.Function):
             gb = g.sum(0)
         grads_lam: list[Optional[torch.Tensor]] = [None] * len(lams)
         if need_lam:
-            p = net.spec.n_row
-            # ua = α·kron(λ_row), so ∂L/∂kron(λ_row) = α ∂L/∂ua.
             with _serial(x.device.type == "cpu"):
-                rows = _kron_grads(d_ua * alpha, lams_c[:p])
-                cols = _kron_grads(d_v, lams_c[p:])
+                grads = _scale_grads(net, lams_c, alpha, dk)
             grads_lam = [
-                _as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None for i, (gr, lam) in enumerate(zip(rows + cols, lams))
+                _as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None for i, (gr, lam) in enumerate(zip(grads, lams))
             ]
         return (gx, gw, gb, None, None, None, *grads_lam)
 

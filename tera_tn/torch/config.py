@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from ..factors import FACTOR_INITS, SCALE_INITS, _check_seed
+from ..factors import FACTOR_INITS, SCALE_INITS, _check_seed, check_scale_value
 from ..spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
@@ -30,7 +30,8 @@ class TeRAConfig:
             or an explicit ``(P, Q)``.
         ranks: Tucker-rank policy for automatic specs: ``"full"``, a fraction in (0, 1], an int
             cap, or an explicit per-mode tuple (see ``TeRASpec.from_shape``).
-        diag: ``"rank"`` (default), ``"mode"`` or ``"identity"``.
+        diag: ``"rank"`` (default), ``"mode"``, ``"identity"`` or ``"both"`` (diagonals on both
+            sides of every factor: ``K_n + R_n`` trainable numbers per mode).
         specs: explicit specs per weight shape, ``{(d_out, d_in): TeRASpec}``; shapes not listed
             use the ``order``/``ranks``/``diag`` policy. Stored as a tuple of pairs.
         alpha: global scale α of ΔW.
@@ -38,6 +39,9 @@ class TeRAConfig:
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         scale_init: λ initialization (``"zero_start"``: ΔW = 0 at step 0 with non-zero grads).
         zero_mode: which λ_n starts at zero for ``"zero_start"``.
+        scale_init_value: starting value of the λ that do not start at zero (finite, > 0). With
+            ``"zero_start"`` the first gradient scales as ``alpha·value^(N-1)``; a small value with
+            a large ``alpha`` (RandLoRA's choice) makes Adam's fixed-size steps larger relative to λ.
         dropout: dropout probability on the adapter input (the base sees the clean input).
         strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
         factor_dtype: storage dtype of the frozen factors (``"float32"`` or ``"float64"``);
@@ -60,6 +64,7 @@ class TeRAConfig:
     factor_init: str = "orthogonal"
     scale_init: str = "zero_start"
     zero_mode: int = 0
+    scale_init_value: float = 1.0
     dropout: float = 0.0
     strategy: str = "auto"
     factor_dtype: str = "float32"
@@ -105,6 +110,7 @@ class TeRAConfig:
         if self.factor_dtype not in _FACTOR_DTYPES:
             raise ValueError(f"factor_dtype must be one of {_FACTOR_DTYPES}, got {self.factor_dtype!r}")
         _check_seed(self.seed)
+        check_scale_value("scale_init_value", self.scale_init_value)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..factors import SCALE_INITS, init_scales
+from ..factors import SCALE_INITS, check_scale_value, init_scales
 from ..spec import TeRASpec
 from .autograd import FrozenNetwork, _no_autocast, check_input, compute_dtype, merged_weight, non_finite, tera_linear
 from .bank import FactorBank
@@ -80,7 +80,8 @@ class TeRALinear(nn.Module):
         bank: shared :class:`FactorBank`; ``None`` creates a private one from ``seed`` and
             ``factor_init``. Giving both a bank and a different seed is an error.
         alpha: scale α of ΔW.
-        scale_init, zero_mode: λ initialization (see :func:`tera_tn.init_scales`).
+        scale_init, zero_mode, scale_init_value: λ initialization (see :func:`tera_tn.init_scales`:
+            ``scale_init_value`` is its ``value``, the starting magnitude of the non-zero vectors).
         dropout: dropout probability on the adapter's input only.
         strategy: ``"auto"`` (per token count, :func:`tera_tn.torch.planning.layer_plan`),
             ``"materialize"`` or ``"factored"``.
@@ -107,6 +108,7 @@ class TeRALinear(nn.Module):
         alpha: float = 1.0,
         scale_init: str = "zero_start",
         zero_mode: int = 0,
+        scale_init_value: float = 1.0,
         dropout: float = 0.0,
         strategy: str = "auto",
         cache_delta: bool = False,
@@ -131,6 +133,7 @@ class TeRALinear(nn.Module):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if scale_init not in SCALE_INITS:
             raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {scale_init!r}")
+        check_scale_value("scale_init_value", scale_init_value)
         for flag, value in (("cache_delta", cache_delta), ("check_finite", check_finite)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
@@ -157,7 +160,9 @@ class TeRALinear(nn.Module):
         # Qualified name in the model, set by add_tera; only used to name the layer in errors.
         self._name = ""
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        scales = init_scales(spec, scale_init, zero_mode=zero_mode, seed=0 if scale_init == "random" else None)
+        scales = init_scales(
+            spec, scale_init, zero_mode=zero_mode, seed=0 if scale_init == "random" else None, value=scale_init_value
+        )
         self.tera_lambda = _FP32ParameterList(
             nn.Parameter(torch.as_tensor(np.asarray(s), dtype=torch.float32, device=device)) for s in scales
         )

@@ -136,6 +136,7 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
             alpha=config.alpha,
             scale_init=config.scale_init,
             zero_mode=config.zero_mode,
+            scale_init_value=config.scale_init_value,
             dropout=config.dropout,
             strategy=config.strategy,
             cache_delta=config.cache_delta,
