@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Union
 
 from .._files import publish, staging_dir, sweep_stale_temps
+from ..factors import with_legacy_recipe
 
 __all__ = ["save_adapter", "read_adapter_signature"]
 
@@ -71,9 +72,11 @@ def _adapter_file(path: Union[str, os.PathLike]) -> Path:
 def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     """The TeRA signature stored in a saved adapter (folder or ``adapter_model.safetensors``).
 
-    ``{"format", "seed", "factor_init", "factor_dtype", "alpha", "layers": {name: {"shape", "row_modes",
-    "col_modes", "ranks", "diag", "fan_in_fan_out", "group"}}}``. Raises ``FileNotFoundError`` for a
-    missing file and ``ValueError`` naming the file for anything unreadable.
+    ``{"format", "seed", "factor_init", "core_scale", "generator_version", "factor_dtype", "alpha",
+    "layers": {name: {"shape", "row_modes", "col_modes", "ranks", "diag", "fan_in_fan_out", "group"}}}``;
+    an adapter saved before the factor recipe was recorded reads as generator version 1 with its core
+    scale. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
+    anything unreadable.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -93,7 +96,7 @@ def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     missing = [k for k in _SIGNATURE_KEYS if not isinstance(sig, dict) or k not in sig]
     if missing:
         raise ValueError(f"{p}: the tera_signature lacks {missing}; expected an object with {list(_SIGNATURE_KEYS)}")
-    return sig
+    return with_legacy_recipe(sig)
 
 
 def nonfinite_lambdas(state_dict: Mapping[str, "object"]) -> list[str]:

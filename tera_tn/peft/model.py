@@ -23,6 +23,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
+from ..factors import factor_recipe, recipe_diff
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch
 from ..torch.layer import check_base_weight
@@ -66,9 +67,10 @@ def signature_diff(saved: dict, current: dict) -> list[str]:
     if saved.get("format") != SIGNATURE_FORMAT:
         problems.append(f"signature format {saved.get('format')!r}, this tera_tn reads format {SIGNATURE_FORMAT}")
         return problems
-    for key in ("seed", "factor_init", "factor_dtype", "alpha"):
+    for key in ("seed", "alpha"):
         if saved.get(key) != current.get(key):
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}")
+    problems += recipe_diff(saved, current)
     s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
     missing = sorted(set(s_layers) - set(c_layers))
     extra = sorted(set(c_layers) - set(s_layers))
@@ -190,7 +192,7 @@ class TeraModel(BaseTuner):
         return groups
 
     def adapter_signature(self, adapter_name: str) -> dict:
-        """What identifies ``adapter_name``: seed, factor init/dtype, α, and every layer's shape and spec."""
+        """What identifies ``adapter_name``: seed, factor recipe, α, and every layer's shape and spec."""
         config = self.peft_config[adapter_name]
         groups = self._factor_groups(adapter_name)
         layers = {}
@@ -203,8 +205,7 @@ class TeraModel(BaseTuner):
         return {
             "format": SIGNATURE_FORMAT,
             "seed": config.seed,
-            "factor_init": config.factor_init,
-            "factor_dtype": config.factor_dtype,
+            **factor_recipe(config.factor_init, config.factor_dtype),
             "alpha": float(config.alpha),
             "layers": layers,
         }

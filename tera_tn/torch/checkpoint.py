@@ -6,7 +6,11 @@ File layout (no pickle anywhere, only ``safetensors``):
 * optionally ``"factors.<group>.core"`` / ``"factors.<group>.u<n>"``: the frozen factors (they
   are regenerated from the seed on load, so stored factors are only verified against them);
 * metadata ``"tera_tn"``: JSON ``{"format": 1, "library_version", "layers": {name: {"spec",
-  "alpha", "seed", "factor_init", "factor_dtype", "group"}}, "factors_included"}``.
+  "alpha", "seed", "factor_init", "core_scale", "generator_version", "factor_dtype", "group"}},
+  "factors_included"}``. ``factor_init``, ``core_scale``, ``generator_version`` and
+  ``factor_dtype`` are the recipe the frozen factors were generated with (see
+  :func:`tera_tn.factors.factor_recipe`); files written before the recipe was recorded lack
+  ``core_scale`` and ``generator_version`` and read as generator version 1 with its core scale.
 
 A whole model's adapter is a few KB: a full-rank order-6 4096×4096 layer trains 96 numbers.
 """
@@ -24,6 +28,7 @@ from torch import nn
 
 from .. import __version__
 from .._files import sweep_stale_temps, write_atomic
+from ..factors import factor_recipe, recipe_diff, with_legacy_recipe
 from ..spec import TeRASpec
 from .model import tera_layers
 
@@ -71,8 +76,7 @@ def save_tera(model: nn.Module, path: Union[str, os.PathLike], *, include_factor
             "spec": layer.spec.to_dict(),
             "alpha": layer.alpha,
             "seed": bank.seed,
-            "factor_init": bank.factor_init,
-            "factor_dtype": bank.dtype_name,
+            **factor_recipe(bank.factor_init, bank.dtype_name),
             "group": groups[gkey],
         }
     if not layers:
@@ -118,7 +122,8 @@ def _bad_meta(path: Path, what: str) -> ValueError:
 
 
 def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
-    """The parsed, validated ``tera_tn`` metadata of a checkpoint.
+    """The parsed, validated ``tera_tn`` metadata of a checkpoint (recipe fields that a file written
+    before they were recorded lacks are filled in with the values it was generated with).
 
     Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a missing path or a folder, and
     ``ValueError`` naming the file for anything that is not a readable checkpoint of this format.
@@ -145,6 +150,7 @@ def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
             raise _bad_meta(path, f"entry of layer {name!r} lacks {missing} (each layer needs {list(_LAYER_KEYS)})")
         if not isinstance(info["spec"], dict):
             raise _bad_meta(path, f"entry of layer {name!r} has spec {info['spec']!r}, not an object")
+        layers[name] = with_legacy_recipe(info)
     return parsed
 
 
@@ -157,7 +163,8 @@ def _spec_diff(saved: dict, spec: TeRASpec) -> list[str]:
 def load_tera(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool = True) -> dict:
     """Load λ vectors from ``path`` into the TeRA layers of ``model`` (in place).
 
-    Every layer's spec, seed, factor init and factor dtype must equal the checkpoint's, and stored
+    Every layer's spec, seed, α and factor recipe (init, core scale, generator version, dtype) must
+    equal the checkpoint's, and stored
     factors (if any) must equal the ones the model generated. With ``strict`` the layer names must
     match exactly; without it, layers present on one side only are skipped. Raises
     :class:`CheckpointMismatch` listing every difference, or ``ValueError`` for a damaged file or
@@ -183,10 +190,10 @@ def load_tera(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool =
             info, layer = saved_layers[name], model_layers[name]
             bank = layer.tera_bank
             diffs = _spec_diff(info["spec"], layer.spec)
-            for field, current in (("seed", bank.seed), ("factor_init", bank.factor_init),
-                                   ("factor_dtype", bank.dtype_name), ("alpha", layer.alpha)):
+            for field, current in (("seed", bank.seed), ("alpha", layer.alpha)):
                 if info.get(field) != current:
                     diffs.append(f"{field}: checkpoint {info.get(field)!r}, model {current!r}")
+            diffs += recipe_diff(info, factor_recipe(bank.factor_init, bank.dtype_name))
             if diffs:
                 problems.append(f"layer {name!r} differs: " + "; ".join(diffs))
                 continue
