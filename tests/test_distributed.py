@@ -509,6 +509,39 @@ def test_bf16_autocast_gradients_match_fp32_with_and_without_checkpointing():
     torch.testing.assert_close(flat(bf16_checkpointed), flat(bf16), rtol=1e-3, atol=1e-5)
 
 
+# --- accelerate launch of the Trainer example -------------------------------------------------------
+
+
+def test_accelerate_trainer_example_two_processes(tmp_path):
+    """Two CPU processes under accelerate: the loss goes down, rank 0 alone saves the adapter, and
+    this (fresh) process reproduces the trained logits from it."""
+    import importlib.util
+    import shutil
+
+    pytest.importorskip("accelerate")
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate command is not installed next to this Python")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    script = ROOT / "examples" / "accelerate_trainer.py"
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), "--smoke", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert check["world_size"] == 2
+    losses = check["losses"]
+    assert min(losses[-2:]) < losses[0], losses
+    assert not any("tera" in n for n in check["ddp_broadcast_buffers"])
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("adapter_model.safetensors")] == [Path("run/adapter_model.safetensors")]
+    spec = importlib.util.spec_from_file_location("accelerate_trainer", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    reloaded = example.reload(tmp_path / "run")
+    torch.testing.assert_close(example.logits(reloaded, example.probe()), torch.tensor(check["probe_logits"]), rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__":
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     print(json.dumps(_worker(rank, port, out)))

@@ -7,11 +7,7 @@ holding the same weights, so the two can be compared layer by layer.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +19,6 @@ from torch import nn  # noqa: E402
 from tera_tn.peft import TeraConfig  # noqa: E402
 from tera_tn.peft.quantized import QuantizedLinear  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["bnb-8bit", "bnb-4bit", "torchao-int8"]
 
 
@@ -152,7 +147,9 @@ def test_merge_requantizes_and_states_the_error(kind):
         assert ((layer(x) - before).abs() <= 2 * bound + 1e-4).all()
 
 
-# --- peak memory of a 4-bit base with TeRA vs LoRA (each in its own process) --------------------
+# --- peak memory of a 4-bit base with TeRA vs LoRA ----------------------------------------------
+# A measurement, not a test (peak RSS depends on the machine and its load); docs/distributed.md
+# gives the figures: `python tests/test_quantized.py tera` and `... lora`, one process each.
 
 
 def _status_mib(field: str) -> float:
@@ -190,27 +187,6 @@ def _peak_memory(method: str, d: int = 1024, n: int = 4) -> dict:
         model(x).pow(2).mean().backward()
         opt.step()
     return {"built": built, "peak": _status_mib("VmHWM"), "trainable": sum(p.numel() for p in trainable)}
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_peak_memory_4bit_base_tera_vs_lora():
-    pytest.importorskip("bitsandbytes")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs = {
-        m: subprocess.Popen([sys.executable, __file__, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for m in ("tera", "lora")
-    }
-    res = {}
-    for m, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        res[m] = json.loads(out.strip().splitlines()[-1])
-    print(json.dumps(res))
-    tera, lora = res["tera"], res["lora"]
-    # Training adds LoRA's A/B, their gradients and two Adam moments (16 B per number, 2 MiB
-    # here); TeRA's λ are a few KiB. Both peaks also hold the 4-bit matmul's dequantized weight.
-    assert tera["trainable"] * 100 < lora["trainable"]
-    assert tera["peak"] - tera["built"] < lora["peak"] - lora["built"]
 
 
 if __name__ == "__main__":
