@@ -37,7 +37,7 @@ __all__ = [
 SUPPORTED_PEFT = ">=0.21,<0.22"
 _MIN, _MAX_EXCL = (0, 21), (0, 22)
 #: Versions the test suite actually ran against.
-TESTED_PEFT_VERSIONS = ("0.21.2",)
+TESTED_PEFT_VERSIONS = ("0.21.0", "0.21.2")
 _ENV_ALLOW = "TERA_TN_ALLOW_UNTESTED_PEFT"
 PEFT_TYPE_NAME = "TERA"
 
