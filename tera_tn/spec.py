@@ -28,7 +28,7 @@ import numpy as np
 from ._backend import check_real, check_size
 from .factorize import padded_factorization
 
-__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "check_spec"]
+__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "BUDGET_FAMILIES", "check_spec"]
 
 Diag = Literal["rank", "mode", "identity", "both"]
 DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity", "both")
@@ -36,6 +36,20 @@ RanksArg = Union[None, str, int, float, Sequence[int]]
 # from_shape factorizes by trial division: a dimension past this is no weight matrix that fits in
 # memory, and its search would run for hours. Explicit modes have no such limit.
 MAX_FACTORIZED_SIZE = 2**31
+
+#: The families :meth:`TeRASpec.for_budget` chooses from, as ``(diag, order, ranks)`` rows (ranks as
+#: for :meth:`TeRASpec.from_shape`), most preferred first: among members with the same trainable
+#: count the earlier row wins. The adapter study (``experiments/study``, results in
+#: ``experiments/results/study.jsonl``, summarized in the docs' configuration guide) sets this
+#: order; until its confirmation stage has measured the variants it is the paper's placement first
+#: (rank-side diagonals, full ranks, the default order 6 and its neighbours), then reduced ranks,
+#: then diagonals on both sides, which reach counts the rank side cannot.
+BUDGET_FAMILIES: tuple[tuple[str, int, Union[str, float]], ...] = tuple(
+    (diag, order, ranks)
+    for diag in ("rank", "both")
+    for ranks in ("full", 0.5)
+    for order in (6, 4, 5, 7, 3, 8, 2)
+)
 
 
 def _check_modes(name: str, modes: Sequence[int]) -> tuple[int, ...]:
@@ -168,6 +182,41 @@ class TeRASpec:
         cols = padded_factorization(d_in, q, max_imbalance=max_imbalance, max_padding=max_padding)
         resolved = cls._resolve_ranks(rows + cols, ranks)
         return cls(rows, cols, resolved, diag, d_out, d_in)
+
+    @classmethod
+    def for_budget(cls, d_out: int, d_in: int, params: int) -> "TeRASpec":
+        """The member of :data:`BUDGET_FAMILIES` with the most trainable numbers ``<= params``.
+
+        Every ``(diag, order, ranks)`` row is built with :meth:`from_shape` for the weight shape
+        (rows whose order the shape cannot hold are skipped); among members with equal counts the
+        earlier row wins, so the result is deterministic and its count never decreases as
+        ``params`` grows. Raises ``ValueError`` when ``params`` is below the smallest member.
+
+        Example: ``TeRASpec.for_budget(768, 768, 1024)`` for a budget of VeRA r=256's count.
+        """
+        d_out = check_size("d_out", d_out)
+        d_in = check_size("d_in", d_in)
+        params = check_size("params", params)
+        best: TeRASpec | None = None
+        smallest: TeRASpec | None = None
+        for diag, order, ranks in BUDGET_FAMILIES:
+            try:
+                spec = cls.from_shape(d_out, d_in, order=order, ranks=ranks, diag=diag)
+            except ValueError:  # an order too high for this shape
+                continue
+            if smallest is None or spec.num_trainable < smallest.num_trainable:
+                smallest = spec
+            if spec.num_trainable <= params and (best is None or spec.num_trainable > best.num_trainable):
+                best = spec
+        if smallest is None:
+            raise ValueError(f"no TeRA family member fits a {d_out}×{d_in} weight: every order in BUDGET_FAMILIES "
+                             f"needs at least 2 rows and 2 columns")
+        if best is None:
+            raise ValueError(
+                f"params={params} is below the smallest TeRA family member for a {d_out}×{d_in} weight, "
+                f"{smallest} ({smallest.num_trainable} trainable numbers); give params >= {smallest.num_trainable}"
+            )
+        return best
 
     @staticmethod
     def _split_order(d_out: int, d_in: int, order: int | tuple[int, int]) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from torch import nn
 from bad_inputs.teach import Case, assert_teaches, params
 from strategies import alphas, reference_kron, relerr, scales_for, seeds, spec_and_scales, specs
 from tera_tn import TeRASpec, apply, delta_weight, init_scales, random_factors, theoretical_rank
+from tera_tn.spec import BUDGET_FAMILIES
 from tera_tn.spectrum import tera_singular_values, theoretical_multilinear_ranks
 from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, load_tera, save_tera
 from tera_tn.torch.autograd import FrozenNetwork, tera_linear
@@ -297,3 +298,56 @@ BAD = [
 @params(BAD)
 def test_bad_inputs_teach(case):
     assert_teaches(case)
+
+
+# --- for_budget ----------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(4, 5000), st.integers(4, 5000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.lists(st.integers(1, 20000), min_size=2, max_size=6))
+def test_for_budget_never_exceeds_is_monotone_and_deterministic(shape, budgets):
+    d_out, d_in = shape
+    picked = []
+    for params in sorted(budgets):
+        try:
+            spec = TeRASpec.for_budget(d_out, d_in, params)
+        except ValueError as e:
+            assert f"params={params} is below" in str(e)
+            assert not picked  # once a budget fits, every larger one does
+            continue
+        assert spec.shape == (d_out, d_in) and spec.num_trainable <= params
+        assert (spec.diag, spec.order) in {(d, o) for d, o, _ in BUDGET_FAMILIES}
+        assert TeRASpec.for_budget(d_out, d_in, params) == spec
+        picked.append(spec.num_trainable)
+    assert picked == sorted(picked)
+
+
+def test_for_budget_takes_the_largest_member_and_prefers_earlier_rows():
+    members = []
+    for i, (diag, order, ranks) in enumerate(BUDGET_FAMILIES):
+        try:
+            members.append((i, TeRASpec.from_shape(768, 768, order=order, ranks=ranks, diag=diag)))
+        except ValueError:
+            pass
+    # 56, 84, 112 and 168 are each reached by two rows: the earlier must win
+    for params in (22, 56, 84, 96, 100, 112, 168, 500, 1024, 3072, 10**6):
+        fits = [(i, s) for i, s in members if s.num_trainable <= params]
+        most = max(s.num_trainable for _, s in fits)
+        first = min(i for i, s in fits if s.num_trainable == most)
+        assert TeRASpec.for_budget(768, 768, params) == dict(members)[first]
+    # VeRA r=256's per-layer count on a 768x768 weight is 768 + 256
+    assert 800 <= TeRASpec.for_budget(768, 768, 1024).num_trainable <= 1024
+
+
+def test_for_budget_below_the_smallest_member_teaches():
+    smallest = min(TeRASpec.from_shape(768, 768, order=o, ranks=r, diag=d).num_trainable for d, o, r in BUDGET_FAMILIES)
+    assert TeRASpec.for_budget(768, 768, smallest).num_trainable == smallest
+    with pytest.raises(ValueError, match=f"params={smallest - 1} is below .* give params >= {smallest}"):
+        TeRASpec.for_budget(768, 768, smallest - 1)
+    with pytest.raises(ValueError, match="no TeRA family member fits a 1×1 weight"):
+        TeRASpec.for_budget(1, 1, 100)
+    for bad in (0, -3, 1.5, "100", True):
+        with pytest.raises(ValueError, match="params"):
+            TeRASpec.for_budget(768, 768, bad)
