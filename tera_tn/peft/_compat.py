@@ -12,7 +12,7 @@ The step relies on internals, so it runs only after checks:
   environment variable ``TERA_TN_ALLOW_UNTESTED_PEFT=1`` at your own risk);
 * the internals used are present (``PeftType`` member maps, ``peft.mapping`` registries,
   ``register_peft_method``, the tuner state-dict hooks ``_get_adapter_state_dict`` /
-  ``_remap_adapter_state_dict_for_load`` and ``BufferDict``).
+  ``_remap_adapter_state_dict_for_load``).
 
 Either failure raises :class:`IncompatiblePeftError` (an ``ImportError``) that names the installed
 and the supported PEFT versions. Extending and registering are idempotent.
@@ -123,10 +123,6 @@ def check_peft() -> None:
                 missing.append(f"BaseTuner.{hook}")
     except ImportError:
         missing.append("peft.tuners.tuners_utils.BaseTuner")
-    try:
-        from peft.tuners._buffer_dict import BufferDict  # noqa: F401
-    except ImportError:
-        missing.append("peft.tuners._buffer_dict.BufferDict")
     if missing:
         raise _fail("its internals differ (missing: " + ", ".join(missing) + ")")
 
