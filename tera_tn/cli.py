@@ -128,7 +128,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", type=_order, default=6, help="number of modes N, or PxQ (default 6)")
     p.add_argument("--ranks", type=_ranks, default="full",
                    help="Tucker ranks: full (default), a fraction, an int cap, or R1/R2/... per mode")
-    p.add_argument("--diag", choices=("rank", "mode", "identity"), default="rank",
+    p.add_argument("--diag", choices=("rank", "mode", "identity", "both"), default="rank",
                    help="where the trained diagonals sit (default rank: U_n diag(λ_n))")
 
 
