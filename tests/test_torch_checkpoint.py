@@ -185,3 +185,94 @@ def test_load_refuses_another_factor_dtype(tmp_path):
 def test_load_of_a_folder_names_it(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"{tmp_path.name} is a folder; expected a checkpoint"):
         load_tera(_model(), tmp_path)
+
+
+# --- self-describing: loading into the plain base model ----------------------------------------
+
+_PLAIN_LOAD = """
+import sys, torch
+from torch import nn
+from tera_tn.torch import load_tera, tera_layers
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+load_tera(model, sys.argv[1])
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(x), sys.argv[3])
+print(sorted(name for name, _ in tera_layers(model)), sorted(n for n, p in model.named_parameters() if p.requires_grad))
+"""
+
+
+def test_load_into_a_plain_model_in_a_fresh_process_rebuilds_the_adapter(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = TeRAConfig(order=4, seed=7, alpha=3.0, diag="both", factor_init="gaussian", factor_dtype="float64")
+    src = _model(cfg=cfg)
+    opt = torch.optim.Adam([p for p in src.parameters() if p.requires_grad], lr=0.05)
+    x = torch.randn(6, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        src(x).pow(2).mean().backward()
+        opt.step()
+    path = save_tera(src, tmp_path / "adapter.safetensors")
+    torch.save(x, tmp_path / "x.pt")
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN_LOAD, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("] [")[0] == "['0', '2'"
+    assert "0.base_layer.weight" not in out.stdout and "0.tera_lambda.0" in out.stdout
+    with torch.no_grad():
+        want = src(x)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=0, atol=0)
+
+
+def test_load_into_a_plain_model_with_other_shapes_names_the_layer_and_changes_nothing(tmp_path):
+    path = save_tera(_model(), tmp_path / "a.safetensors")
+    plain = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48))
+    with pytest.raises(CheckpointMismatch, match=r"layer '2': the checkpoint adapts a 32×64 weight \(out × in\), "
+                                                 r"the model's Linear is 48×64"):
+        load_tera(plain, path)
+    assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(p.requires_grad for p in plain.parameters())
+    with pytest.raises(CheckpointMismatch, match="layer '2' is a ReLU in the model"):
+        load_tera(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.ReLU()), path)
+    with pytest.raises(CheckpointMismatch, match="layer '2' of the checkpoint is not a module of the model"):
+        load_tera(nn.Sequential(nn.Linear(32, 64)), path)
+    only_first = nn.Sequential(nn.Linear(32, 64))
+    load_tera(only_first, path, strict=False)
+    assert [name for name, _ in tera_layers(only_first)] == ["0"]
+
+
+def test_failed_load_into_a_plain_model_puts_it_back(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_tera(_model(), tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors["2.lambda.0"][0] = float("inf")
+    save_file(tensors, str(tmp_path / "inf.safetensors"), metadata=meta)
+    plain = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="non-finite λ"):
+        load_tera(plain, tmp_path / "inf.safetensors")
+    assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear] and not list(tera_layers(plain))
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_legacy_checkpoint_loads_into_a_plain_model():
+    import numpy as np
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent / "data"
+    plain = nn.Sequential()
+    plain.up, plain.down = nn.Linear(12, 24), nn.Linear(24, 12)
+    load_tera(plain, data / "legacy_torch.safetensors")
+    with np.load(data / "legacy_torch_delta.npz") as want:
+        for name in ("up", "down"):
+            got = getattr(plain, name).delta_weight(torch.float64).numpy()
+            assert np.abs(got - want[name]).max() <= 1e-12 * np.abs(want[name]).max()

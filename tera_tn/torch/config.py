@@ -15,6 +15,9 @@ __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
 LAYER_STRATEGIES = ("auto", "materialize", "factored")
 _FACTOR_DTYPES = ("float32", "float64")
+_LAYER_OPTIONS = (
+    "alpha", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,10 @@ class TeRAConfig:
         if isinstance(tm, str):
             return re.fullmatch(tm, name) is not None
         return any(name == t or name.endswith("." + t) for t in tm)
+
+    def layer_options(self) -> dict:
+        """The per-layer keyword arguments of :class:`~tera_tn.torch.TeRALinear` this config sets."""
+        return {k: getattr(self, k) for k in _LAYER_OPTIONS}
 
     def spec_for(self, d_out: int, d_in: int) -> TeRASpec:
         """The spec of a ``(d_out, d_in)`` layer: the explicit one if given, else from the policy."""

@@ -82,6 +82,19 @@ def tera_layers(model: nn.Module) -> Iterator[tuple[str, TeRALinear]]:
             yield name, module
 
 
+def place_bank(bank: FactorBank, linears: list[nn.Linear]) -> FactorBank:
+    """``bank`` moved next to the first real (non-meta) weight of ``linears``; layers elsewhere get
+    copies on their devices from the bank's cache."""
+    first = next((m.weight.device for m in linears if m.weight.device.type != "meta"), None)
+    return bank if first is None else bank.to(first)
+
+
+def install_layer(model: nn.Module, name: str, layer: TeRALinear) -> None:
+    """Put ``layer`` in place of the module called ``name``."""
+    layer._name = name
+    _set_child(model, name, layer)
+
+
 def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -122,28 +135,9 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
     specs = [config.spec_for(linear.out_features, linear.in_features) for _, linear in targets]
     for p in model.parameters():
         p.requires_grad_(False)
-    bank = FactorBank(config.seed, config.factor_init, config.factor_dtype)
-    # The bank's own copy lives with the first real (non-meta) target; layers elsewhere get
-    # copies on their devices from the bank's cache.
-    first = next((linear.weight.device for _, linear in targets if linear.weight.device.type != "meta"), None)
-    if first is not None:
-        bank.to(first)
+    bank = place_bank(FactorBank(config.seed, config.factor_init, config.factor_dtype), [m for _, m in targets])
     for (name, linear), spec in zip(targets, specs):
-        layer = TeRALinear(
-            linear,
-            spec,
-            bank=bank,
-            alpha=config.alpha,
-            scale_init=config.scale_init,
-            zero_mode=config.zero_mode,
-            scale_init_value=config.scale_init_value,
-            dropout=config.dropout,
-            strategy=config.strategy,
-            cache_delta=config.cache_delta,
-            check_finite=config.check_finite,
-        )
-        layer._name = name
-        _set_child(model, name, layer)
+        install_layer(model, name, TeRALinear(linear, spec, bank=bank, **config.layer_options()))
     return tera_summary(model)
 
 
