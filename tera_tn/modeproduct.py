@@ -251,7 +251,10 @@ class _TorchOps:
 
     @staticmethod
     def key(x):
-        return ("torch", str(x.dtype), str(x.device))
+        # A buffer made under torch.inference_mode() is an inference tensor that may not be written
+        # outside it (and vice versa), so the two modes keep separate workspaces.
+        torch = _torch()
+        return ("torch", str(x.dtype), str(x.device), torch.is_inference_mode_enabled())
 
 
 _MADV_HUGEPAGE = 14

@@ -258,3 +258,20 @@ def test_flops_and_chain_steps():
     assert sum(2 * s * k for _, s, k, _ in steps) == mode_product_flops((4, 8, 2), [(16, 4), (2, 8), (4, 2)])
     with pytest.raises(ValueError):
         mode_product_flops((2, 2), [(3, 2), (3, 2)], order=[0])
+
+
+def test_workspace_made_under_inference_mode_is_not_reused_outside_it():
+    # Evaluating under torch.inference_mode() and then training again (what a fine-tuning loop does)
+    # once crashed with "Inplace update to inference tensor outside InferenceMode".
+    import torch
+
+    from tera_tn import modeproduct as mp
+
+    core = torch.randn(4, 4, 4, dtype=torch.float64)
+    mats = [torch.randn(4, 4, dtype=torch.float64) for _ in range(3)]
+    mp.clear_workspace()
+    with torch.inference_mode():
+        inside = mp.multi_mode_product(core, mats)
+    outside = mp.multi_mode_product(core, mats)
+    torch.testing.assert_close(outside, inside.clone())
+    mp.clear_workspace()
