@@ -36,6 +36,7 @@ from .config import TeraConfig  # noqa: E402
 from .io import read_adapter_signature, save_adapter  # noqa: E402
 from .layer import Linear, TeraLayer  # noqa: E402
 from .model import TeraAdapterMismatch, TeraModel  # noqa: E402
+from .store import AdapterStore  # noqa: E402
 
 
 def register() -> None:
@@ -65,6 +66,7 @@ def register() -> None:
 register()
 
 __all__ = [
+    "AdapterStore",
     "TeraConfig",
     "TeraModel",
     "TeraLayer",

@@ -5,7 +5,9 @@ The math is :mod:`tera_tn.torch`'s: frozen operands come from a shared
 runs the memory-lean :func:`~tera_tn.torch.tera_linear` autograd Function (one fused GEMM
 ``x (W0 + ΔW)ᵀ`` for a single active adapter on an ``nn.Linear``) and merging uses
 :func:`~tera_tn.torch.autograd.merged_weight`. This module only adds PEFT's per-adapter
-bookkeeping (several adapters, enable/disable, merge/unmerge, GPT-2 ``Conv1D``).
+bookkeeping (several adapters, enable/disable, merge/unmerge, GPT-2 ``Conv1D``) and the
+mixed-adapter forward of ``model(..., adapter_names=[...])`` (one adapter per batch row, computed
+by :func:`~tera_tn.torch.autograd.mixed_delta`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..factors import init_scales
 from ..spec import TeRASpec
-from ..torch.autograd import check_input, compute_dtype, merged_weight, non_finite, tera_linear
+from ..torch.autograd import check_input, compute_dtype, merged_weight, mixed_delta, non_finite, tera_linear
 from ..torch.bank import FactorBank
 from ..torch.layer import check_base_weight
 from ..torch.planning import layer_plan
 
 __all__ = ["TeraLayer", "Linear"]
+
+# PEFT's name for "no adapter on this row" in ``adapter_names``.
+BASE_ROW = "__base__"
 
 
 def _conv1d_type():
@@ -66,6 +71,9 @@ class TeraLayer(BaseTunerLayer):
         self.tera_check_finite: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # (store, offset, spec, bank) when a tera_tn.peft.AdapterStore serves this layer.
+        self._tera_store_slot = None
+        self._tera_mixed_plan: Optional[tuple] = None
         base = self.get_base_layer()
         if self._dense_base:
             check_base_weight(base, "base_layer")
@@ -156,6 +164,73 @@ class TeraLayer(BaseTunerLayer):
         dw = merged_weight(self.network(adapter_name, work, w0.device), lams, self.tera_alpha[adapter_name], None)
         return (dw.T if self.fan_in_fan_out else dw).to(w0.dtype if w0.is_floating_point() else work)
 
+    # --- mixed-adapter batches -----------------------------------------------------------------
+    def _mixed_plan(self, adapter_names, device: torch.device) -> list:
+        """``[(group, used, batch_rows, which)]``: the rows of each group of adapters that share one
+        frozen network (same bank and spec), the adapters it uses and which of them each row takes.
+
+        Rows named ``"__base__"``, or an adapter this layer does not carry, are in no group (PEFT's
+        convention). Kept for the last ``adapter_names`` seen, so ``generate`` plans once per layer.
+        """
+        slot = self._tera_store_slot
+        key = (tuple(adapter_names), device, None if slot is None else (id(slot[0]), slot[0].version))
+        if self._tera_mixed_plan is not None and self._tera_mixed_plan[0] == key:
+            return self._tera_mixed_plan[1]
+        groups: dict = {}
+        for i, name in enumerate(adapter_names):
+            if name == BASE_ROW:
+                continue
+            if name in self.tera_lambda:
+                group, ref = (id(self.tera_bank[name]), self.tera_spec[name]), name
+            elif slot is not None and name in slot[0]:
+                group, ref = "store", slot[0]._rows_of[name]
+            else:
+                continue
+            used, pos, rows, which = groups.setdefault(group, ([], {}, [], []))
+            if ref not in pos:
+                pos[ref] = len(used)
+                used.append(ref)
+            rows.append(i)
+            which.append(pos[ref])
+        plan = []
+        for group, (used, _, rows, which) in groups.items():
+            if group == "store":
+                used = torch.tensor(used, device=slot[0].device)
+            plan.append((group, used, torch.tensor(rows, device=device), torch.tensor(which, device=device)))
+        self._tera_mixed_plan = (key, plan)
+        return plan
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_names, *args, **kwargs) -> torch.Tensor:
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} names but the input has {len(x)} rows "
+                f"(shape {tuple(x.shape)}); pass one adapter name (or '{BASE_ROW}') per row"
+            )
+        if self.merged:
+            raise ValueError(
+                f"cannot pass adapter_names while adapters {self.merged_adapters} are merged into the base "
+                "weights; call unmerge_adapter() first"
+            )
+        result = self.get_base_layer()(x, *args, **kwargs)
+        dt = compute_dtype(x)
+        for group, used, rows, which in self._mixed_plan(adapter_names, x.device):
+            if group == "store":
+                store, offset, spec, bank = self._tera_store_slot
+                table, alphas = store._rows(used, offset, spec.num_trainable)
+            else:
+                spec, bank = self.tera_spec[used[0]], self.tera_bank[used[0]]
+                table = torch.stack([self.tera_lambda[a] for a in used])
+                alphas = torch.tensor([self.tera_alpha[a] for a in used])
+            every_row = len(rows) == len(x)
+            xs = x if every_row else x.index_select(0, rows)
+            per_row = math.prod(xs.shape[1:-1])
+            tokens = which.repeat_interleave(per_row) if per_row != 1 else which
+            delta = mixed_delta(
+                bank.network(spec, dt, x.device), table, alphas, tokens, xs.reshape(-1, self.in_features).to(dt)
+            ).reshape(xs.shape[:-1] + (self.out_features,)).to(result.dtype)
+            result = result + delta if every_row else result.index_add(0, rows, delta)
+        return result
+
 
 class Linear(nn.Module, TeraLayer):
     """TeRA on an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``)."""
@@ -205,11 +280,16 @@ class Linear(nn.Module, TeraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         check_input(x, self.in_features, f"TeRA layer ({self.out_features}×{self.in_features})")
+        adapter_names = kwargs.pop("adapter_names", None)
         base = self.get_base_layer()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return base(x, *args, **kwargs)
+        if adapter_names is None and self._tera_store_slot is not None and self._tera_store_slot[0].active is not None:
+            adapter_names = [self._tera_store_slot[0].active] * len(x)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return base(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.tera_lambda]

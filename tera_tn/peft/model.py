@@ -15,6 +15,8 @@ Besides injection it owns two pieces of model-level state:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from functools import partial
 from typing import Optional
 
 import torch
@@ -29,7 +31,7 @@ from ..torch.checkpoint import CheckpointMismatch
 from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
-from .layer import Linear, TeraLayer, _conv1d_type
+from .layer import BASE_ROW, Linear, TeraLayer, _conv1d_type
 from .quantized import QuantizedLinear, quantization_of
 
 __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
@@ -38,6 +40,18 @@ SIGNATURE_FORMAT = 1
 _SIG = "tera_signature"
 _FACTORS = "tera_factors"
 _MAX_LISTED = 6
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    # transformers 5 returns the model itself when it has no encoder.
+    return None if encoder is model else encoder
 
 
 class TeraAdapterMismatch(CheckpointMismatch):
@@ -146,6 +160,59 @@ class TeraModel(BaseTuner):
     def _check_new_adapter_config(self, config: TeraConfig) -> None:
         _check_config_type(config)
         super()._check_new_adapter_config(config)
+
+    # --- mixed-adapter batches -----------------------------------------------------------------
+    def _available_adapters(self) -> set[str]:
+        """Names ``adapter_names`` may use: the model's adapters and those of its AdapterStore."""
+        names: set[str] = set()
+        for m in self.model.modules():
+            if isinstance(m, TeraLayer):
+                names |= set(m.tera_lambda.keys())
+                if m._tera_store_slot is not None:
+                    names |= set(m._tera_store_slot[0].names)
+        return names
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel.forward/generate call this with their kwargs: `adapter_names` (one adapter per
+        # row, PEFT's mixed-batch convention) reaches every TeRA layer through a pre-forward hook.
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names, one per batch row, got {type(adapter_names).__name__} "
+                f"{adapter_names!r}"
+            )
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first.")
+        wanted = {n for n in adapter_names if n != BASE_ROW}
+        known = self._available_adapters()
+        unknown = sorted(str(n) for n in wanted - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                f"{sorted(known)} (and {BASE_ROW!r} for the base model)"
+            )
+        original = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate repeats each input num_beams times; the encoder still sees the originals.
+            adapter_names = [n for n in original for _ in range(num_beams)]
+        handles = []
+        try:
+            encoder = _encoder_of(self.model)
+            encoder_layers = set() if encoder is None else {id(m) for m in encoder.modules()}
+            for m in self.model.modules():
+                if isinstance(m, TeraLayer):
+                    names = original if id(m) in encoder_layers else list(adapter_names)
+                    hook = partial(_inject_adapter_names, adapter_names=names)
+                    handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # --- injection ---------------------------------------------------------------------------
     def _create_and_replace(self, tera_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):

@@ -51,6 +51,7 @@ __all__ = [
     "TeRALinearFunction",
     "tera_linear",
     "merged_weight",
+    "mixed_delta",
     "project",
     "expand",
 ]
@@ -229,14 +230,30 @@ class _Kron(NamedTuple):
     vr: Optional[torch.Tensor]
 
 
-def _kron(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> _Kron:
+def _rows_first(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.T
+
+
+def _kron_rows(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`kron_vectors` over the last dim, for one vector ``(n_k,)`` or a row per adapter ``(a, n_k)``."""
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = (out[..., :, None] * v[..., None, :]).reshape(*out.shape[:-1], -1)
+    return out
+
+
+def _kron(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha) -> _Kron:
+    """The Kronecker vectors of one adapter (1-D ``lams``, float ``alpha``) or of ``a`` adapters at
+    once (``lams`` of shape ``(a, size_n)``, ``alpha`` a ``(a, 1)`` tensor), then ``(a, ∏…)`` each."""
     p = net.spec.n_row
-    mode_side, rank_side = scale_sides(net.spec, lams)
+    # scale_sides splits each vector along its first dim: put the vector dim first for rows.
+    sides = scale_sides(net.spec, [_rows_first(lam) for lam in lams])
+    mode_side, rank_side = (None if side is None else [_rows_first(s) for s in side] for side in sides)
     uk = vk = ur = vr = None
     if rank_side is not None:
-        ur, vr = kron_vectors(rank_side[:p]) * alpha, kron_vectors(rank_side[p:])
+        ur, vr = _kron_rows(rank_side[:p]) * alpha, _kron_rows(rank_side[p:])
     if mode_side is not None:
-        uk, vk = kron_vectors(mode_side[:p]), kron_vectors(mode_side[p:])
+        uk, vk = _kron_rows(mode_side[:p]), _kron_rows(mode_side[p:])
         if ur is None:
             uk = uk * alpha
     return _Kron(uk, vk, ur, vr)
@@ -493,3 +510,27 @@ def tera_linear(
     with _no_autocast(x.device.type):
         y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
     return y.reshape(lead + (spec.d_out,))
+
+
+
+def mixed_delta(
+    net: FrozenNetwork, table: torch.Tensor, alphas: torch.Tensor, rows: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``ΔW_{rows[i]} x_i`` for every row ``i`` of ``x`` ``(n, d_in)``: one adapter per row, one contraction.
+
+    ``table`` ``(A, spec.num_trainable)`` holds the concatenated λ of ``A`` adapters of ``net.spec``
+    (rows of the same frozen network), ``alphas`` ``(A,)`` their α and ``rows`` ``(n,)`` which adapter
+    each row of ``x`` uses. The Kronecker vectors of the factored chain are built once per adapter,
+    ``(A, ∏R)``, gathered per row and applied as row-indexed diagonals, so the frozen core and factors
+    run once for the whole batch whatever the number of adapters in it. Meant for serving: gradients,
+    if asked for, come from plain autograd rather than :class:`TeRALinearFunction`'s lean backward.
+    Computed in ``x``'s dtype; returns ``(n, d_out)``.
+    """
+    spec = net.spec
+    dt = x.dtype
+    lams = torch.split(table.to(device=x.device, dtype=dt), list(spec.scale_sizes), dim=1)
+    kr = _kron(net, lams, alphas.to(device=x.device, dtype=dt)[:, None])
+    per_row = _Kron(*(None if v is None else v[rows] for v in kr))
+    with _no_autocast(x.device.type):
+        y, *_ = _factored_delta(net.to(dt, x.device), per_row, x)
+    return y

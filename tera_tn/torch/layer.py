@@ -17,7 +17,16 @@ from torch import nn
 
 from ..factors import SCALE_INITS, check_scale_value, init_scales
 from ..spec import TeRASpec
-from .autograd import FrozenNetwork, _no_autocast, check_input, compute_dtype, merged_weight, non_finite, tera_linear
+from .autograd import (
+    FrozenNetwork,
+    _no_autocast,
+    check_input,
+    compute_dtype,
+    merged_weight,
+    mixed_delta,
+    non_finite,
+    tera_linear,
+)
 from .bank import FactorBank
 from .config import LAYER_STRATEGIES
 from ..costmodel import cost_model
@@ -94,7 +103,10 @@ class TeRALinear(nn.Module):
             sync per call).
 
     Input ``(..., d_in)``, output ``(..., d_out)``; computation in the input dtype (the autocast
-    dtype under ``torch.autocast``), λ in fp32.
+    dtype under ``torch.autocast``), λ in fp32. ``forward(x, row_lambdas=t)`` serves a batch whose
+    rows use different adapters of this layer's spec: ``t`` of shape ``(len(x), spec.num_trainable)``
+    holds each row's concatenated λ (the layer's own λ are then unused), all rows going through
+    one factored contraction.
     """
 
     def __init__(
@@ -285,9 +297,11 @@ class TeRALinear(nn.Module):
         self._cache = (key, weight)
         return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_lambdas: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, self.spec.d_in, self._where())
         base = self.base_layer
+        if row_lambdas is not None:
+            return self._rows_forward(x, row_lambdas)
         if self.merged or self.disable_adapter:
             return base(x)
         if self.check_finite:
@@ -310,6 +324,25 @@ class TeRALinear(nn.Module):
         if dropout_active:
             return base(x) + tera_linear(self.dropout(x), None, None, net, lams, self.alpha, strategy)
         return tera_linear(x, base.weight, base.bias, net, lams, self.alpha, strategy)
+
+    def _rows_forward(self, x: torch.Tensor, row_lambdas: torch.Tensor) -> torch.Tensor:
+        want = (x.shape[0] if x.dim() > 1 else 1, self.spec.num_trainable)
+        if not isinstance(row_lambdas, torch.Tensor) or tuple(row_lambdas.shape) != want:
+            got = tuple(row_lambdas.shape) if isinstance(row_lambdas, torch.Tensor) else type(row_lambdas).__name__
+            raise ValueError(
+                f"{self._where()}: row_lambdas must be a tensor of shape {want} (one row of concatenated λ, sizes "
+                f"{self.spec.scale_sizes}, per batch row of x {tuple(x.shape)}), got {got}"
+            )
+        if self.merged:
+            raise RuntimeError(f"{self._where()} is merged (its own ΔW is in W0); unmerge() before passing row_lambdas")
+        y = self.base_layer(x)
+        if self.disable_adapter:
+            return y
+        dt = compute_dtype(x)
+        rows = torch.arange(want[0], device=x.device).repeat_interleave(math.prod(x.shape[1:-1]))
+        alphas = torch.full((want[0],), self.alpha)
+        delta = mixed_delta(self.network(dt, x.device), row_lambdas, alphas, rows, x.reshape(-1, self.spec.d_in).to(dt))
+        return y + delta.reshape(y.shape).to(y.dtype)
 
     def _apply(self, fn, recurse=True):
         self._cache = None

@@ -1,0 +1,222 @@
+"""`AdapterStore`: many TeRA adapters of one family served by one PEFT model.
+
+Every adapter of a family (same seed, factor recipe and per-layer specs) shares the frozen core
+and factors, so an adapter is only its λ: ``Σ_n R_n`` numbers per adapted layer (``Σ_n K_n + R_n``
+for ``diag="both"``) and its α. The store keeps them as ONE float32 table of shape
+``(capacity, Σ_layers num_trainable)`` (a layer reads its column slice) plus a ``(capacity,)`` α
+vector, instead of one ``nn.Parameter`` per adapter per layer, and never touches the base weights.
+Stored adapters are used by name with ``model(..., adapter_names=[...])`` and ``generate``, or for
+every row after :meth:`AdapterStore.use`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .io import _adapter_file, nonfinite_lambdas, read_adapter_signature
+from .layer import BASE_ROW, TeraLayer
+from .model import TeraAdapterMismatch, _find_tera_model, signature_diff
+
+__all__ = ["AdapterStore"]
+
+_LAMBDA = ".tera_lambda"
+
+
+class AdapterStore:
+    """λ tables of many adapters of one family on a PEFT TeRA model.
+
+    Args:
+        model: a ``PeftModel`` (or its ``TeraModel``) with at least one TeRA adapter.
+        like: the loaded adapter that defines the family (its seed, factor recipe and the spec of
+            each adapted layer); default: the active adapter. Its own λ are not copied.
+
+    A model has at most one store. Adapter names share one namespace with the model's adapters;
+    ``"__base__"`` is reserved.
+    """
+
+    def __init__(self, model, like: Optional[str] = None) -> None:
+        tera = _find_tera_model(model)
+        if tera is None:
+            raise TypeError(
+                f"AdapterStore needs a PEFT model with a TeRA adapter (get_peft_model(base, TeraConfig(...))), "
+                f"got {type(model).__name__}"
+            )
+        like = like if like is not None else tera.active_adapters[0]
+        if like not in tera.peft_config:
+            raise ValueError(f"like={like!r} is not an adapter of this model; it has {sorted(tera.peft_config)}")
+        layers = tera.adapter_layers(like)
+        taken = [name for name, layer in layers.items() if layer._tera_store_slot is not None]
+        if taken:
+            raise ValueError(f"this model already has an AdapterStore (on {taken[0]}); use that one")
+        config = tera.peft_config[like]
+        self._tera = tera
+        self._family = tera.adapter_signature(like)
+        self._bank = tera._bank(config)
+        self._layers: dict[str, tuple[TeraLayer, int, int]] = {}
+        offset = 0
+        for name, layer in layers.items():
+            spec = layer.tera_spec[like]
+            self._layers[name] = (layer, offset, spec.num_trainable)
+            offset += spec.num_trainable
+        first = next(iter(layers.values()))
+        self.device = first.tera_lambda[like].device
+        self._table = torch.zeros(0, offset, dtype=torch.float32, device=self.device)
+        self._alphas = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self._rows_of: dict[str, int] = {}
+        self._names: list[str] = []
+        # Bumped whenever a row changes meaning, so layers re-plan their mixed batches.
+        self.version = 0
+        self.active: Optional[str] = None
+        for name, (layer, off, _) in self._layers.items():
+            layer._tera_store_slot = (self, off, layer.tera_spec[like], self._bank)
+
+    # --- contents ------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The stored adapters, in their table order."""
+        return tuple(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._rows_of
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the store's tensors (λ table and α vector, spare capacity included)."""
+        return self._table.numel() * self._table.element_size() + self._alphas.numel() * self._alphas.element_size()
+
+    def _rows(self, used: torch.Tensor, offset: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(λ of the adapters at rows used, (a, width)), their α (a,))`` for one layer."""
+        return self._table[used, offset : offset + width], self._alphas[used]
+
+    # --- add / remove / switch -------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        *,
+        path: Union[str, os.PathLike, None] = None,
+        adapter: Optional[str] = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Store adapter ``name`` read from ``path`` (a folder or ``adapter_model.safetensors`` saved by
+        tera_tn.peft) or copied from ``adapter``, an adapter loaded in the model (which may then be
+        deleted with ``model.delete_adapter``). Exactly one of the two. The adapter must be of the
+        store's family (α may differ); otherwise :class:`TeraAdapterMismatch` lists what differs.
+        An existing stored ``name`` is replaced only with ``overwrite=True``."""
+        if not isinstance(name, str) or not name or name == BASE_ROW:
+            raise ValueError(f"adapter name must be a non-empty string other than {BASE_ROW!r}, got {name!r}")
+        if (path is None) == (adapter is None):
+            raise ValueError("AdapterStore.add takes exactly one of path= (a saved adapter) or adapter= (a loaded one)")
+        if name in self._tera.peft_config:
+            raise ValueError(f"{name!r} is already an adapter of the model; store it under another name")
+        if name in self._rows_of and not overwrite:
+            raise ValueError(f"the store already holds an adapter {name!r}; pass overwrite=True to replace it")
+        if path is not None:
+            what = f"{Path(path)}"
+            signature = read_adapter_signature(path)
+            lambdas = self._read_lambdas(path)
+        else:
+            if adapter not in self._tera.peft_config:
+                raise ValueError(f"adapter={adapter!r} is not loaded in the model; it has {sorted(self._tera.peft_config)}")
+            what = f"loaded adapter {adapter!r}"
+            signature = self._tera.adapter_signature(adapter)
+            lambdas = {n: layer.tera_lambda[adapter].detach() for n, layer in self._tera.adapter_layers(adapter).items()}
+        family = {**self._family, "alpha": signature.get("alpha")}
+        problems = signature_diff(signature, family)
+        if not problems:
+            problems = nonfinite_lambdas({f"{n}{_LAMBDA}": t for n, t in lambdas.items()})
+        if problems:
+            raise TeraAdapterMismatch(
+                f"cannot store {name!r} ({what}): it is not of the store's family (seed {self._family['seed']}, "
+                f"{len(self._layers)} adapted layers); 'checkpoint' below is the adapter, 'model' the store:\n  - "
+                + "\n  - ".join(problems)
+            )
+        row = torch.empty(self._table.shape[1], dtype=torch.float32, device=self.device)
+        for layer_name, (_, off, width) in self._layers.items():
+            row[off : off + width] = lambdas[layer_name].reshape(-1).to(row)
+        self._put(name, row, float(signature["alpha"]))
+
+    def _put(self, name: str, row: torch.Tensor, alpha: float) -> None:
+        i = self._rows_of.get(name)
+        if i is None:
+            i = len(self._names)
+            if i == self._table.shape[0]:
+                # Grow by an eighth: amortized copies stay linear, spare memory at most 1/8.
+                self._grow(i + max(1, i // 8))
+            self._names.append(name)
+            self._rows_of[name] = i
+        self._table[i] = row
+        self._alphas[i] = alpha
+        self.version += 1
+
+    def _grow(self, capacity: int) -> None:
+        table = self._table.new_zeros(capacity, self._table.shape[1])
+        table[: self._table.shape[0]] = self._table
+        alphas = self._alphas.new_zeros(capacity)
+        alphas[: self._alphas.shape[0]] = self._alphas
+        self._table, self._alphas = table, alphas
+
+    def remove(self, name: str) -> None:
+        """Drop ``name`` (the last row moves into its slot; capacity is kept for later adds)."""
+        if name not in self._rows_of:
+            raise KeyError(f"the store holds no adapter {name!r}; it has {self._few()}")
+        i = self._rows_of.pop(name)
+        last = len(self._names) - 1
+        if i != last:
+            moved = self._names[last]
+            self._table[i] = self._table[last]
+            self._alphas[i] = self._alphas[last]
+            self._names[i] = moved
+            self._rows_of[moved] = i
+        self._names.pop()
+        if self.active == name:
+            self.active = None
+        self.version += 1
+
+    def use(self, name: Optional[str]) -> None:
+        """Serve every row of plain forwards (no ``adapter_names``) with stored adapter ``name``
+        instead of the model's active adapter; ``None`` goes back to the model's own adapters."""
+        if name is not None and name not in self._rows_of:
+            raise KeyError(f"the store holds no adapter {name!r}; it has {self._few()}")
+        self.active = name
+
+    def _few(self, limit: int = 8) -> str:
+        shown = ", ".join(repr(n) for n in self._names[:limit])
+        more = f" (+{len(self._names) - limit} more)" if len(self._names) > limit else ""
+        return f"[{shown}]{more}" if self._names else "nothing"
+
+    # --- files -----------------------------------------------------------------------------------
+    def _read_lambdas(self, path) -> dict[str, torch.Tensor]:
+        """``{adapted layer name: λ}`` of a saved adapter; its keys carry PEFT's model prefixes."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(_adapter_file(path)))
+        found: dict[str, torch.Tensor] = {}
+        for key, t in state.items():
+            if not key.endswith(_LAMBDA):
+                continue
+            parts = key[: -len(_LAMBDA)].split(".")
+            # Strip "base_model.model." (or whatever wrapped the model) one component at a time.
+            for start in range(len(parts)):
+                candidate = ".".join(parts[start:])
+                if candidate in self._layers:
+                    found[candidate] = t
+                    break
+        missing = [n for n in self._layers if n not in found]
+        if missing:
+            raise TeraAdapterMismatch(
+                f"{path} has no λ for {len(missing)} adapted layer(s) of the store, e.g. {missing[0]!r}"
+            )
+        return found
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterStore({len(self)} adapters, seed {self._family['seed']}, {len(self._layers)} layers, "
+            f"{self._table.shape[1]} numbers per adapter, {self.nbytes} bytes)"
+        )
