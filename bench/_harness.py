@@ -47,7 +47,8 @@ if _ROOT not in sys.path:
 
 from bench.bench_layer import frozen_linear, peft_model, tera_layer, train_step  # noqa: E402
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import TeRALinear, layer_plan  # noqa: E402
+from tera_tn.torch import TeRALinear  # noqa: E402
+from tera_tn.torch.planning import layer_plan  # noqa: E402
 
 ORDER = 6
 PEERS = ("frozen", "full_ft", "lora_r8", "vera_r256", "hira_r32")

@@ -33,7 +33,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import TeRALinear, layer_plan  # noqa: E402
+from tera_tn.torch import TeRALinear  # noqa: E402
+from tera_tn.torch.planning import layer_plan  # noqa: E402
 
 DIMS = (768, 1024, 2048, 4096)
 TOKENS = (1, 64, 512, 2048)

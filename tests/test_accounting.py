@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import specs
-from tera_tn import TeRASpec, layer_cost, method_totals
+from tera_tn import TeRASpec
+from tera_tn.accounting import layer_cost, method_totals
 from tera_tn.accounting import total_params
 
 dims = st.integers(min_value=1, max_value=20000)

@@ -34,9 +34,9 @@ from tera_tn import (
     delta_weight,
     init_scales,
     random_factors,
-    scaled_factors,
     theoretical_rank,
 )
+from tera_tn.network import scaled_factors
 
 FACTOR_INITS = ("orthogonal", "gaussian", "uniform")
 factor_inits = st.sampled_from(FACTOR_INITS)

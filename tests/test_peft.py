@@ -30,15 +30,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import tera_tn  # noqa: E402
 from tera_tn.peft import (  # noqa: E402
-    SUPPORTED_PEFT,
     IncompatiblePeftError,
     TeraAdapterMismatch,
     TeraConfig,
     TeraLayer,
-    check_peft,
     read_adapter_signature,
     save_adapter,
 )
+from tera_tn.peft._compat import SUPPORTED_PEFT, check_peft  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

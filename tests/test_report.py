@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
-from tera_tn import TeRASpec, method_totals
+from tera_tn import TeRASpec
+from tera_tn.accounting import method_totals
 from tera_tn.report import (
     DEFAULT_METHODS,
     Method,

@@ -7,7 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tera_tn import TeRASpec, apply, init_scales, random_factors  # noqa: E402
-from tera_tn.torch import FrozenNetwork, layer_plan, tera_linear  # noqa: E402
+from tera_tn.torch import tera_linear  # noqa: E402
+from tera_tn.torch.autograd import FrozenNetwork  # noqa: E402
+from tera_tn.torch.planning import layer_plan  # noqa: E402
 from tera_tn.torch.autograd import expand, project  # noqa: E402
 
 SPECS = {

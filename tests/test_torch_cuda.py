@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import FrozenNetwork, TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers, tera_linear  # noqa: E402
+from tera_tn.torch.autograd import FrozenNetwork  # noqa: E402
+from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers, tera_linear  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

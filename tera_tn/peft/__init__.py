@@ -20,14 +20,8 @@ the installed and the supported versions. See ``docs/peft.md``.
 
 from __future__ import annotations
 
-from ._compat import (
-    SUPPORTED_PEFT,
-    TESTED_PEFT_VERSIONS,
-    IncompatiblePeftError,
-    check_peft,
-    extend_peft_type,
-    peft_version,
-)
+from .._deprecated import moved_names
+from ._compat import IncompatiblePeftError, check_peft, extend_peft_type, peft_version
 
 check_peft()
 extend_peft_type()
@@ -74,11 +68,11 @@ __all__ = [
     "TeraAdapterMismatch",
     "save_adapter",
     "read_adapter_signature",
-    "register",
-    "check_peft",
-    "extend_peft_type",
-    "peft_version",
     "IncompatiblePeftError",
-    "SUPPORTED_PEFT",
-    "TESTED_PEFT_VERSIONS",
 ]
+
+# The compatibility checks are internal; they stay importable from tera_tn.peft._compat.
+__getattr__ = moved_names(
+    "tera_tn.peft",
+    {name: f"tera_tn.peft._compat.{name}" for name in ("SUPPORTED_PEFT", "TESTED_PEFT_VERSIONS")},
+)

@@ -5,38 +5,48 @@
 * :class:`TeRALinear`: one adapted layer, built from a base Linear and a :class:`~tera_tn.TeRASpec`.
 * :class:`FactorBank`: the frozen factors, one set per shape group, generated from the seed.
 * :func:`merge_and_unload`: a plain model with ΔW folded in; :func:`save_tera` /
-  :func:`load_tera`: safetensors adapter checkpoints (λ + spec + seed, a few KB).
-* :func:`tera_linear` / :class:`TeRALinearFunction`: the memory-lean autograd path.
+  :func:`load_tera`: safetensors adapter checkpoints (λ + spec + seed, a few KB) that rebuild
+  the adapted layers when loaded into the plain base model.
+* :func:`tera_linear`: the memory-lean autograd path (:mod:`tera_tn.torch.autograd`).
+
+Planning (:mod:`tera_tn.torch.planning`) and the autograd internals stay importable from their
+modules.
 
 See ``docs/torch.md``.
 """
 
-from .autograd import FrozenNetwork, TeRALinearFunction, tera_linear
+from .._deprecated import moved_names
+from .autograd import tera_linear
 from .bank import FactorBank
 from .checkpoint import CheckpointMismatch, load_tera, read_tera_metadata, save_tera
 from .config import TeRAConfig
 from .layer import TeRALinear
-from .model import LayerSummary, TeRASummary, add_tera, ddp_ignore_factor_bank, merge_and_unload, tera_layers, tera_summary
-from .planning import LayerPlan, layer_plan
+from .model import TeRASummary, add_tera, merge_and_unload, tera_layers, tera_summary
 
 __all__ = [
     "TeRAConfig",
     "TeRALinear",
     "FactorBank",
-    "FrozenNetwork",
-    "TeRALinearFunction",
     "tera_linear",
     "add_tera",
     "tera_layers",
     "tera_summary",
-    "merge_and_unload",
-    "ddp_ignore_factor_bank",
     "TeRASummary",
-    "LayerSummary",
+    "merge_and_unload",
     "save_tera",
     "load_tera",
     "read_tera_metadata",
     "CheckpointMismatch",
-    "LayerPlan",
-    "layer_plan",
 ]
+
+__getattr__ = moved_names(
+    "tera_tn.torch",
+    {
+        "FrozenNetwork": "tera_tn.torch.autograd.FrozenNetwork",
+        "TeRALinearFunction": "tera_tn.torch.autograd.TeRALinearFunction",
+        "ddp_ignore_factor_bank": "tera_tn.torch.model.ddp_ignore_factor_bank",
+        "LayerSummary": "tera_tn.torch.model.LayerSummary",
+        "LayerPlan": "tera_tn.torch.planning.LayerPlan",
+        "layer_plan": "tera_tn.torch.planning.layer_plan",
+    },
+)

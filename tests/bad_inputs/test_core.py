@@ -13,6 +13,7 @@ import pytest
 import tera_tn as tt
 from tera_tn import CostModel, TeRASpec, init_scales, random_factors
 from tera_tn import accounting, costmodel, factorize, modeproduct, rank, spectrum
+from tera_tn.network import scaled_factors
 from tera_tn.torch.planning import layer_plan
 
 from .teach import Case, assert_teaches, params
@@ -102,7 +103,7 @@ CASES = [
     Case("alpha-inf", lambda: tt.delta_weight(S, F, L, alpha=float("inf")), ValueError, ("alpha", "inf", "finite")),
     Case("alpha-none", lambda: tt.delta_weight(S, F, L, alpha=None), TypeError, ("alpha", "none", "real number")),
     Case("alpha-array", lambda: tt.delta_weight(S, F, L, alpha=np.ones(3)), TypeError, ("alpha", "ndarray", "real number")),
-    Case("alpha-bool", lambda: tt.scaled_factors(S, F, L, alpha=True), TypeError, ("alpha", "true", "real number")),
+    Case("alpha-bool", lambda: scaled_factors(S, F, L, alpha=True), TypeError, ("alpha", "true", "real number")),
     Case("scales-none", lambda: tt.delta_weight(S, F, None), TypeError, ("scales", "nonetype", "4 vectors")),
     Case("scales-stacked-array", lambda: tt.delta_weight(S, F, np.ones((4, 4))), TypeError, ("scales", "ndarray", "4 vectors")),
     Case("scales-too-few", lambda: tt.delta_weight(S, F, L[:2]), ValueError, ("scales", "2 vectors", "4 vectors")),
@@ -175,12 +176,12 @@ CASES = [
     Case("multilinear-modes-product", lambda: rank.multilinear_ranks(np.ones(8), modes=(3, 3)), ValueError, ("(3, 3)", "9", "8 entries")),
     Case("multilinear-spec-string", lambda: rank.multilinear_ranks(np.ones(256), spec="S"), TypeError, ("multilinear_ranks", "teraspec")),
     Case("multilinear-none", lambda: rank.multilinear_ranks(None), TypeError, ("nonetype", "at least one dimension")),
-    Case("spectrum-nan", lambda: tt.tera_singular_values(S, F, NAN_L), ValueError, ("scales[0]", "nan", "finite")),
-    Case("spectrum-alpha-string", lambda: tt.tera_singular_values(S, F, L, alpha="2"), TypeError, ("alpha", "'2'")),
-    Case("conditioning-factors-none", lambda: tt.tera_conditioning(S, None, L), TypeError, ("factors", "nonetype", "terafactors")),
-    Case("conditioning-inf", lambda: tt.tera_conditioning(S, F, INF_L), ValueError, ("scales[3]", "inf", "finite")),
+    Case("spectrum-nan", lambda: tt.singular_values(S, F, NAN_L), ValueError, ("scales[0]", "nan", "finite")),
+    Case("spectrum-alpha-string", lambda: tt.singular_values(S, F, L, alpha="2"), TypeError, ("alpha", "'2'")),
+    Case("conditioning-factors-none", lambda: tt.conditioning(S, None, L), TypeError, ("factors", "nonetype", "terafactors")),
+    Case("conditioning-inf", lambda: tt.conditioning(S, F, INF_L), ValueError, ("scales[3]", "inf", "finite")),
     Case("multilinear-theory-nan", lambda: spectrum.theoretical_multilinear_ranks(S, NAN_L), ValueError, ("scales[0]", "nan")),
-    Case("conditioning-include-core", lambda: tt.tera_conditioning(S, F, L, include_core="yes"), ValueError, ("include_core", "'yes'")),
+    Case("conditioning-include-core", lambda: tt.conditioning(S, F, L, include_core="yes"), ValueError, ("include_core", "'yes'")),
     Case("mode-product-matrices-none", lambda: modeproduct.multi_mode_product(np.ones((2, 2)), None), TypeError, ("matrices", "nonetype", "one matrix")),
     Case("mode-product-matrix-string", lambda: modeproduct.multi_mode_product(np.ones((2, 2)), ["ab", None]), TypeError, ("matrices[0]", "'ab'", "(k, r)")),
     Case("mode-product-core-scalar", lambda: modeproduct.multi_mode_product(np.float64(1), []), ValueError, ("core", "0-d", "at least one mode")),
@@ -245,5 +246,5 @@ def test_integer_scales_do_not_round_the_factors(dtype):
     ones = [np.ones(4, dtype=dtype)] * 4
     exact = tt.delta_weight(S, F, [np.ones(4)] * 4)
     np.testing.assert_allclose(tt.delta_weight(S, F, ones), exact, rtol=1e-12)
-    a = tt.scaled_factors(S, F, ones)
+    a = scaled_factors(S, F, ones)
     assert a[0].dtype == np.float64
