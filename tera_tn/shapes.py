@@ -67,6 +67,21 @@ class LayerShape:
         return self.d_out, self.d_in
 
 
+# One block's linear layers, sizes by name: h = hidden, f = FFN, kv = key/value width. Every
+# family has the same attention shapes (k and v narrower under GQA) under its own module names.
+_ATTENTION = (("q", "h", "h"), ("k", "kv", "h"), ("v", "kv", "h"), ("o", "h", "h"))
+_BLOCKS = {
+    "bert": (
+        ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+        (("intermediate.dense", "intermediate", "f", "h"), ("output.dense", "output", "h", "f")),
+    ),
+    "llama": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        (("mlp.gate_proj", "gate", "f", "h"), ("mlp.up_proj", "up", "f", "h"), ("mlp.down_proj", "down", "h", "f")),
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The config fields that fix a transformer's linear-layer shapes."""
@@ -87,25 +102,10 @@ class ModelConfig:
 
     def block_layers(self) -> list[tuple[str, str, int, int]]:
         """``(module suffix, kind, d_out, d_in)`` for the linear layers of one block."""
-        h, f, kv = self.hidden_size, self.intermediate_size, self.kv_width
-        if self.family == "bert":
-            return [
-                ("attention.self.query", "q", h, h),
-                ("attention.self.key", "k", kv, h),
-                ("attention.self.value", "v", kv, h),
-                ("attention.output.dense", "o", h, h),
-                ("intermediate.dense", "intermediate", f, h),
-                ("output.dense", "output", h, f),
-            ]
-        return [
-            ("self_attn.q_proj", "q", h, h),
-            ("self_attn.k_proj", "k", kv, h),
-            ("self_attn.v_proj", "v", kv, h),
-            ("self_attn.o_proj", "o", h, h),
-            ("mlp.gate_proj", "gate", f, h),
-            ("mlp.up_proj", "up", f, h),
-            ("mlp.down_proj", "down", h, f),
-        ]
+        size = {"h": self.hidden_size, "f": self.intermediate_size, "kv": self.kv_width}
+        attention_names, mlp = _BLOCKS["bert" if self.family == "bert" else "llama"]
+        attention = [(name, *shape) for name, shape in zip(attention_names, _ATTENTION)]
+        return [(suffix, kind, size[d_out], size[d_in]) for suffix, kind, d_out, d_in in attention + list(mlp)]
 
     def module_prefix(self, layer: int) -> str:
         """Module path of block ``layer`` in the bare HF model (``BertModel``/``RobertaModel``,

@@ -24,8 +24,16 @@ __all__ = [
 ]
 
 
+class _Counts:
+    """``total`` of a summary's ``trainable`` and ``frozen`` parameter counts."""
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
 @dataclass(frozen=True)
-class LayerSummary:
+class LayerSummary(_Counts):
     """Parameter counts of one adapted layer (frozen = its base weight and bias)."""
 
     name: str
@@ -34,13 +42,9 @@ class LayerSummary:
     trainable: int
     frozen: int
 
-    @property
-    def total(self) -> int:
-        return self.trainable + self.frozen
-
 
 @dataclass(frozen=True)
-class TeRASummary:
+class TeRASummary(_Counts):
     """What :func:`add_tera` did; ``str()`` gives a table.
 
     Attributes:
@@ -56,10 +60,6 @@ class TeRASummary:
     frozen: int
     shared_factors: int
     groups: int
-
-    @property
-    def total(self) -> int:
-        return self.trainable + self.frozen
 
     def __str__(self) -> str:
         width = max([len("layer")] + [len(layer.name) for layer in self.layers])
