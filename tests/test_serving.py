@@ -282,6 +282,12 @@ def _bad_cases():
             ValueError,
             ("row_lambdas", "(3,", "(2, 5)"),
         ),
+        Case(
+            "store-parent-folder",
+            lambda: AdapterStore(fresh()).add("u", path=_other_family(tmp / "parent", order=4, seed=0).parent),
+            FileNotFoundError,
+            ("subfolder", "['x']"),
+        ),
         Case("store-remove-unknown", lambda: AdapterStore(fresh()).remove("nobody"), KeyError, ("nobody",)),
     ]
 

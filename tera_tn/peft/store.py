@@ -17,13 +17,24 @@ from typing import Optional, Union
 
 import torch
 
-from .io import _adapter_file, nonfinite_lambdas, read_adapter_signature
+from .io import _WEIGHTS, _adapter_file, nonfinite_lambdas, read_adapter_signature
 from .layer import BASE_ROW, TeraLayer
 from .model import TeraAdapterMismatch, _find_tera_model, signature_diff
 
 __all__ = ["AdapterStore"]
 
 _LAMBDA = ".tera_lambda"
+
+
+def _check_not_a_parent(path: Path) -> None:
+    # PEFT's save_pretrained writes an adapter not named "default" into a subfolder of that name.
+    if path.is_dir() and not (path / _WEIGHTS).is_file():
+        inner = sorted(p.parent.name for p in path.glob(f"*/{_WEIGHTS}"))
+        if inner:
+            raise FileNotFoundError(
+                f"{path} holds no {_WEIGHTS} itself but its subfolder(s) {inner} do (PEFT saves adapters not named "
+                f"'default' there): pass path={str(path / inner[0])!r}"
+            )
 
 
 class AdapterStore:
@@ -119,6 +130,7 @@ class AdapterStore:
             raise ValueError(f"the store already holds an adapter {name!r}; pass overwrite=True to replace it")
         if path is not None:
             what = f"{Path(path)}"
+            _check_not_a_parent(Path(path))
             signature = read_adapter_signature(path)
             lambdas = self._read_lambdas(path)
         else:
