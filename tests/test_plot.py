@@ -85,3 +85,106 @@ def test_save_figure_is_deterministic(tmp_path):
     assert digests[0] == digests[1]
     with pytest.raises(ValueError):
         plot.save_figure(fig, tmp_path / "x", ("gif",))
+
+
+# --------------------------------------------------------------------------------------------
+# measured figures: frontier and learning-rate curves
+# --------------------------------------------------------------------------------------------
+def _runs():
+    """Two datasets; LoRA and VeRA with three seeds, two TeRA variants (one with a single seed)."""
+    rows = []
+    for dataset, shift in (("sst", 0.0), ("news", -0.1)):
+        for contender, method, params, base in (("lora_r8", "lora", 330_000, 0.80), ("vera_r256", "vera", 30_000, 0.78),
+                                                ("tera_default", "tera", 2_500, 0.77)):
+            for seed in (0, 1, 2):
+                rows.append({"dataset": dataset, "contender": contender, "method": method, "params": params,
+                             "seed": seed, "lr": 0.1, "value": base + shift + 0.01 * seed})
+        rows.append({"dataset": dataset, "contender": "tera_order4", "method": "tera", "params": 4_100, "seed": 0,
+                     "lr": 0.03, "value": 0.75 + shift})
+    return rows
+
+
+def test_t_interval_matches_tables_and_a_hand_computation():
+    assert [round(plot._t975(df), 3) for df in (1, 2, 3, 4, 9, 30)] == [12.706, 4.303, 3.182, 2.776, 2.262, 2.042]
+    mean, half = plot.mean_interval([0.70, 0.74, 0.75])
+    sd = np.std([0.70, 0.74, 0.75], ddof=1)
+    assert mean == pytest.approx(0.73) and half == pytest.approx(4.303 * sd / np.sqrt(3), rel=1e-4)
+    assert plot.mean_interval([0.5]) == (0.5, None)
+
+
+def test_frontier_has_one_panel_per_dataset_and_one_series_per_contender():
+    d = plot.frontier_data(_runs())
+    assert [p["dataset"] for p in d["datasets"]] == ["sst", "news"]
+    lora = d["datasets"][0]["series"][0]
+    assert lora["mean"] == pytest.approx(0.81) and lora["half"] == pytest.approx(4.303 * 0.01 / np.sqrt(3), rel=1e-4)
+    assert d["datasets"][0]["series"][3]["half"] is None  # one seed: a plain point
+    assert len(set(d["styles"].values())) == 4  # every contender its own colour/marker
+
+    fig = plot.frontier_figure(_runs())
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        assert ax.get_xscale() == "log" and "trainable parameters" in ax.get_xlabel()
+        labels = ax.get_legend_handles_labels()[1]
+        assert sorted(labels) == ["lora_r8", "tera_default", "tera_order4", "vera_r256"]
+        assert len(ax.containers) == 3  # error bars for the three contenders with three seeds
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["lora_r8", "vera_r256", "tera_default", "tera_order4"]
+
+
+def test_lr_curves_mark_diverged_rates():
+    rows = [dict(r, lr=lr, value=r["value"] - abs(lr - 0.1)) for r in _runs() if r["dataset"] == "sst"
+            for lr in (0.03, 0.1)]
+    rows += [dict(r, lr=0.3, value=float("nan"), diverged=True) for r in _runs()
+             if r["dataset"] == "sst" and r["contender"] == "tera_default"]
+    d = plot.lr_curves_data(rows)
+    (panel,) = d["datasets"]
+    tera = [s for s in panel["series"] if s["contender"] == "tera_default"][0]
+    assert [(p["lr"], p["diverged"], p["n"]) for p in tera["points"]] == [(0.03, False, 3), (0.1, False, 3), (0.3, True, 3)]
+    assert np.isnan(tera["points"][2]["mean"])
+    fig = plot.lr_curves_figure(rows)
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    assert ax.get_legend_handles_labels()[1] == ["lora_r8", "vera_r256", "tera_default", "tera_order4"]
+    crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_xdata()[0] == 0.3
+    assert "diverged" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_measured_figures_save_identical_bytes(tmp_path):
+    digests = []
+    for k in range(2):
+        paths = plot.save_figure(plot.frontier_figure(_runs(), title="frontier"), tmp_path / f"f{k}", ("png", "svg"))
+        paths += plot.save_figure(plot.lr_curves_figure(_runs()), tmp_path / f"l{k}", ("png",))
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in paths])
+        assert all(p.stat().st_size > 1000 for p in paths)
+    assert digests[0] == digests[1]
+
+
+def _bad(**change):
+    row = dict(_runs()[0], **change)
+    return [row]
+
+
+@pytest.mark.parametrize("records, error, match", [
+    ([], ValueError, "no records"),
+    ({"dataset": "sst"}, TypeError, "list of dicts"),
+    ([("sst", "lora")], TypeError, "record 0 must be a dict"),
+    ([{"dataset": "sst", "contender": "x"}], ValueError, "lacks 'method', 'params'.*expected keys"),
+    (_bad(params=0), ValueError, "'params' must be a positive integer.*got 0"),
+    (_bad(params=2.5), ValueError, "'params'.*got 2.5"),
+    (_bad(lr=-1e-3), ValueError, "'lr' must be a positive finite number, got -0.001"),
+    (_bad(value=float("nan")), ValueError, "'value' must be a finite number, got nan"),
+    (_bad(dataset=""), ValueError, "'dataset' must be a non-empty string"),
+    (_runs()[:1] + [dict(_runs()[0], method="vera")], ValueError, "'lora_r8' has methods 'lora' and 'vera'"),
+    (_runs()[:1] + [dict(_runs()[0], params=7)], ValueError, r"parameter counts \[7, 330000\]"),
+    (_runs()[:1] + [dict(_runs()[0], lr=0.3)], ValueError, r"seeds \[0, 0\].*one learning rate"),
+])
+def test_frontier_rejects_bad_records(records, error, match):
+    with pytest.raises(error, match=match):
+        plot.frontier_data(records)
+
+
+def test_lr_curves_reject_a_nan_that_did_not_diverge_and_duplicate_runs():
+    with pytest.raises(ValueError, match="non-finite only when diverged"):
+        plot.lr_curves_data(_bad(value=float("inf")))
+    with pytest.raises(ValueError, match="at lr 0.1 has seeds \\[0, 0\\]"):
+        plot.lr_curves_data(_runs()[:1] * 2)
