@@ -184,3 +184,115 @@ def test_shards_split_contenders_and_a_worker_skips_what_another_appended(tmp_pa
     log: list[str] = []
     runner.run_plan("smoke", PLANS["smoke"], f, limit=1, log=log.append)
     assert not any(f"lr={c.lrs[0]:g}:" in line for line in log), log
+
+
+# --------------------------------------------------------------------------------------------
+# publish: learning rate chosen on validation, paired intervals, the generated page
+# --------------------------------------------------------------------------------------------
+_TOY = Stage(("toy",), (0, 1, 2), (
+    Contender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8}),
+    Contender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
+    Contender("tera_default", "tera", (3e-2, 1e-1, 3e-1)),
+    Contender("tera_order4", "tera", (3e-2, 1e-1, 3e-1), {"order": 4}),
+    Contender("tera_order2", "tera", (3e-2, 1e-1, 3e-1), {"order": 2}),
+))
+LORA_TEST = {0: 0.80, 1: 0.82, 2: 0.81}
+TERA_TEST = {0: 0.76, 1: 0.79, 2: 0.77}
+
+
+def _toy_records() -> list[dict]:
+    c = {x.name: x for x in _TOY.contenders}
+    rows = []
+
+    def add(name, lr, val, test, params, diverged=False):
+        for seed in _TOY.seeds:
+            rows.append({"key": runner.run_key("toy", 0, _TOY.budget, c[name], seed, lr), "plan": "toy",
+                         "dataset": "toy", "contender": name, "method": c[name].method, "seed": seed, "lr": lr,
+                         "trainable_params": params,
+                         "metrics": {"val_accuracy": val[seed] if isinstance(val, dict) else val,
+                                     "test_accuracy": test[seed] if isinstance(test, dict) else test,
+                                     "diverged": diverged}})
+
+    add("lora_r8", 1e-3, 0.70, 0.70, 330_000)
+    add("lora_r8", 3e-3, 0.80, LORA_TEST, 330_000)
+    add("lora_r8", 1e-2, 0.75, 0.75, 330_000)
+    add("vera_r256", 3e-2, 0.70, 0.70, 30_000)
+    add("vera_r256", 1e-1, 0.78, 0.78, 30_000)
+    add("vera_r256", 3e-1, 0.5, 0.5, 30_000, diverged=True)
+    # validation prefers 0.1, the test split would prefer 0.03: the test split must not choose
+    add("tera_default", 3e-2, 0.74, 0.90, 2_500)
+    add("tera_default", 1e-1, 0.78, TERA_TEST, 2_500)
+    add("tera_default", 3e-1, 0.70, 0.95, 2_500)
+    for lr in (3e-2, 1e-1, 3e-1, 1e-2):
+        add("tera_order4", lr, float("nan"), float("nan"), 4_100, diverged=True)
+    rows.append(dict(rows[0], seed=7))  # a seed the plan does not run: left out
+    return rows[::-1]  # file order must not matter
+
+
+def test_publish_chooses_on_validation_and_pairs_seeds(tmp_path):
+    from experiments.study import publish as pub
+
+    outcomes, stale = pub.collect(_toy_records(), "toy", (_TOY,))
+    by = {o.name: o for o in outcomes}
+    assert stale == 1
+    assert by["tera_default"].lr == 0.1 and by["tera_default"].test == TERA_TEST and by["tera_default"].grid_done
+    assert by["lora_r8"].lr == 3e-3 and by["vera_r256"].lr == 0.1
+    assert by["tera_order4"].lr is None and by["tera_order4"].state == "all runs diverged"
+    assert by["tera_order2"].state == "not run yet"
+
+    diffs = [TERA_TEST[s] - LORA_TEST[s] for s in (0, 1, 2)]  # -4, -3, -4 points
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = 4.302653 * sd / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    assert pub.paired(by["tera_default"], by["lora_r8"]) == pytest.approx(diffs)
+    text = pub.render("toy", (_TOY,), _toy_records())
+    expected = f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]"
+    assert expected == "-3.7 [-5.1, -2.2]"
+    row = next(line for line in text.splitlines() if line.startswith("| TeRA default |"))
+    assert "| 0.1 | 78.0 | 77.3 [" in row and expected in row
+    assert "TeRA default trails LoRA r=8 by 3.7 points on toy" in text
+    assert "3 seeds paired, 95 % interval -5.1 to -2.2" in text
+    assert "`tera_order4` diverged at every learning rate tried on toy (0.01, 0.03, 0.1, 0.3): no result." in text
+    assert "Not run yet: `tera_order2`" in text
+    assert "`toy`: 1 dataset (toy), 3 seeds per learning rate; 39 runs finished" in text
+
+
+def test_publish_docs_replaces_its_part_and_keeps_prose(tmp_path):
+    from experiments.study import publish as pub
+
+    docs = tmp_path / "docs"
+    pub.publish(_toy_records(), "toy", (_TOY,), docs=docs)
+    page = docs / "choosing.md"
+    for kind in ("frontier", "lr"):
+        png = docs / "results" / f"choosing_toy_{kind}.png"
+        assert png.read_bytes().startswith(b"\x89PNG") and f"](results/{png.name})" in page.read_text()
+    text = page.read_text()
+    page.write_text("# Mine\n\nProse above.\n\n" + text.split("\n", 1)[1] + "\nProse below.\n")
+    fewer = [r for r in _toy_records() if r["contender"] != "tera_default"]
+    pub.publish(fewer, "toy", (_TOY,), docs=docs)
+    again = page.read_text()
+    assert again.startswith("# Mine\n\nProse above.\n") and again.rstrip().endswith("Prose below.")
+    assert again.count("<!-- BEGIN generated") == 1 and again.count("<!-- END generated (toy)") == 1
+    assert "TeRA default trails" not in again and "| TeRA default |" not in again
+
+    page.write_text(again.replace("<!-- END generated (toy) -->", ""))  # a broken page is never rewritten
+    broken = page.read_text()
+    with pytest.raises(ValueError, match=r"choosing.md: expected the markers .*\(found 1 and 0\)"):
+        pub.publish(fewer, "toy", (_TOY,), docs=docs)
+    assert page.read_text() == broken
+
+
+def test_publish_command_prints_the_tables(tmp_path, monkeypatch, capsys):
+    from experiments.study import __main__ as cli
+    from experiments.study.plans import PLANS
+
+    monkeypatch.setitem(PLANS, "toy", (_TOY,))
+    results = ResultsFile(tmp_path / "r.jsonl")
+    for r in _toy_records():
+        results.append(r)
+    assert cli.main(["publish", "--plan", "toy", "--results", str(results.path)]) == 0
+    out = capsys.readouterr().out
+    assert "| TeRA default | library defaults | 2,500 | 0.1 |" in out and "trails LoRA r=8" in out
+    with pytest.raises(SystemExit):
+        cli.main(["publish", "--plan", "toy", "--results", str(tmp_path / "missing.jsonl")])
+    assert "does not exist" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``python -m experiments.study run|status --plan NAME [--results FILE]``."""
+"""``python -m experiments.study run|status|publish --plan NAME [--results FILE] [--docs]``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.study.plans import PLANS
 
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__)
-    parser.add_argument("action", choices=("run", "status"))
+    parser.add_argument("action", choices=("run", "status", "publish"))
     parser.add_argument("--plan", required=True, choices=sorted(PLANS))
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                         help=f"JSON-lines file (default {DEFAULT_RESULTS})")
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, metavar="DIR", help="local model folder (default: bundled MiniLM)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="run only contenders I, I+N, I+2N, ... of each stage (N workers, one results file)")
+    parser.add_argument("--docs", action="store_true",
+                        help="publish: also write the figures to docs/results/ and the page docs/choosing.md")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive integer, got {args.limit}")
@@ -38,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.study.results import ResultsFile
 
     results = ResultsFile(args.results)
+    if args.action == "publish":
+        from experiments.study.publish import DOCS, publish
+
+        if not args.results.exists():
+            parser.error(f"--results {args.results} does not exist: nothing to publish")
+        print(publish(list(results.records()), args.plan, PLANS[args.plan], all_plans=PLANS,
+                      docs=DOCS if args.docs else None), end="")
+        if args.docs:
+            print(f"wrote {DOCS / 'choosing.md'} and its figures in {DOCS / 'results'}")
+        return 0
     if args.action == "status":
         best: dict[tuple, dict] = {}
         counts: dict[tuple, int] = defaultdict(int)
