@@ -9,6 +9,7 @@ pytest.importorskip("matplotlib")
 
 import tera_tn as tt
 from tera_tn import plot
+from tests.bad_inputs.teach import Case, assert_teaches, params
 
 
 def test_tradeoff_data_counts_match_accounting():
@@ -164,27 +165,34 @@ def _bad(**change):
     return [row]
 
 
-@pytest.mark.parametrize("records, error, match", [
-    ([], ValueError, "no records"),
-    ({"dataset": "sst"}, TypeError, "list of dicts"),
-    ([("sst", "lora")], TypeError, "record 0 must be a dict"),
-    ([{"dataset": "sst", "contender": "x"}], ValueError, "lacks 'method', 'params'.*expected keys"),
-    (_bad(params=0), ValueError, "'params' must be a positive integer.*got 0"),
-    (_bad(params=2.5), ValueError, "'params'.*got 2.5"),
-    (_bad(lr=-1e-3), ValueError, "'lr' must be a positive finite number, got -0.001"),
-    (_bad(value=float("nan")), ValueError, "'value' must be a finite number, got nan"),
-    (_bad(dataset=""), ValueError, "'dataset' must be a non-empty string"),
-    (_runs()[:1] + [dict(_runs()[0], method="vera")], ValueError, "'lora_r8' has methods 'lora' and 'vera'"),
-    (_runs()[:1] + [dict(_runs()[0], params=7)], ValueError, r"parameter counts \[7, 330000\]"),
-    (_runs()[:1] + [dict(_runs()[0], lr=0.3)], ValueError, r"seeds \[0, 0\].*one learning rate"),
-])
-def test_frontier_rejects_bad_records(records, error, match):
-    with pytest.raises(error, match=match):
-        plot.frontier_data(records)
+def _frontier(records):
+    return lambda: plot.frontier_data(records)
 
 
-def test_lr_curves_reject_a_nan_that_did_not_diverge_and_duplicate_runs():
-    with pytest.raises(ValueError, match="non-finite only when diverged"):
-        plot.lr_curves_data(_bad(value=float("inf")))
-    with pytest.raises(ValueError, match="at lr 0.1 has seeds \\[0, 0\\]"):
-        plot.lr_curves_data(_runs()[:1] * 2)
+_BAD_RECORDS = [
+    Case("no records", _frontier([]), ValueError, ("no records",)),
+    Case("a dict, not a list", _frontier({"dataset": "sst"}), TypeError, ("list of dicts", "dict")),
+    Case("a tuple row", _frontier([("sst", "lora")]), TypeError, ("record 0 must be a dict", "('sst', 'lora')")),
+    Case("missing keys", _frontier([{"dataset": "sst", "contender": "x"}]), ValueError,
+         ("record 0 lacks 'method', 'params'", "expected keys")),
+    Case("zero params", _frontier(_bad(params=0)), ValueError, ("'params' must be a positive integer", "got 0")),
+    Case("fractional params", _frontier(_bad(params=2.5)), ValueError, ("'params'", "got 2.5")),
+    Case("negative lr", _frontier(_bad(lr=-1e-3)), ValueError, ("'lr' must be a positive finite number", "-0.001")),
+    Case("nan value", _frontier(_bad(value=float("nan"))), ValueError, ("'value' must be a finite number", "nan")),
+    Case("empty dataset", _frontier(_bad(dataset="")), ValueError, ("'dataset' must be a non-empty string",)),
+    Case("two methods", _frontier(_runs()[:1] + [dict(_runs()[0], method="vera")]), ValueError,
+         ("'lora_r8' has methods 'lora' and 'vera'",)),
+    Case("two param counts", _frontier(_runs()[:1] + [dict(_runs()[0], params=7)]), ValueError,
+         ("parameter counts [7, 330000]", "one count per dataset")),
+    Case("two rates of one seed", _frontier(_runs()[:1] + [dict(_runs()[0], lr=0.3)]), ValueError,
+         ("seeds [0, 0]", "one learning rate")),
+    Case("inf that did not diverge", lambda: plot.lr_curves_data(_bad(value=float("inf"))), ValueError,
+         ("non-finite only when diverged", "inf")),
+    Case("same run twice", lambda: plot.lr_curves_data(_runs()[:1] * 2), ValueError,
+         ("at lr 0.1 has seeds [0, 0]",)),
+]
+
+
+@params(_BAD_RECORDS)
+def test_measured_figures_reject_bad_records(case):
+    assert_teaches(case)
