@@ -149,7 +149,8 @@ def tradeoff_data(
 
     Counts follow :mod:`tera_tn.accounting`: trainable numbers summed over all adapted layers,
     and the maximum rank of ΔW as the smallest per-layer maximum over the layers (what every
-    layer can reach; for TeRA it is the rank at generic λ by the rank theorem: the smaller of the products of the row-side and column-side ranks).
+    layer can reach; for TeRA it is the rank at generic λ by the rank theorem: the smaller of
+    the products of the row-side and the column-side ranks).
 
     Args:
         layers: a built-in model name (:func:`tera_tn.shapes.available_models`) or a list of
