@@ -23,7 +23,8 @@ from typing import Literal, Sequence
 
 import opt_einsum as oe
 
-from ._backend import Array, as_array, backend_key, check_alpha, floating_like, is_torch, pick_like, to_like
+from ._backend import as_array, check_alpha
+from .backends import Array, backend_key, floating_like, namespace, pick_like, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
 from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import chain_steps
@@ -227,8 +228,8 @@ def plan(
     Args:
         spec: the layer's spec.
         n_tokens: rows of ``x`` (batch × sequence).
-        backend, device, dtype: what the contraction runs on: ``"torch"`` or ``"numpy"``, a
-            device such as ``"cpu"`` or ``"cuda:0"``, a floating dtype name.
+        backend, device, dtype: what the contraction runs on: ``"torch"``, ``"numpy"`` or
+            ``"jax"``, a device such as ``"cpu"`` or ``"cuda:0"``, a floating dtype name.
         model: the cost model to price with; default: the one installed for (backend, device,
             dtype) (see :mod:`tera_tn.costmodel`).
 
@@ -257,8 +258,8 @@ def apply(
 ) -> Array:
     """``ΔW x`` for a batch ``x`` of shape ``(..., d_in)``; returns shape ``(..., d_out)``.
 
-    Computed in the backend, dtype and device of ``x`` when it is a torch tensor (operands are
-    converted), else of the first torch operand, else numpy. ``strategy="auto"`` follows
+    Computed in the backend, dtype and device of ``x`` when it is a torch or JAX array (operands
+    are converted), else of the first torch or JAX operand, else numpy. ``strategy="auto"`` follows
     :func:`plan`; ``"factored"`` never forms the ``d_out × d_in`` matrix. Torch results are
     differentiable with respect to ``x`` and the scales.
     """
@@ -276,7 +277,7 @@ def apply(
     batch = tuple(x.shape[:-1])
     n = math.prod(batch)
     if n == 0:
-        return _empty_like(x, batch + (spec.d_out,))
+        return namespace(x).zeros(batch + (spec.d_out,), x)
     x2 = x.reshape(n, spec.d_in)
     if strategy == "auto":
         backend, device, dtype = backend_key(x)
@@ -289,28 +290,11 @@ def apply(
     return y.reshape(batch + (spec.d_out,))
 
 
-def _empty_like(x: Array, shape: tuple[int, ...]) -> Array:
-    if is_torch(x):
-        import torch
-
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
-    import numpy as np
-
-    return np.zeros(shape, dtype=x.dtype)
-
-
 def _factored(spec: TeRASpec, factors: TeRAFactors, scales: list[Array], x2: Array, alpha: float) -> Array:
     n = x2.shape[0]
     pad = spec.padding[1]
     if pad:
-        if is_torch(x2):
-            import torch.nn.functional as F
-
-            x2 = F.pad(x2, (0, pad))
-        else:
-            import numpy as np
-
-            x2 = np.pad(x2, ((0, 0), (0, pad)))
+        x2 = namespace(x2).pad_end(x2, 0, pad)
     xt = x2.reshape((n,) + spec.col_modes)
     p = spec.n_row
     if spec.diag == "identity":

@@ -24,9 +24,11 @@ import numbers
 import time
 from dataclasses import dataclass
 
+from .backends import backend_module, dtype_name
+
 __all__ = ["CostModel", "cost_model", "calibrate", "set_cost_model", "BACKENDS", "DTYPES", "normalize_key"]
 
-BACKENDS = ("torch", "numpy")
+BACKENDS = ("torch", "numpy", "jax")
 #: Bytes per element of every dtype the planner prices (what ``apply`` can compute in).
 DTYPES: dict[str, int] = {
     "float16": 2,
@@ -41,9 +43,15 @@ DTYPES: dict[str, int] = {
 _BACKEND_DTYPES = {
     "torch": ("float16", "bfloat16", "float32", "float64", "complex64", "complex128"),
     "numpy": ("float16", "float32", "float64", "float128", "complex64", "complex128", "complex256"),
+    "jax": ("float16", "bfloat16", "float32", "float64", "complex64", "complex128"),
 }
 # Device types torch knows that can run a GEMM; "meta" is accepted so shape-only runs can plan.
-_TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta", "privateuseone")
+# JAX names its platforms "cpu", "gpu" and "tpu".
+_DEVICES = {
+    "torch": ("cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta", "privateuseone"),
+    "numpy": ("cpu",),
+    "jax": ("cpu", "gpu", "tpu"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,19 +110,6 @@ _MODELS: dict[tuple[str, str, str], CostModel] = {}
 _RESOLVED: dict[tuple, CostModel] = {}
 
 
-def _dtype_name(dtype: object) -> str:
-    if isinstance(dtype, str):
-        return dtype.removeprefix("torch.")
-    if type(dtype).__module__ == "torch":  # a torch.dtype
-        return str(dtype).removeprefix("torch.")
-    try:
-        import numpy as np
-
-        return np.dtype(dtype).name  # type: ignore[arg-type]
-    except TypeError:
-        return repr(dtype)
-
-
 def normalize_key(backend: object, device: object, dtype: object) -> tuple[str, str, str]:
     """``(backend, device type, dtype name)`` after checking each: the key of cost models and plans.
 
@@ -127,10 +122,10 @@ def normalize_key(backend: object, device: object, dtype: object) -> tuple[str, 
         raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', got {device!r}")
     dev = device.split(":", 1)[0]
     index = device[len(dev) + 1 :] if ":" in device else "0"
-    allowed = _TORCH_DEVICES if backend == "torch" else ("cpu",)
+    allowed = _DEVICES[backend]
     if dev not in allowed or not index.isdigit():
         raise ValueError(f"device must be one of {allowed} (optionally with ':index') for backend {backend!r}, got {device!r}")
-    name = _dtype_name(dtype)
+    name = dtype_name(dtype)
     if name not in _BACKEND_DTYPES[backend]:
         raise ValueError(f"dtype must be a floating dtype of {backend}, one of {_BACKEND_DTYPES[backend]}, got {dtype!r}")
     return backend, dev, name  # type: ignore[return-value]
@@ -192,38 +187,8 @@ def calibrate(backend: str = "torch", device: str = "cpu", dtype: str = "float32
     backend, _, dtype = normalize_key(backend, device, dtype)
     if not isinstance(install, bool):
         raise ValueError(f"install must be True or False, got {install!r}")
-    if backend == "torch":
-        import torch
-
-        dt = getattr(torch, dtype)
-        dev = torch.device(device)
-
-        def sync() -> None:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        def mk(*shape):
-            return torch.randn(*shape, device=dev).to(dt)
-
-        def mm(a, b, out):
-            return lambda: (torch.mm(a, b, out=out), sync())
-
-        def copy(a, b):
-            return lambda: (b.copy_(a), sync())
-
-        def tiny(a):
-            return lambda: (a.add_(0), sync())
-
-        empty = lambda *s: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
-    else:
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        mk = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
-        mm = lambda a, b, out: (lambda: np.matmul(a, b, out=out))  # noqa: E731
-        copy = lambda a, b: (lambda: np.copyto(b, a))  # noqa: E731
-        tiny = lambda a: (lambda: np.add(a, 0, out=a))  # noqa: E731
-        empty = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
+    k = backend_module(backend).timing_kernels(device, dtype)
+    mk, empty, mm, copy, tiny = k["random"], k["empty"], k["mm"], k["copy"], k["tiny"]
 
     n = 1024
     t_big = _best_of(mm(mk(n, n), mk(n, n), empty(n, n)), 3)
@@ -235,8 +200,7 @@ def calibrate(backend: str = "torch", device: str = "cpu", dtype: str = "float32
     big = 8 * 1024 * 1024
     src, dst = mk(big), empty(big)
     t_copy = _best_of(copy(src, dst), 5)
-    itemsize = src.element_size() if backend == "torch" else src.itemsize
-    bandwidth = 2.0 * big * itemsize / t_copy
+    bandwidth = 2.0 * big * k["itemsize"] / t_copy
     t_tiny = _best_of(tiny(mk(8)), 50)
     model = CostModel(peak, s_half, bandwidth, t_tiny, source="calibrated")
     if install:

@@ -16,7 +16,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ._backend import Array, all_finite, as_array, check_size, is_on_cpu, is_torch, to_like
+from ._backend import as_array, check_size
+from .backends import Array, is_array, namespace, to_like
 from .spec import TeRASpec, check_spec
 
 __all__ = [
@@ -109,9 +110,9 @@ class TeRAFactors:
     factors: tuple[Optional[Array], ...]
 
     def to(self, like: Array) -> "TeRAFactors":
-        """Converted to the backend, dtype and device of ``like`` (numpy array or torch tensor)."""
-        if not (is_torch(like) or isinstance(like, np.ndarray)):
-            raise TypeError(f"like must be a numpy array or torch tensor, got {type(like).__name__}: {like!r:.80}")
+        """Converted to the backend, dtype and device of ``like`` (a numpy, torch or JAX array)."""
+        if not is_array(like):
+            raise TypeError(f"like must be a numpy array, torch tensor or jax array, got {type(like).__name__}: {like!r:.80}")
         return TeRAFactors(
             to_like(self.core, like),
             tuple(None if u is None else to_like(u, like) for u in self.factors),
@@ -137,8 +138,8 @@ class TeRAFactors:
         check_spec(spec, "TeRAFactors.check")
         arrays = [("core", self.core)] + [(f"U_{n}", u) for n, u in enumerate(self.factors) if u is not None]
         for name, a in arrays:
-            if not (is_torch(a) or isinstance(a, np.ndarray)):
-                raise TypeError(f"factor {name} must be a numpy array or torch tensor, got {type(a).__name__}")
+            if not is_array(a):
+                raise TypeError(f"factor {name} must be a numpy array, torch tensor or jax array, got {type(a).__name__}")
         if tuple(self.core.shape) != spec.ranks:
             raise ValueError(f"core has shape {tuple(self.core.shape)}, expected {spec.ranks} for {spec}")
         if len(self.factors) != spec.order:
@@ -216,8 +217,8 @@ def init_scales(
     Returned as float64 numpy arrays, or converted to the backend/dtype/device of ``like``.
     """
     check_spec(spec, "init_scales")
-    if like is not None and not (is_torch(like) or isinstance(like, np.ndarray)):
-        raise TypeError(f"like must be a numpy array, a torch tensor or None, got {type(like).__name__}: {like!r:.80}")
+    if like is not None and not is_array(like):
+        raise TypeError(f"like must be a numpy array, torch tensor, jax array or None, got {type(like).__name__}: {like!r:.80}")
     if init not in SCALE_INITS:
         raise ValueError(f"init must be one of {SCALE_INITS}, got {init!r}")
     value = check_scale_value("value", value)
@@ -260,7 +261,7 @@ def check_scales(spec: TeRASpec, scales: object) -> tuple[Array, ...]:
     makes every entry of ΔW NaN); device tensors are not, as reading them would synchronize.
     """
     expected = f"a sequence of {spec.order} vectors λ_n (one per mode) of lengths {spec.scale_sizes}"
-    if scales is None or isinstance(scales, (str, bytes, np.ndarray)) or is_torch(scales):
+    if scales is None or isinstance(scales, (str, bytes)) or is_array(scales):
         raise TypeError(f"scales must be {expected}, got {type(scales).__name__}")
     try:
         scales = tuple(scales)
@@ -276,7 +277,7 @@ def check_scales(spec: TeRASpec, scales: object) -> tuple[Array, ...]:
                 f"scales[{n}] has shape {tuple(s.shape)}, expected ({size},) for diag={spec.diag!r} "
                 f"(len R_n for 'rank', K_n for 'mode'/'identity', K_n + R_n for 'both')"
             )
-        if is_on_cpu(s) and not all_finite(s):
+        if namespace(s).on_cpu(s) and not namespace(s).all_finite(s):
             raise ValueError(f"scales[{n}] holds NaN or Inf ({s!r:.120}); expected finite values")
         out.append(s)
     return tuple(out)

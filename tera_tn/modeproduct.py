@@ -3,7 +3,7 @@
 Public API
 ----------
 ``multi_mode_product(core, matrices, *, out=None)``
-    The product itself, for numpy arrays and torch tensors.
+    The product itself, for numpy, torch and JAX arrays.
 ``best_order(core_shape, matrix_shapes)``
     Cost-optimal order of the mode products.
 ``mode_product_flops(core_shape, matrix_shapes, order=None)``
@@ -48,23 +48,22 @@ allocations cost more in page faults than the whole computation), and fresh torc
 outputs are allocated with transparent huge pages where the OS allows it.
 
 When any torch operand requires grad (and grad mode is on), or the operands are not
-on the CPU, a plain differentiable chain of ``tensordot`` calls is used instead.
+on the CPU, or they are JAX arrays (immutable, so never written in place), a plain
+differentiable chain of ``tensordot`` calls is used instead. What differs between the
+libraries is in :mod:`tera_tn.backends`; this module never asks which one it runs on.
 """
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Any, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import List, Optional, Sequence, Tuple
 
 from ._backend import as_array
+from .backends import Array, is_array, namespace
 
 __all__ = [
     "multi_mode_product",
@@ -74,14 +73,11 @@ __all__ = [
     "clear_workspace",
 ]
 
-Array = Any  # numpy.ndarray or torch.Tensor
-
 # Tuning constants, measured on a 2-core Zen3 (1 MiB L2/core, 32 MiB L3) with
 # bench/bench_materialize.py.  Bytes per scratch buffer (two ping-pong buffers per
-# worker): L2-sized blocks (<= 512 KiB) lose to per-call overhead, skinnier GEMMs
-# and shorter strided gather runs; 1-4 MiB blocks (living in L3) were fastest.
-_TORCH_SCRATCH_BYTES = 2 * 1024 * 1024
-_NUMPY_SCRATCH_BYTES = 1024 * 1024
+# worker, ``SCRATCH_BYTES`` of each backend): L2-sized blocks (<= 512 KiB) lose to
+# per-call overhead, skinnier GEMMs and shorter strided gather runs; 1-4 MiB blocks
+# (living in L3) were fastest.
 # Below this many elements in the largest intermediate the whole problem fits in
 # cache and the Python overhead of blocking is not worth it.
 _BLOCKING_MIN_ELEMS = 1 << 17
@@ -187,117 +183,6 @@ def chain_steps(ranks: Sequence[int], modes: Sequence[int]) -> List[Tuple[int, i
 
 
 # --------------------------------------------------------------------------- #
-# Backend helpers
-# --------------------------------------------------------------------------- #
-def _torch():
-    return sys.modules.get("torch")
-
-
-def _is_torch(x) -> bool:
-    t = _torch()
-    return t is not None and isinstance(x, t.Tensor)
-
-
-class _NumpyOps:
-    name = "numpy"
-
-    @staticmethod
-    def empty(n, like):
-        return np.empty(n, dtype=like.dtype)
-
-    @staticmethod
-    def mm(a, b, out):
-        np.matmul(a, b, out=out)
-
-    @staticmethod
-    def copy(dst, src):
-        np.copyto(dst, src)
-
-    @staticmethod
-    def permute(x, perm):
-        return x.transpose(perm)
-
-    @staticmethod
-    def flat(x):
-        return x.reshape(-1)
-
-    @staticmethod
-    def key(x):
-        return ("numpy", x.dtype.str, None)
-
-
-class _TorchOps:
-    name = "torch"
-
-    @staticmethod
-    def empty(n, like):
-        return _torch().empty(n, dtype=like.dtype, device=like.device)
-
-    @staticmethod
-    def mm(a, b, out):
-        _torch().mm(a, b, out=out)
-
-    @staticmethod
-    def copy(dst, src):
-        dst.copy_(src)
-
-    @staticmethod
-    def permute(x, perm):
-        return x.permute(*perm)
-
-    @staticmethod
-    def flat(x):
-        return x.view(-1)
-
-    @staticmethod
-    def key(x):
-        # A buffer made under torch.inference_mode() is an inference tensor that may not be written
-        # outside it (and vice versa), so the two modes keep separate workspaces.
-        torch = _torch()
-        return ("torch", str(x.dtype), str(x.device), torch.is_inference_mode_enabled())
-
-
-_MADV_HUGEPAGE = 14
-_libc = None
-
-
-def _advise_hugepages(t) -> None:
-    # A fresh 64 MiB torch allocation spends ~20 ms in 4 KiB page faults on first
-    # touch (more than the whole product); with THP in "madvise" mode, asking for
-    # huge pages before touching the memory cuts that to ~2 ms.  numpy already does
-    # this for its own large allocations.  Purely advisory, so failures are ignored.
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return
-    nbytes = t.numel() * t.element_size()
-    huge = 2 << 20
-    if nbytes < 4 * huge:
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _libc.madvise.restype = ctypes.c_int
-        p = t.data_ptr()
-        start = (p + huge - 1) // huge * huge
-        stop = (p + nbytes) // huge * huge
-        if stop > start:
-            _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
-    except Exception:  # pragma: no cover - platform dependent
-        pass
-
-
-def _new_output(ops, like, shape):
-    if ops is _TorchOps:
-        torch = _torch()
-        o = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if o.device.type == "cpu":
-            _advise_hugepages(o)
-        return o
-    return np.empty(shape, dtype=like.dtype)
-
-
-# --------------------------------------------------------------------------- #
 # Workspace cache
 # --------------------------------------------------------------------------- #
 _WS: dict = {}
@@ -316,15 +201,12 @@ def _workspace(ops, like, role: str, n: int, cache: bool):
     if not cache:
         buf = ops.empty(n, like)
     else:
-        key = ops.key(like) + (role,)
+        key = ops.workspace_key(like) + (role,)
         buf = _WS.get(key)
         if buf is None or buf.shape[0] < n:
             _WS.pop(key, None)  # free the old one before allocating the new one
-            buf = ops.empty(n, like)
-            if ops is _TorchOps and buf.device.type == "cpu":
-                _advise_hugepages(buf)
-            itemsize = like.dtype.itemsize if ops is _NumpyOps else buf.element_size()
-            if n * itemsize <= _MAX_CACHED_BYTES:
+            buf = ops.scratch(n, like)
+            if n * ops.itemsize(buf) <= _MAX_CACHED_BYTES:
                 _WS[key] = buf
     return buf[:n]
 
@@ -348,22 +230,6 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-_BLAS_CONTROLLER: Any = None
-
-
-def _blas_controller():
-    """threadpoolctl controller (optional dependency) or False when unavailable."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS_CONTROLLER = ThreadpoolController()
-        except Exception:
-            _BLAS_CONTROLLER = False
-    return _BLAS_CONTROLLER
-
-
 def _n_workers(ops, total_elems: int) -> int:
     if total_elems < _WORKERS_MIN_ELEMS:
         return 1
@@ -371,46 +237,27 @@ def _n_workers(ops, total_elems: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
-    if ops is _TorchOps:
-        return max(1, min(_torch().get_num_threads(), cores, 8))
-    # numpy: skinny GEMMs under a multi-threaded OpenBLAS are slow (and collapse
-    # on a loaded machine, its threads spin); one BLAS thread per Python worker
-    # needs threadpoolctl to pin the process-global BLAS thread count.
-    if not _blas_controller():
-        return 1
-    return max(1, min(cores, 8))
+    return ops.max_workers(cores)
 
 
-def _run_single_threaded(fn, restore: int):
-    # Each worker runs its own GEMMs on one core; torch's thread count is
-    # per-thread for the calling thread, but set_num_threads also stores a global
-    # default, so restore the caller's value afterwards.
-    torch = _torch()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(restore)
+def _in_scope(scope, fn, *args):
+    with scope():
+        return fn(*args)
 
 
 # --------------------------------------------------------------------------- #
 # Plain (differentiable / generic) path
 # --------------------------------------------------------------------------- #
-def _chain_plain(core, matrices, order):
-    """Out-of-place chain of tensordots (differentiable in torch)."""
-    torch = _torch() if _is_torch(core) else None
-    tdot = torch.tensordot if torch is not None else np.tensordot
+def _chain_plain(ops, core, matrices, order):
+    """Out-of-place chain of tensordots (differentiable in torch and JAX)."""
     x = core
     layout = list(range(core.ndim))
     for n in order:
         pos = layout.index(n)
         # tensordot puts the new mode last: layout becomes (rest..., n)
-        x = tdot(x, matrices[n], dims=([pos], [1]))
+        x = ops.tensordot(x, matrices[n], ([pos], [1]))
         layout = layout[:pos] + layout[pos + 1 :] + [n]
-    perm = [layout.index(n) for n in range(core.ndim)]
-    if torch is not None:
-        return x.permute(*perm).contiguous()
-    return np.ascontiguousarray(x.transpose(perm))
+    return ops.permuted(x, [layout.index(n) for n in range(core.ndim)])
 
 
 # --------------------------------------------------------------------------- #
@@ -511,11 +358,11 @@ def _apply_group_block(ops, S, tmp, dst2d_for_last, mats_t, r_in, k_out, nrows):
         r, k = r_in[i], k_out[i]
         cols = size // r
         new_size = cols * k
-        src2d = a[:size].reshape(r, cols).T if ops is _NumpyOps else a[:size].view(r, cols).t()
+        src2d = a[:size].reshape(r, cols).T
         if i == m - 1 and dst2d_for_last is not None:
             ops.mm(src2d, mats_t[i], dst2d_for_last)
             return None
-        out2d = b[:new_size].reshape(cols, k) if ops is _NumpyOps else b[:new_size].view(cols, k)
+        out2d = b[:new_size].reshape(cols, k)
         ops.mm(src2d, mats_t[i], out2d)
         a, b = b, a
         size = new_size
@@ -528,15 +375,8 @@ def _fast_path(ops, core, matrices, order, out):
     N = len(shape)
     out_shape = tuple(shape[n] if ks[n] is None else ks[n] for n in range(N))
 
-    if ops is _TorchOps:
-        if not core.is_contiguous():
-            core = core.contiguous()
-    else:
-        core = np.ascontiguousarray(core)
-
-    itemsize = core.dtype.itemsize if ops is _NumpyOps else core.element_size()
-    scratch_bytes = _TORCH_SCRATCH_BYTES if ops is _TorchOps else _NUMPY_SCRATCH_BYTES
-    scratch_elems = max(scratch_bytes // itemsize, 1)
+    core = ops.contiguous(core)
+    scratch_elems = max(ops.SCRATCH_BYTES // ops.itemsize(core), 1)
 
     # Sizes of every intermediate (to decide blocking and workspace size).
     sizes = list(shape)
@@ -554,8 +394,8 @@ def _fast_path(ops, core, matrices, order, out):
     groups = _plan_groups(shape, ks, order, scratch_elems) if blocked else [[n] for n in order]
 
     if out is None:
-        out = _new_output(ops, core, out_shape)
-    out_flat = ops.flat(out)
+        out = ops.new_output(out_shape, core)
+    out_flat = out.reshape(-1)
 
     # Thread-safety: the cached workspace is used by one call at a time; a
     # concurrent caller gets private buffers.
@@ -570,10 +410,10 @@ def _fast_path(ops, core, matrices, order, out):
 
 def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_elems, blocked, cache):
     N = len(shape)
-    mats_t = [None if m is None else (m.T if ops is _NumpyOps else m.t()) for m in matrices]
+    mats_t = [None if m is None else m.T for m in matrices]
     layout = list(range(N))
     sizes = list(shape)
-    src = ops.flat(core)
+    src = core.reshape(-1)
     total = src.shape[0]
     n_pass = len(groups)
     ws_role = 0
@@ -609,13 +449,13 @@ def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_e
         # over the whole tensor does the job without any gather.
         if len(grp) == 1 and dst is not None and layout[0] == grp[0]:
             n = grp[0]
-            a2 = src.reshape(sizes[n], rest_rows).T if ops is _NumpyOps else src.view(sizes[n], rest_rows).t()
-            o2 = dst.reshape(rest_rows, ks[n]) if ops is _NumpyOps else dst.view(rest_rows, ks[n])
+            a2 = src.reshape(sizes[n], rest_rows).T
+            o2 = dst.reshape(rest_rows, ks[n])
             ops.mm(a2, mats_t[n], o2)
         elif len(grp) == 1 and dst is not None and layout[-1] == grp[0]:
             n = grp[0]
-            a2 = src.reshape(rest_rows, sizes[n]) if ops is _NumpyOps else src.view(rest_rows, sizes[n])
-            o2 = dst.reshape(rest_rows, ks[n]) if ops is _NumpyOps else dst.view(rest_rows, ks[n])
+            a2 = src.reshape(rest_rows, sizes[n])
+            o2 = dst.reshape(rest_rows, ks[n])
             ops.mm(a2, mats_t[n], o2)
         else:
             _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, ks,
@@ -644,16 +484,11 @@ def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, 
 
     # Source viewed as (group modes..., rest modes...), a strided view.
     perm = [layout.index(n) for n in grp] + [layout.index(n) for n in rest]
-    if ops is _NumpyOps:
-        src_perm = src.reshape(cur_dims).transpose(perm)
-    else:
-        src_perm = src.view(cur_dims).permute(*perm)
+    src_perm = ops.permute_view(src.reshape(cur_dims), perm)
     if dst is None:
         # Last pass whose layout (rest..., grp...) is not the natural order: write
         # blocks into ``out`` seen in that layout.
-        lay = rest + list(grp)
-        operm = lay
-        dst_perm = out.transpose(operm) if ops is _NumpyOps else out.permute(*operm)
+        dst_perm = ops.permute_view(out, rest + list(grp))
     else:
         dst_perm = None
     ng = len(grp)
@@ -670,16 +505,15 @@ def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, 
             blk_src = src_perm[(slice(None),) * ng + bidx]
             gshape = tuple(r_in) + tuple(blk_src.shape[ng:])
             S = s1[: gin * nrows]
-            ops.copy(S.reshape(gshape) if ops is _NumpyOps else S.view(gshape), blk_src)
+            ops.copy(S.reshape(gshape), blk_src)
             if dst is not None:
                 o = dst[row0 * gout : (row0 + nrows) * gout]
-                o2 = o.reshape(-1, k_out[-1]) if ops is _NumpyOps else o.view(-1, k_out[-1])
+                o2 = o.reshape(-1, k_out[-1])
                 _apply_group_block(ops, s1, s2, o2, mats_t, r_in, k_out, nrows)
             else:
                 res = _apply_group_block(ops, s1, s2, None, mats_t, r_in, k_out, nrows)
                 oshape = tuple(blk_src.shape[ng:]) + tuple(k_out)
-                ops.copy(dst_perm[bidx],
-                         res.reshape(oshape) if ops is _NumpyOps else res.view(oshape))
+                ops.copy(dst_perm[bidx], res.reshape(oshape))
 
     if n_workers <= 1:
         work(0, blocks)
@@ -689,24 +523,14 @@ def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, 
     # pass waiting for whichever core is being stolen from.
     shared = iter(blocks)
     pool = _pool(n_workers - 1)
-    if ops is _NumpyOps:
-        # BLAS thread count is process-global: limit it to 1 for the duration.
-        with _blas_controller().limit(limits=1, user_api="blas"):
-            futs = [pool.submit(work, w, shared) for w in range(1, n_workers)]
-            try:
-                work(0, shared)
-            finally:
-                for f in futs:
-                    f.result()
-        return
-    restore = _torch().get_num_threads()
-    futs = [pool.submit(_run_single_threaded, (lambda w=w: work(w, shared)), restore)
-            for w in range(1, n_workers)]
-    try:
-        _run_single_threaded(lambda: work(0, shared), restore)
-    finally:
-        for f in futs:
-            f.result()
+    pass_scope, worker_scope = ops.worker_scopes()
+    with pass_scope:
+        futs = [pool.submit(_in_scope, worker_scope, work, w, shared) for w in range(1, n_workers)]
+        try:
+            _in_scope(worker_scope, work, 0, shared)
+        finally:
+            for f in futs:
+                f.result()
 
 
 # --------------------------------------------------------------------------- #
@@ -718,7 +542,7 @@ def multi_mode_product(core: Array, matrices: Sequence[Optional[Array]], *, out:
     Parameters
     ----------
     core:
-        Array of shape ``(R_1, ..., R_N)``, ``N >= 1`` (numpy array or torch tensor).
+        Array of shape ``(R_1, ..., R_N)``, ``N >= 1`` (numpy, torch or JAX array).
     matrices:
         Sequence of ``N`` entries; ``matrices[n]`` has shape ``(K_n, R_n)`` or is
         ``None`` (identity, ``K_n = R_n``).  All operands share backend and dtype
@@ -726,6 +550,7 @@ def multi_mode_product(core: Array, matrices: Sequence[Optional[Array]], *, out:
     out:
         Optional preallocated C-contiguous result of shape ``(K_1, ..., K_N)`` (fast
         path only; ignored -- a new result is returned -- on the autograd path).
+        Refused for JAX arrays, which cannot be written in place.
 
     Returns
     -------
@@ -733,66 +558,54 @@ def multi_mode_product(core: Array, matrices: Sequence[Optional[Array]], *, out:
     ``core``, with ``X[k_1..k_N] = sum_r core[r_1..r_N] * prod_n M_n[k_n, r_n]``.
 
     The products are applied in the FLOP-optimal order (:func:`best_order`).  With
-    torch grad mode on and any operand requiring grad, a differentiable chain of
-    out-of-place ops is used; otherwise (CPU) a cache-blocked, buffer-reusing path.
+    torch grad mode on and any operand requiring grad, on a GPU or for JAX arrays, a
+    differentiable chain of out-of-place ops is used; otherwise (CPU) a cache-blocked,
+    buffer-reusing path.
     """
     core = as_array("core", core, "at least one mode")
-    if matrices is None or isinstance(matrices, (str, bytes)) or _is_torch(matrices) or isinstance(matrices, np.ndarray):
+    if matrices is None or isinstance(matrices, (str, bytes)) or is_array(matrices):
         raise TypeError(f"matrices must be a list with one matrix (or None) per core mode, got {type(matrices).__name__}")
     matrices = [None if m is None else as_array(f"matrices[{n}]", m, "shape (K, R)") for n, m in enumerate(matrices)]
     N = core.ndim
     if N < 1:
         raise ValueError(f"core must have at least one mode, got a 0-d {type(core).__name__}")
-    is_t = _is_torch(core)
+    ops = namespace(core)
     for n, m in enumerate(matrices):
         if m is None:
             continue
-        if _is_torch(m) != is_t:
-            raise TypeError(f"matrices[{n}] is not of the same backend as core")
+        if namespace(m) is not ops:
+            raise TypeError(f"matrices[{n}] is a {namespace(m).name} array, core a {ops.name} array; expected one backend")
         if m.dtype != core.dtype:
             raise TypeError(f"matrices[{n}] has dtype {m.dtype}, core has {core.dtype}")
-        if is_t and m.device != core.device:
-            raise ValueError(f"matrices[{n}] is on {m.device}, core on {core.device}")
+        if ops.device(m) != ops.device(core):
+            raise ValueError(f"matrices[{n}] is on {ops.device(m)}, core on {ops.device(core)}")
     shape, ks = _shapes(tuple(core.shape), [None if m is None else tuple(m.shape) for m in matrices])
     out_shape = tuple(shape[n] if ks[n] is None else ks[n] for n in range(N))
     order = best_order(shape, [None if m is None else tuple(m.shape) for m in matrices])
+    if out is not None and not ops.mutable:
+        raise TypeError(f"out= needs a writable array; {ops.name} arrays are immutable, use the returned result")
 
-    if is_t:
-        torch = _torch()
-        needs_grad = torch.is_grad_enabled() and (
-            core.requires_grad or any(m is not None and m.requires_grad for m in matrices)
-        )
-        if needs_grad or core.device.type != "cpu":
-            res = _chain_plain(core, matrices, order) if order else core.clone()
-            if out is not None and not needs_grad:
-                out.copy_(res)
-                return out
-            return res
-        ops = _TorchOps
-    else:
-        core = np.asarray(core)
-        matrices = [None if m is None else np.asarray(m) for m in matrices]
-        ops = _NumpyOps
+    present = [core] + [m for m in matrices if m is not None]
+    if not ops.kernel_ok(present):
+        res = _chain_plain(ops, core, matrices, order) if order else ops.clone(core)
+        if out is not None and not ops.needs_grad(present):
+            ops.copy(out, res)
+            return out
+        return res
 
     if out is not None:
         if tuple(out.shape) != out_shape or out.dtype != core.dtype:
             raise ValueError(f"out must have shape {out_shape} and dtype {core.dtype}")
-        contiguous = out.is_contiguous() if is_t else out.flags.c_contiguous
-        if not contiguous:
+        if not ops.is_contiguous(out):
             raise ValueError("out must be C-contiguous")
 
     if any(s == 0 for s in shape) or any(s == 0 for s in out_shape):
-        res = _new_output(ops, core, out_shape) if out is None else out
-        if ops is _TorchOps:
-            res.zero_()
-        else:
-            res.fill(0)
+        res = ops.new_output(out_shape, core) if out is None else out
+        ops.fill_zero(res)
         return res
     if not order:
-        res = _new_output(ops, core, out_shape) if out is None else out
+        res = ops.new_output(out_shape, core) if out is None else out
         ops.copy(res, core)
         return res
-    if is_t:
-        with torch.no_grad():
-            return _fast_path(ops, core, matrices, order, out)
-    return _fast_path(ops, core, matrices, order, out)
+    with ops.kernel_scope():
+        return _fast_path(ops, core, matrices, order, out)

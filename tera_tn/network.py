@@ -1,9 +1,9 @@
 """The TeRA network: ``ΔW = α · matricize(G ×_1 A_1 … ×_N A_N)`` and its rank theorem.
 
 ``A_n`` combines the frozen factor ``U_n`` with the trainable vector ``λ_n`` according to
-``spec.diag`` (see :mod:`tera_tn.spec`). Everything here works on numpy arrays and torch
-tensors alike; the result takes the backend, dtype and device of the scales (a torch tensor
-if any operand is one) and torch results are differentiable with respect to the scales.
+``spec.diag`` (see :mod:`tera_tn.spec`). Everything here works on numpy, torch and JAX
+arrays alike; the result takes the backend, dtype and device of the scales (a torch or JAX
+array if any operand is one) and torch results are differentiable with respect to the scales.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, check_alpha, floating_like, pick_like, to_like, to_numpy
+from ._backend import check_alpha
+from .backends import Array, floating_like, pick_like, to_like, to_numpy
 from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
 from .spec import TeRASpec, check_spec, prefix_rank

@@ -1,4 +1,4 @@
-"""Rank measures of any matrix (numpy array or torch tensor), and of a tensorized one.
+"""Rank measures of any matrix (numpy, torch or JAX array), and of a tensorized one.
 
 Every measure is a function of the singular values ``σ_1 ≥ … ≥ σ_k ≥ 0`` (``k = min(m, n)``) of a
 real ``(m, n)`` matrix ``A``:
@@ -42,7 +42,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, as_array, is_torch, to_numpy
+from ._backend import as_array
+from .backends import Array, dtype_name, namespace, to_numpy
 from .network import theoretical_rank
 from .spec import check_spec
 
@@ -68,12 +69,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # dtype handling
 # --------------------------------------------------------------------------------------------
-def _dtype_name(a: Array) -> str:
-    if is_torch(a):
-        return str(a.dtype).removeprefix("torch.")
-    return str(np.asarray(a).dtype) if not isinstance(a, np.ndarray) else str(a.dtype)
-
-
 _EPS = {
     "float16": float(np.finfo(np.float16).eps),
     "bfloat16": 2.0**-7,  # 8 significant bits (7 stored)
@@ -85,12 +80,12 @@ _EPS = {
 
 
 def dtype_eps(dtype: object) -> float:
-    """Machine epsilon of a numpy/torch float dtype (or its name); ``float64``'s for integers.
+    """Machine epsilon of a numpy/torch/JAX float dtype (or its name); ``float64``'s for integers.
 
     Accepts ``np.float32``, ``torch.bfloat16``, ``"float16"`` …; the threshold of
     :func:`numerical_rank` scales with it.
     """
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name in _EPS:
         return _EPS[name]
     try:
@@ -103,30 +98,15 @@ def dtype_eps(dtype: object) -> float:
 
 
 def _as_matrix(a: Array, name: str = "a") -> tuple[Array, str]:
-    """Validate a 2-D finite matrix; return it in a dtype LAPACK/torch can decompose, and the
+    """Validate a 2-D finite matrix; return it in a dtype its backend can decompose, and the
     name of the *input* dtype (which sets the default threshold)."""
     a = as_array(name, a, "shape (m, n)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(a.shape)}")
-    dtype = _dtype_name(a)
-    if is_torch(a):
-        import torch
-
-        a = a.detach()
-        if a.dtype in (torch.float16, torch.bfloat16):
-            a = a.float()
-        elif not (a.is_floating_point() or a.is_complex()):
-            a = a.double()
-        finite = bool(torch.isfinite(a).all()) if a.numel() else True
-    else:
-        if a.dtype == np.float16:
-            a = a.astype(np.float32)
-        elif not np.issubdtype(a.dtype, np.inexact):
-            a = a.astype(np.float64)
-        elif a.dtype == np.longdouble:
-            a = a.astype(np.float64)  # LAPACK has no extended-precision SVD
-        finite = bool(np.isfinite(a).all()) if a.size else True
-    if not finite:
+    dtype = dtype_name(a.dtype)
+    backend = namespace(a)
+    a = backend.decomposable(a)
+    if math.prod(a.shape) and not backend.all_finite(a):
         raise ValueError(
             f"{name} of shape {tuple(a.shape)} contains NaN or Inf; its singular values (and every "
             f"rank measure) are undefined — check the update for overflow or a diverged training step"
@@ -134,23 +114,11 @@ def _as_matrix(a: Array, name: str = "a") -> tuple[Array, str]:
     return a, dtype
 
 
-def _svdvals(a: Array) -> Array:
-    if is_torch(a):
-        import torch
-
-        if a.numel() == 0:
-            return torch.zeros(0, dtype=a.real.dtype if a.is_complex() else a.dtype, device=a.device)
-        return torch.linalg.svdvals(a)
-    if a.size == 0:
-        return np.zeros(0, dtype=np.real(np.zeros(0, a.dtype)).dtype)
-    return np.linalg.svd(a, compute_uv=False)
-
-
 def singular_values(a: Array) -> Array:
     """Singular values of a matrix, descending.
 
     Args:
-        a: ``(m, n)`` numpy array or torch tensor (real or complex, any float dtype; ints are
+        a: ``(m, n)`` numpy, torch or JAX array (real or complex, any float dtype; ints are
             promoted to float64). Must be finite.
 
     Returns:
@@ -162,7 +130,7 @@ def singular_values(a: Array) -> Array:
         ValueError: ``a`` is not 2-D or holds NaN/Inf.
     """
     m, _ = _as_matrix(a)
-    return _svdvals(m)
+    return namespace(m).svdvals(m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +257,7 @@ def numerical_rank(a: Array, *, rtol: float | None = None, atol: float | None = 
     ``atol`` sets ``rtol = 0``. A value equal to ``tol`` does not count.
 
     Args:
-        a: ``(m, n)`` matrix, numpy or torch, finite.
+        a: ``(m, n)`` matrix, numpy, torch or JAX, finite.
         rtol: relative tolerance (fraction of σ_max), ≥ 0.
         atol: absolute tolerance, ≥ 0.
 
@@ -297,7 +265,7 @@ def numerical_rank(a: Array, *, rtol: float | None = None, atol: float | None = 
         An int in ``[0, min(m, n)]``; 0 for empty and zero matrices.
     """
     m, dtype = _as_matrix(a)
-    s = _sv64(_svdvals(m))
+    s = _sv64(namespace(m).svdvals(m))
     return _numerical_rank_sv(s, rank_threshold(s, m.shape, dtype, rtol=rtol, atol=atol))
 
 
@@ -308,7 +276,7 @@ def stable_rank(a: Array) -> float:
     directions carry energy comparable to the largest one.
     """
     m, _ = _as_matrix(a)
-    return _stable_rank_sv(_sv64(_svdvals(m)))
+    return _stable_rank_sv(_sv64(namespace(m).svdvals(m)))
 
 
 def effective_rank(a: Array) -> float:
@@ -318,7 +286,7 @@ def effective_rank(a: Array) -> float:
     are equal; 0.0 for a zero or empty ``a``.
     """
     m, _ = _as_matrix(a)
-    return _effective_rank_sv(_sv64(_svdvals(m)))
+    return _effective_rank_sv(_sv64(namespace(m).svdvals(m)))
 
 
 def energy_rank(a: Array, fraction: float = 0.99) -> int:
@@ -330,7 +298,7 @@ def energy_rank(a: Array, fraction: float = 0.99) -> int:
     """
     fraction = _check_fraction(fraction)
     m, _ = _as_matrix(a)
-    return _energy_rank_sv(_sv64(_svdvals(m)), fraction)
+    return _energy_rank_sv(_sv64(namespace(m).svdvals(m)), fraction)
 
 
 def condition_number(a: Array, *, nonzero: bool = False, rtol: float | None = None, atol: float | None = None) -> float:
@@ -345,7 +313,7 @@ def condition_number(a: Array, *, nonzero: bool = False, rtol: float | None = No
         raise ValueError(f"nonzero must be True or False, got {nonzero!r}")
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     m, dtype = _as_matrix(a)
-    s = _sv64(_svdvals(m))
+    s = _sv64(namespace(m).svdvals(m))
     tol = rank_threshold(s, m.shape, dtype, rtol=rtol, atol=atol) if nonzero else 0.0
     if nonzero and s.size and s[0] > 0 and not (s > tol).any():
         return math.inf
@@ -419,7 +387,7 @@ def summarize_singular_values(
     nr = _numerical_rank_sv(s, tol)
     return RankSummary(
         shape=shape,  # type: ignore[arg-type]
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         sigma_max=float(s[0]) if k else 0.0,
         sigma_min=float(s[-1]) if k else 0.0,
         threshold=tol,
@@ -439,7 +407,7 @@ def rank_summary(
 ) -> RankSummary:
     """:class:`RankSummary` of a matrix (one SVD for all measures)."""
     m, dtype = _as_matrix(a)
-    return summarize_singular_values(_svdvals(m), m.shape, dtype, rtol=rtol, atol=atol, energy=energy)
+    return summarize_singular_values(namespace(m).svdvals(m), m.shape, dtype, rtol=rtol, atol=atol, energy=energy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,10 +423,8 @@ def _as_tensor(x: Array, modes: Sequence[int] | None, spec) -> tuple[np.ndarray,
 
         x = tensorize(check_spec(spec, "multilinear_ranks"), x)
     x = as_array("x", x, "at least one dimension")
-    dtype = _dtype_name(x)
-    if is_torch(x) and not (x.is_floating_point() and x.dtype.itemsize >= 4):
-        x = x.detach().float()  # numpy has no bfloat16
-    x = to_numpy(x)
+    dtype = dtype_name(x.dtype)
+    x = to_numpy(namespace(x).decomposable(x))
     if modes is not None:
         if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not all(
             isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in modes
@@ -470,10 +436,6 @@ def _as_tensor(x: Array, modes: Sequence[int] | None, spec) -> tuple[np.ndarray,
         x = x.reshape(modes)
     if x.ndim < 1:
         raise ValueError(f"multilinear ranks need a tensor with at least one mode, got a 0-d {type(x).__name__}")
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)
-    elif not np.issubdtype(x.dtype, np.inexact):
-        x = x.astype(np.float64)
     if x.size and not np.isfinite(x).all():
         raise ValueError(f"tensor of shape {x.shape} contains NaN or Inf; its multilinear ranks are undefined")
     return x, dtype
@@ -495,7 +457,7 @@ def mode_singular_values(x: Array, modes: Sequence[int] | None = None, *, spec=N
     out = []
     for n in range(t.ndim):
         u = unfold(t, n)
-        out.append(np.asarray(_svdvals(u), dtype=np.float64))
+        out.append(np.asarray(namespace(u).svdvals(u), dtype=np.float64))
     return out
 
 

@@ -43,7 +43,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import Array, check_alpha, is_torch, pick_like, to_like, to_numpy
+from ._backend import check_alpha
+from .backends import Array, dtype_name, namespace, pick_like, to_like, to_numpy
 from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
 from .network import _scaled_factors, scale_sides, theoretical_rank
@@ -60,82 +61,17 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# backend helpers (numpy / torch)
-# --------------------------------------------------------------------------------------------
-def _needs_grad(*arrays: Array) -> bool:
-    if not any(is_torch(a) for a in arrays):
-        return False
-    import torch
-
-    return torch.is_grad_enabled() and any(is_torch(a) and a.requires_grad for a in arrays)
-
-
 def _qr_r(a: Array, grad: bool) -> Array:
     """``R`` of the thin QR ``a = Q R``: shape ``(min(m, n), n)``."""
-    if is_torch(a):
-        import torch
-
-        # mode="r" has no backward (it needs Q), so pay for Q only when a gradient is wanted.
-        return torch.linalg.qr(a, mode="reduced" if grad else "r")[1]
-    return np.linalg.qr(a, mode="r")
+    return namespace(a).qr_r(a, grad)
 
 
 def _kron(mats: Sequence[Array], like: Array) -> Array:
-    if not mats:
-        if is_torch(like):
-            import torch
-
-            return torch.ones((1, 1), dtype=like.dtype, device=like.device)
-        return np.ones((1, 1), dtype=like.dtype)
-    out = mats[0]
+    backend = namespace(like)
+    out = backend.ones((1, 1), like) if not mats else mats[0]
     for m in mats[1:]:
-        if is_torch(out):
-            import torch
-
-            # torch.kron views its inputs and fails on non-contiguous slices such as A_1[q:q+1].
-            out = torch.kron(out.contiguous(), m.contiguous())
-        else:
-            out = np.kron(out, m)
+        out = backend.kron(out, m)
     return out
-
-
-def _vstack(mats: Sequence[Array]) -> Array:
-    if is_torch(mats[0]):
-        import torch
-
-        return torch.cat(list(mats), dim=0)
-    return np.concatenate(list(mats), axis=0)
-
-
-def _svdvals(a: Array) -> Array:
-    if is_torch(a):
-        import torch
-
-        return torch.linalg.svdvals(a)
-    return np.linalg.svd(a, compute_uv=False)
-
-
-def _zeros(n: int, like: Array) -> Array:
-    if is_torch(like):
-        import torch
-
-        return torch.zeros(n, dtype=like.dtype, device=like.device)
-    return np.zeros(n, dtype=like.dtype)
-
-
-def _compute_like(like: Array) -> Array:
-    """Half-precision inputs are decomposed in float32 (no half QR/SVD in LAPACK or torch CPU)."""
-    if is_torch(like):
-        import torch
-
-        if like.dtype in (torch.float16, torch.bfloat16):
-            return torch.empty(0, dtype=torch.float32, device=like.device)
-        return like
-    like = np.asarray(like)
-    if like.dtype == np.float16 or not np.issubdtype(like.dtype, np.floating):
-        return np.empty(0, dtype=np.float32 if like.dtype == np.float16 else np.float64)
-    return like
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +81,7 @@ def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Arra
     """An ``S`` with ``(A_1 ⊗ … ⊗ A_k)[:d] = Q S`` for some ``Q`` with orthonormal columns.
 
     Args:
-        mats: ``A_n`` of shape ``(K_n, R_n)`` (numpy or torch, one backend), C-order Kronecker.
+        mats: ``A_n`` of shape ``(K_n, R_n)`` (one backend), C-order Kronecker.
         d: number of leading rows kept, ``1 ≤ d ≤ ∏K_n``.
 
     Returns:
@@ -173,7 +109,7 @@ def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Arra
     if t:
         # Rows with leading digit q: one row of A_1 times a prefix of the rest (recursion).
         blocks.append(_kron([mats[0][q : q + 1], prefix_kron_r(mats[1:], t, _grad=_grad)], like))
-    s = blocks[0] if len(blocks) == 1 else _vstack(blocks)
+    s = blocks[0] if len(blocks) == 1 else namespace(like).concat(blocks)
     # Compress to at most ∏R rows; the extra QR is small and keeps the final SVD square-ish.
     return _qr_r(s, _grad) if s.shape[0] > s.shape[1] else s
 
@@ -184,16 +120,13 @@ def _scaled(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha
     scales = check_scales(spec, scales)
     check_factors(factors, spec)
     alpha = check_alpha(alpha)
-    like = _compute_like(pick_like(*scales, factors.core))
+    # Half precision and integers are decomposed in float32/float64 (no half QR/SVD on CPU).
+    like = pick_like(*scales, factors.core)
+    like = namespace(like).decomposable(like)
     scales = [to_like(s, like) for s in scales]
     factors = factors.to(like)
     if spec.diag == "identity":
-        if is_torch(like):
-            import torch
-
-            mats = [torch.diag(s) for s in scales]
-        else:
-            mats = [np.diag(s) for s in scales]
+        mats = [namespace(like).diag(s) for s in scales]
         mats[0] = mats[0] * alpha
     else:
         mats = list(_scaled_factors(spec, factors, scales, alpha))
@@ -232,7 +165,7 @@ def tera_singular_values(
 
     Returns:
         A 1-D array of length ``min(d_out, d_in)`` in the backend/device of the scales (a torch
-        tensor if any operand is one), dtype float32 for half-precision inputs, else theirs.
+        or JAX array if any operand is one), dtype float32 for half-precision inputs, else theirs.
         Entries past ``min(rows, cols)`` of the small core matrix are exact zeros — ΔW has at
         most that rank. Equal to ``svdvals(delta_weight(...))`` up to rounding (tested), and
         differentiable with respect to torch scales.
@@ -241,11 +174,12 @@ def tera_singular_values(
     ``≤ ∏R_row × ∏R_col`` matrix (see the module docstring for padded specs).
     """
     mats, core, like = _scaled(spec, factors, scales, alpha)
-    grad = _needs_grad(*mats, core)
-    sv = _svdvals(_core_matrix(spec, mats, core, grad))
+    backend = namespace(like)
+    grad = backend.needs_grad([*mats, core])
+    sv = backend.svdvals(_core_matrix(spec, mats, core, grad))
     k = min(spec.d_out, spec.d_in)
     if sv.shape[0] < k:
-        sv = _vstack([sv, _zeros(k - sv.shape[0], sv)])
+        sv = backend.concat([sv, backend.zeros((k - sv.shape[0],), sv)])
     return sv
 
 
@@ -268,7 +202,7 @@ def tera_rank_summary(
     """
     sv = tera_singular_values(spec, factors, scales, alpha)
     if dtype is None:
-        dtype = str(sv.dtype).removeprefix("torch.")
+        dtype = dtype_name(sv.dtype)
     return summarize_singular_values(sv, spec.shape, dtype, rtol=rtol, atol=atol, energy=energy)
 
 

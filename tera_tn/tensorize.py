@@ -2,27 +2,16 @@
 
 ``tensorize(spec, W)`` pads ``W`` of shape ``(d_out, d_in)`` with zeros to the padded shape and
 reshapes it to ``spec.modes``; ``matricize(spec, X)`` reverses it and slices the padding away.
-``matricize(spec, tensorize(spec, W)) == W`` exactly, for numpy arrays and torch tensors.
+``matricize(spec, tensorize(spec, W)) == W`` exactly, for numpy, torch and JAX arrays.
 """
 
 from __future__ import annotations
 
-from ._backend import Array, as_array, is_torch
+from ._backend import as_array
+from .backends import Array, namespace
 from .spec import TeRASpec, check_spec
 
 __all__ = ["tensorize", "matricize"]
-
-
-def _pad2d(w: Array, rows: int, cols: int) -> Array:
-    if rows == 0 and cols == 0:
-        return w
-    if is_torch(w):
-        import torch.nn.functional as F
-
-        return F.pad(w, (0, cols, 0, rows))
-    import numpy as np
-
-    return np.pad(w, ((0, rows), (0, cols)))
 
 
 def tensorize(spec: TeRASpec, w: Array) -> Array:
@@ -32,7 +21,9 @@ def tensorize(spec: TeRASpec, w: Array) -> Array:
     if tuple(w.shape) != spec.shape:
         raise ValueError(f"tensorize expects a matrix of shape {spec.shape} for {spec}, got {tuple(w.shape)}")
     pad_rows, pad_cols = spec.padding
-    return _pad2d(w, pad_rows, pad_cols).reshape(spec.modes)
+    if pad_rows or pad_cols:
+        w = namespace(w).pad_end(w, pad_rows, pad_cols)
+    return w.reshape(spec.modes)
 
 
 def matricize(spec: TeRASpec, x: Array) -> Array:

@@ -16,6 +16,7 @@ from tera_tn.modeproduct import best_order, chain_steps, mode_product_flops, mul
 
 torch = pytest.importorskip("torch")
 tl_tenalg = pytest.importorskip("tensorly.tenalg")
+from tera_tn.backends import numpy as numpy_backend, torch as torch_backend  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,8 +73,8 @@ def force_blocking(monkeypatch):
     monkeypatch.setattr(mp, "_BLOCKING_MIN_ELEMS", 1)
     monkeypatch.setattr(mp, "_WORKERS_MIN_ELEMS", 1)
     monkeypatch.setattr(mp, "_MIN_BLOCK_ROWS", 2)
-    monkeypatch.setattr(mp, "_TORCH_SCRATCH_BYTES", 4096)
-    monkeypatch.setattr(mp, "_NUMPY_SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(torch_backend, "SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", 4096)
     mp.clear_workspace()
     yield
     mp.clear_workspace()
@@ -100,8 +101,8 @@ def test_blocked_path_matches_reference(prob):
         m.setattr(mp, "_BLOCKING_MIN_ELEMS", 1)
         m.setattr(mp, "_WORKERS_MIN_ELEMS", 1)  # exercise the worker threads too
         m.setattr(mp, "_MIN_BLOCK_ROWS", 2)
-        m.setattr(mp, "_TORCH_SCRATCH_BYTES", 2048)
-        m.setattr(mp, "_NUMPY_SCRATCH_BYTES", 2048)
+        m.setattr(torch_backend, "SCRATCH_BYTES", 2048)
+        m.setattr(numpy_backend, "SCRATCH_BYTES", 2048)
         ref = einsum_ref(core, mats)
         x = multi_mode_product(core, mats)
         assert rel_err(x, ref) < 1e-12
@@ -173,7 +174,7 @@ def test_blocked_path_large(backend):
     mats = [rng.standard_normal((k, r)) for k, r in zip(sizes, ranks)]
     shape, ks = mp._shapes(ranks, [m.shape for m in mats])
     order = best_order(ranks, [m.shape for m in mats])
-    assert len(mp._plan_groups(list(shape), ks, list(order), mp._TORCH_SCRATCH_BYTES // 8)) >= 2
+    assert len(mp._plan_groups(list(shape), ks, list(order), torch_backend.SCRATCH_BYTES // 8)) >= 2
     ref = einsum_ref(core, mats)
     if backend == "numpy":
         x = multi_mode_product(core, mats)
