@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ._backend import as_array, check_size
-from .backends import Array, is_array, namespace, to_like
+from .backends import Array, backend_module, is_array, namespace, to_like
 from .spec import TeRASpec, check_spec
 
 __all__ = [
@@ -120,15 +120,7 @@ class TeRAFactors:
 
     def as_torch(self, dtype=None, device=None) -> "TeRAFactors":
         """As torch tensors (default dtype float32, CPU); ``dtype`` may be a torch dtype or its name."""
-        import torch
-
-        if isinstance(dtype, str):
-            named = getattr(torch, dtype.removeprefix("torch."), None)
-            if not isinstance(named, torch.dtype):
-                raise ValueError(f"dtype {dtype!r} is no torch dtype; expected e.g. 'float32' or torch.float64")
-            dtype = named
-        like = torch.empty(0, dtype=dtype or torch.float32, device=device)
-        return self.to(like)
+        return self.to(backend_module("torch").empty_of(dtype, device))
 
     def as_numpy(self, dtype=np.float64) -> "TeRAFactors":
         return self.to(np.empty(0, dtype=dtype))

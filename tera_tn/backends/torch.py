@@ -22,6 +22,16 @@ def owns(x: object) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def empty_of(dtype=None, device=None) -> torch.Tensor:
+    """An empty tensor of ``dtype`` (a torch dtype or its name; default float32) on ``device``."""
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is no torch dtype; expected e.g. 'float32' or torch.float64")
+        dtype = named
+    return torch.empty(0, dtype=dtype or torch.float32, device=device)
+
+
 def key(x: torch.Tensor) -> tuple[str, str, str]:
     return "torch", x.device.type, str(x.dtype).removeprefix("torch.")
 
