@@ -39,7 +39,7 @@ def is_inexact(x: np.ndarray) -> bool:
 
 
 def float_empty(like: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
-    return np.empty(0, dtype=np.result_type(like.dtype, *(o.dtype for o in others), np.float32))
+    return np.empty(0, dtype=np.result_type(like.dtype, *(np.asarray(o).dtype for o in others), np.float32))
 
 
 def all_finite(x: np.ndarray) -> bool:
