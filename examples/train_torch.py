@@ -39,7 +39,7 @@ def main(argv=None):
     add_tera(target, TeRAConfig(order=4, seed=0, scale_init="ones"))
     with torch.no_grad():
         for _, layer in tera_layers(target):
-            for lam in layer.tera_lambda:
+            for lam in layer.scales():
                 lam.copy_(torch.empty_like(lam).uniform_(0.5, 1.5))
     target.eval()
 

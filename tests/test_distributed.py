@@ -118,7 +118,7 @@ def _mse(model, batch):
 def _torch_lambdas(model):
     from tera_tn.torch import tera_layers
 
-    return [p.detach().clone() for _, layer in tera_layers(model) for p in layer.tera_lambda]
+    return [p.detach().clone() for _, layer in tera_layers(model) for p in layer.scales()]
 
 
 def _plain_torch(rank: int) -> dict:

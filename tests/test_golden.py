@@ -151,10 +151,10 @@ def _rewrite_torch_meta(src: Path, dst: Path, **changes) -> Path:
 def test_torch_checkpoint_with_another_recipe_fails_naming_the_field(tmp_path, field, value):
     bad = _rewrite_torch_meta(DATA / "legacy_torch.safetensors", tmp_path / "b.safetensors", **{field: value})
     model = _torch_model()
-    before = [lam.detach().clone() for lam in model.up.tera_lambda]
+    before = [lam.detach().clone() for lam in model.up.scales()]
     with pytest.raises(CheckpointMismatch, match=f"{field}: checkpoint {value!r}"):
         load_tera(model, bad)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.up.tera_lambda))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.up.scales()))
 
 
 # --- PEFT ----------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def _adapted(model, name: str):
     inner = model.base_model.model if hasattr(model, "base_model") else model
     layer = getattr(inner, name)
     if isinstance(layer, TeRALinear):
-        return layer, lambda: list(layer.tera_lambda)
+        return layer, lambda: layer.scales()
     return layer, lambda: [layer.tera_lambda["default"]]
 
 
@@ -102,7 +102,7 @@ def test_opt_in_delta_cache_is_refreshed_by_clear_cache():
     x = torch.randn(3, 16)
     with torch.no_grad():
         layer(x)
-        layer.tera_lambda[0].data.add_(1.0)
+        layer.scales()[0].data.add_(1.0)
         layer.clear_cache()
         torch.testing.assert_close(layer(x), _expected(layer, x), rtol=1e-5, atol=1e-5)
 
@@ -227,7 +227,7 @@ def _grads(layer, x, autocast: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
     y.float().pow(2).sum().backward()
-    out = [x.grad] + [lam.grad.clone() for lam in layer.tera_lambda]
+    out = [x.grad] + list(layer.tera_lambda["default"].grad.clone().split(layer.spec.scale_sizes))
     layer.zero_grad()
     return y, out
 
@@ -291,7 +291,7 @@ def test_peft_bert_trains_under_autocast_bf16():
 
 def test_merge_refuses_non_finite_lambda_and_keeps_the_base_weight():
     model = _torch_model()
-    model.b.tera_lambda[1].data[0] = float("nan")
+    model.b.scales()[1].data[0] = float("nan")
     w_a, w_b = model.a.base_layer.weight.clone(), model.b.base_layer.weight.clone()
     with pytest.raises(ValueError) as info:
         model.b.merge()

@@ -23,7 +23,7 @@ def test_bank_moves_once_and_layers_share_storage_on_cuda():
     (_, a), (_, b) = list(tera_layers(model))
     assert a.tera_bank is b.tera_bank and a.network().core.is_cuda
     assert a.network().core.data_ptr() == b.network().core.data_ptr()
-    assert all(lam.is_cuda and lam.dtype == torch.float32 for lam in a.tera_lambda)
+    assert all(lam.is_cuda and lam.dtype == torch.float32 for lam in a.tera_lambda.values())
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).cuda()
     torch.testing.assert_close(model(x).cpu(), cpu_out, rtol=1e-4, atol=1e-4)
 
@@ -50,7 +50,7 @@ def test_training_step_and_merge_on_cuda(dtype):
     y = layer(x)
     assert y.dtype == dtype
     y.float().pow(2).mean().backward()
-    assert x.grad is not None and all(lam.grad.dtype == torch.float32 for lam in layer.tera_lambda)
+    assert x.grad is not None and all(lam.grad.dtype == torch.float32 for lam in layer.tera_lambda.values())
     with torch.no_grad():
         ref = layer(x)
         plain = merge_and_unload(nn.Sequential(layer))
@@ -75,7 +75,7 @@ def test_autocast_gradients_match_fp32_on_cuda(strategy, diag, dtype):
             # backward inside the autocast region too: the Function must not mix dtypes there
             y.float().pow(2).sum().backward()
         assert y.dtype == (dtype if autocast else torch.float32)
-        grads[autocast] = [x.grad] + [lam.grad.clone() for lam in layer.tera_lambda]
+        grads[autocast] = [x.grad] + list(layer.tera_lambda["default"].grad.clone().split(layer.spec.scale_sizes))
         layer.zero_grad()
     for got, want in zip(grads[True], grads[False]):
         assert got.dtype == torch.float32

@@ -24,7 +24,7 @@ def _layer(spec=SPEC, **kw):
 def test_output_is_base_plus_core_apply(spec, strategy):
     layer = _layer(spec, alpha=0.5, scale_init="random", strategy=strategy)
     x = torch.randn(3, 2, spec.d_in)
-    lams = [lam.detach().double() for lam in layer.tera_lambda]
+    lams = [lam.detach().double() for lam in layer.scales()]
     ref = layer.base_layer(x).double() + apply(spec, random_factors(spec, 5), lams, x.double(), alpha=0.5)
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_zero_start_equals_base_and_has_gradients():
     y = layer(x)
     torch.testing.assert_close(y, layer.base_layer(x), rtol=0, atol=0)
     y.pow(2).sum().backward()
-    grads = [lam.grad for lam in layer.tera_lambda]
+    grads = layer.tera_lambda["default"].grad.split(layer.spec.scale_sizes)
     assert grads[0].abs().sum() > 0
 
 
@@ -48,8 +48,8 @@ def test_opt_in_inference_cache_invalidated_by_inplace_optimizer_step():
     layer.eval()
     with torch.no_grad():
         y1 = layer(x)
-        cached = layer._cache[1]
-        assert layer(x).equal(y1) and layer._cache[1] is cached  # reused, not recontracted
+        cached = layer._tera_cache["default"][1]
+        assert layer(x).equal(y1) and layer._tera_cache["default"][1] is cached  # reused, not recontracted
     opt = torch.optim.SGD(layer.tera_lambda.parameters(), lr=0.1)
     layer.train()
     layer(x).sum().backward()
@@ -57,17 +57,17 @@ def test_opt_in_inference_cache_invalidated_by_inplace_optimizer_step():
     layer.eval()
     with torch.no_grad():
         y2 = layer(x)
-    assert layer._cache[1] is not cached
+    assert layer._tera_cache["default"][1] is not cached
     expected = layer.base_layer(x) + x @ layer.delta_weight().T
     torch.testing.assert_close(y2, expected, rtol=1e-5, atol=1e-5)
     assert not y2.allclose(y1)
     with torch.no_grad():
-        layer.tera_lambda[1].mul_(2.0)  # any in-place edit
+        layer.scales()[1].mul_(2.0)  # any in-place edit
         torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ layer.delta_weight().T, rtol=1e-5, atol=1e-5)
     layer.cache_delta = False
     with torch.no_grad():
         layer(x)
-    assert layer._cache is None
+    assert not layer._tera_cache
 
 
 def test_merge_unmerge_round_trip():
@@ -90,7 +90,7 @@ def test_merge_unmerge_round_trip():
 
 def test_bf16_input_computes_in_bf16_with_fp32_lambda():
     layer = _layer(scale_init="random").to(torch.bfloat16)
-    assert all(lam.dtype == torch.float32 for lam in layer.tera_lambda)  # model.to(dtype) keeps λ fp32
+    assert layer.tera_lambda["default"].dtype == torch.float32  # model.to(dtype) keeps λ fp32
     assert layer.network().core.dtype == torch.float32  # and the factors' storage
     x = torch.randn(4, SPEC.d_in, dtype=torch.bfloat16)
     y = layer(x)
@@ -98,7 +98,7 @@ def test_bf16_input_computes_in_bf16_with_fp32_lambda():
     ref = layer.base_layer.float()(x.float()) + x.float() @ layer.delta_weight(torch.float32).T
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     y.float().sum().backward()
-    assert all(lam.grad.dtype == torch.float32 for lam in layer.tera_lambda)
+    assert layer.tera_lambda["default"].grad.dtype == torch.float32
 
 
 def test_shared_bank_storage_and_move():
@@ -132,7 +132,7 @@ def test_dropout_applies_to_adapter_only():
     torch.manual_seed(1)
     y = layer(x)
     y.sum().backward()
-    assert all(lam.grad is not None for lam in layer.tera_lambda)
+    assert layer.tera_lambda["default"].grad is not None
 
 
 def test_construction_errors_name_the_value():
@@ -147,3 +147,14 @@ def test_construction_errors_name_the_value():
     layer = TeRALinear(nn.Linear(8, 16))
     with pytest.raises(ValueError, match=r"expects input of shape \(\.\.\., 8\), got shape \(2, 7\)"):
         layer(torch.randn(2, 7))
+
+
+def test_state_dict_with_one_lambda_per_mode_still_loads():
+    """Full-model state dicts saved when TeRALinear kept λ per mode load into the one-vector layout."""
+    layer = _layer(scale_init="random")
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith("tera_lambda")}
+    for n, lam in enumerate(layer.scales()):
+        old[f"tera_lambda.{n}"] = lam.detach().clone() + 1.0
+    fresh = _layer()
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.tera_lambda["default"], layer.tera_lambda["default"].detach() + 1.0)

@@ -156,7 +156,7 @@ def test_both_backward_keeps_no_dense_tensor(strategy):
         saved.append(tuple(t.shape))
         return t
 
-    _randomize(layer.tera_lambda, 0)
+    _randomize(layer.scales(), 0)
     x = torch.randn(2, 64)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
@@ -166,7 +166,8 @@ def test_both_backward_keeps_no_dense_tensor(strategy):
     assert not dense, saved
     assert sum(s == (64, 64) for s in saved) <= 1
     # μ (first 8 entries) and λ (last 8) of every mode get gradients
-    assert all(torch.all(lam.grad[:8] != 0) and torch.all(lam.grad[8:] != 0) for lam in layer.tera_lambda)
+    grads = layer.tera_lambda["default"].grad.split(spec.scale_sizes)
+    assert all(torch.all(g[:8] != 0) and torch.all(g[8:] != 0) for g in grads)
 
 
 # --- layers, merge, checkpoints -------------------------------------------------------------------
@@ -197,8 +198,8 @@ def test_both_torch_layer_merge_and_checkpoint(tmp_path):
     assert all(layer.spec.diag == "both" for layer in layers) and len(layers) == 2
     assert summary.trainable == sum(sum(k + r for k, r in zip(l.spec.modes, l.spec.ranks)) for l in layers)
     for i, layer in enumerate(layers):
-        assert [lam.numel() for lam in layer.tera_lambda] == list(layer.spec.scale_sizes)
-        _randomize(layer.tera_lambda, i)
+        assert [lam.numel() for lam in layer.scales()] == list(layer.spec.scale_sizes)
+        _randomize(layer.scales(), i)
     x = torch.randn(5, 12)
     y = model(x)
     # merge gives the same function; unmerge restores W0
@@ -265,8 +266,8 @@ def test_scale_init_value_reaches_the_layers():
     model = _Tiny()
     add_tera(model, TeRAConfig(order=3, scale_init_value=0.1))
     layer = model.up
-    assert torch.all(layer.tera_lambda[0] == 0)
-    assert all(torch.allclose(lam, torch.full_like(lam, 0.1)) for lam in list(layer.tera_lambda)[1:])
+    assert torch.all(layer.scales()[0] == 0)
+    assert all(torch.allclose(lam, torch.full_like(lam, 0.1)) for lam in layer.scales()[1:])
     pytest.importorskip("peft")
     from tera_tn.peft import TeraConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -60,8 +61,12 @@ class TeraConfig(PeftConfig):
         zero_mode: the mode whose λ starts at zero for ``"zero_start"``.
         scale_init_value: starting value of the λ that do not start at zero (finite, > 0); a small
             value with a large ``alpha`` is RandLoRA's choice.
-        tera_dropout: dropout on the adapter input.
+        dropout: dropout on the adapter input (``tera_dropout``, its old name, still works for one
+            release and warns).
         strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        cache_delta: opt-in (default off): in inference (no grad), keep the merged weight
+            ``W0 + ΔW`` of a single active adapter between calls (one extra ``d_out × d_in`` tensor
+            per layer); call ``layer.clear_cache()`` after writes through ``.data``.
         check_finite: opt-in (default off): every forward checks that the adapter's λ are finite
             and raises ``FloatingPointError`` otherwise (a small reduction and a host sync per layer).
         fan_in_fan_out: the target stores its weight as ``(fan_in, fan_out)`` (GPT-2 ``Conv1D``).
@@ -86,8 +91,9 @@ class TeraConfig(PeftConfig):
     scale_init: str = field(default="zero_start", metadata={"help": "λ init"})
     zero_mode: int = field(default=0, metadata={"help": "Mode whose λ starts at zero"})
     scale_init_value: float = field(default=1.0, metadata={"help": "Starting value of the non-zero λ"})
-    tera_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
     strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize' or 'factored'"})
+    cache_delta: bool = field(default=False, metadata={"help": "Inference reuses W0 + ΔW between calls"})
     check_finite: bool = field(default=False, metadata={"help": "Forward raises on non-finite λ"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (fan_in, fan_out)"})
     save_factors: bool = field(default=False, metadata={"help": "Store frozen factors in the checkpoint"})
@@ -95,10 +101,20 @@ class TeraConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
     bias: str = field(default="none", metadata={"help": "Only 'none'"})
+    tera_dropout: Optional[float] = field(default=None, metadata={"help": "Deprecated name of dropout"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.TERA
+        if self.tera_dropout is not None:
+            # adapter_config.json files written before the rename carry the old key.
+            warnings.warn(
+                "TeraConfig(tera_dropout=...) is renamed dropout (the name TeRAConfig uses); tera_dropout will be "
+                "removed in the next release",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.dropout, self.tera_dropout = self.tera_dropout, None
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
@@ -129,12 +145,18 @@ class TeraConfig(PeftConfig):
             scale_init=self.scale_init,
             zero_mode=self.zero_mode,
             scale_init_value=self.scale_init_value,
-            dropout=self.tera_dropout,
+            dropout=self.dropout,
             strategy=self.strategy,
             factor_dtype=self.factor_dtype,
+            cache_delta=self.cache_delta,
             check_finite=self.check_finite,
         )
 
     def spec_for(self, d_out: int, d_in: int) -> TeRASpec:
-        """The spec of a ``(d_out, d_in)`` layer under this config."""
+        """The spec of a ``(d_out, d_in)`` layer under this config (the spec policy is
+        :meth:`TeRAConfig.spec_for`'s, shared by both APIs)."""
         return self.tera_config().spec_for(d_out, d_in)
+
+    def layer_options(self) -> dict:
+        """The per-adapter options of a TeRA layer this config sets (see :meth:`TeRAConfig.layer_options`)."""
+        return self.tera_config().layer_options()

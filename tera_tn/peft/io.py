@@ -7,8 +7,11 @@ import os
 from pathlib import Path
 from typing import Mapping, Union
 
+import torch
+
 from .._files import publish, staging_dir, sweep_stale_temps
 from ..factors import with_legacy_recipe
+from ..torch.checkpoint import nonfinite_lambdas as checked_lambdas
 
 __all__ = ["save_adapter", "read_adapter_signature"]
 
@@ -99,14 +102,9 @@ def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     return with_legacy_recipe(sig)
 
 
-def nonfinite_lambdas(state_dict: Mapping[str, "object"]) -> list[str]:
-    """One line per λ tensor of a loaded adapter state dict that holds NaN or ±inf values."""
-    import torch
-
-    out = []
-    for key, t in state_dict.items():
-        if "tera_lambda" in key and isinstance(t, torch.Tensor) and t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                out.append(f"{key} has {bad} of {t.numel()} values NaN or infinite; expected finite numbers")
-    return out
+def nonfinite_lambdas(state_dict: Mapping[str, object]) -> list[str]:
+    """One line per λ tensor of a loaded adapter state dict that holds NaN or ±inf values (the
+    plain-torch checkpoints' check, on the state dict's ``tera_lambda`` entries)."""
+    return checked_lambdas(
+        {k: t for k, t in state_dict.items() if "tera_lambda" in k and isinstance(t, torch.Tensor) and t.is_floating_point()}
+    )

@@ -25,9 +25,9 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
-from ..factors import factor_recipe, recipe_diff
+from ..factors import factor_recipe
 from ..torch.bank import FactorBank
-from ..torch.checkpoint import CheckpointMismatch
+from ..torch.checkpoint import CheckpointMismatch, adapter_diff
 from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
@@ -39,7 +39,6 @@ __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
 SIGNATURE_FORMAT = 1
 _SIG = "tera_signature"
 _FACTORS = "tera_factors"
-_MAX_LISTED = 6
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
@@ -76,38 +75,11 @@ def _is_sharded(t) -> bool:
 
 
 def signature_diff(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between a checkpoint's signature and the model's."""
-    problems = []
+    """Human-readable differences between a checkpoint's signature and the model's (the plain-torch
+    checkpoints' checker, :func:`~tera_tn.torch.checkpoint.adapter_diff`, after the format check)."""
     if saved.get("format") != SIGNATURE_FORMAT:
-        problems.append(f"signature format {saved.get('format')!r}, this tera_tn reads format {SIGNATURE_FORMAT}")
-        return problems
-    for key in ("seed", "alpha"):
-        if saved.get(key) != current.get(key):
-            problems.append(f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}")
-    problems += recipe_diff(saved, current)
-    s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
-    missing = sorted(set(s_layers) - set(c_layers))
-    extra = sorted(set(c_layers) - set(s_layers))
-
-    def _few(names):
-        more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-        return ", ".join(names[:_MAX_LISTED]) + more
-
-    if missing:
-        problems.append(f"{len(missing)} adapted layer(s) in the checkpoint are not adapted in the model: {_few(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} adapted layer(s) of the model are not in the checkpoint: {_few(extra)}")
-    field_diffs: dict[str, list[str]] = {}
-    for name in sorted(set(s_layers) & set(c_layers)):
-        s, c = s_layers[name], c_layers[name]
-        for key in sorted(set(s) | set(c)):
-            if s.get(key) != c.get(key):
-                field_diffs.setdefault(key, []).append(f"{name}: checkpoint {s.get(key)!r}, model {c.get(key)!r}")
-    for key, items in field_diffs.items():
-        label = {"shape": "weight shape (d_out, d_in)"}.get(key, key)
-        more = f" (+{len(items) - 3} more layers)" if len(items) > 3 else ""
-        problems.append(f"{label} differs in {len(items)} layer(s): " + "; ".join(items[:3]) + more)
-    return problems
+        return [f"signature format {saved.get('format')!r}, this tera_tn reads format {SIGNATURE_FORMAT}"]
+    return adapter_diff({"layers": {}, **saved}, current)
 
 
 def _check_config_type(config) -> None:

@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import check_adapters_to_merge
-
+from ..torch.autograd import non_finite
 from .layer import Linear
 
 __all__ = ["QuantizedLinear", "quantization_of"]
@@ -93,10 +92,16 @@ class QuantizedLinear(Linear):
         base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
 
     @torch.no_grad()
-    def _fold(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
+    def _fold(self, adapter_name: str, sign: int) -> None:
+        """Dequantize, add ±ΔW, re-quantize (the inherited merge/unmerge call this); warns with the
+        rounding error (see the module doc). A merge whose result is not finite changes nothing."""
         target = self.dequantized_weight() + sign * self.get_delta_weight(adapter_name).float()
-        if safe_merge and not torch.isfinite(target).all():
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        bad = non_finite(target) if sign > 0 else None
+        if bad is not None:
+            raise ValueError(
+                f"refusing to merge {self._where(adapter_name)}: W0 + ΔW has {bad} "
+                f"({self._bad_scales(adapter_name) or 'λ are finite'}); the base weight was not changed"
+            )
         self._requantize(target)
         error = float((self.dequantized_weight() - target).abs().max())
         self.merge_errors[adapter_name] = error
@@ -106,22 +111,6 @@ class QuantizedLinear(Linear):
             f"re-quantized W0 {'+' if sign > 0 else '−'} ΔW: max abs rounding error {error:.3g} "
             f"(max |ΔW| {delta:.3g}); outputs differ from the unmerged model by about that much"
         )
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Dequantize, add ΔW, re-quantize; warns with the rounding error (see the module doc)."""
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name in self.tera_lambda:
-                self._fold(name, +1, safe_merge)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.tera_lambda:
-                self._fold(name, -1)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}  quantization={self.quantization!r}\n)"

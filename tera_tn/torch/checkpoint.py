@@ -24,20 +24,20 @@ import json
 import contextlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Union
 
 import torch
 from torch import nn
 
 from .. import __version__
 from .._files import sweep_stale_temps, write_atomic
-from ..factors import factor_recipe, recipe_diff, with_legacy_recipe
+from ..factors import RECIPE_FIELDS, factor_recipe, recipe_diff, with_legacy_recipe
 from ..spec import TeRASpec
 from .bank import FactorBank
 from .layer import TeRALinear, check_base_weight
 from .model import _set_child, install_layer, place_bank, tera_layers
 
-__all__ = ["save_tera", "load_tera", "read_tera_metadata", "CheckpointMismatch"]
+__all__ = ["save_tera", "load_tera", "read_tera_metadata", "CheckpointMismatch", "adapter_diff"]
 
 _FORMAT = 1
 _META_KEY = "tera_tn"
@@ -75,7 +75,7 @@ def save_tera(model: nn.Module, path: Union[str, os.PathLike], *, include_factor
             if include_factors:
                 for key, t in bank.group_tensors(layer.spec).items():
                     tensors[f"factors.{groups[gkey]}.{key}"] = t.detach().cpu().contiguous()
-        for n, lam in enumerate(layer.tera_lambda):
+        for n, lam in enumerate(layer.scales()):
             tensors[f"{name}.lambda.{n}"] = lam.detach().to(device="cpu", dtype=torch.float32).contiguous()
         layers[name] = {
             "spec": layer.spec.to_dict(),
@@ -159,9 +159,73 @@ def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
     return parsed
 
 
-def _spec_diff(saved: dict, spec: TeRASpec) -> list[str]:
-    current = spec.to_dict()
-    return [f"{k}: checkpoint {saved.get(k)!r}, model {current[k]!r}" for k in current if saved.get(k) != current[k]]
+_MAX_LISTED = 6
+_FIELD_LABELS = {"shape": "weight shape (d_out, d_in)"}
+
+
+def _few(names: list[str]) -> str:
+    more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _entry_diffs(saved: dict, current: dict) -> dict[str, str]:
+    """``{field: "field: checkpoint …, model …"}`` for every field in which two descriptions differ
+    (recipe fields through :func:`recipe_diff`, which knows the legacy recipe and explains it)."""
+    recipe = [k for k in RECIPE_FIELDS if k in current]
+    out = {line.split(":", 1)[0]: line for line in recipe_diff(saved, current)} if recipe else {}
+    for key in sorted((set(saved) | set(current)) - set(RECIPE_FIELDS) - {"layers", "format"}):
+        if saved.get(key) != current.get(key):
+            out[key] = f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}"
+    return out
+
+
+def adapter_diff(saved: dict, current: dict, *, strict: bool = True) -> list[str]:
+    """What differs between a saved adapter's description (``saved``) and the model's (``current``).
+
+    Both are ``{field: value, ..., "layers": {layer name: {field: value}}}``. Top-level fields
+    (seed, α and factor recipe of a PEFT adapter) hold for every layer; a :func:`save_tera` file keeps
+    them per layer. One line per differing top-level field, one per side with layers the other
+    lacks (only when ``strict``), and one per layer field that differs, listing the layers. Used by
+    :func:`load_tera`, PEFT's adapter loading and ``AdapterStore`` alike.
+    """
+    problems = list(_entry_diffs({k: v for k, v in saved.items() if k in current}, current).values())
+    s_layers, c_layers = saved["layers"], current["layers"]
+    missing = sorted(set(s_layers) - set(c_layers))
+    extra = sorted(set(c_layers) - set(s_layers))
+    if strict and missing:
+        problems.append(f"{len(missing)} adapted layer(s) in the checkpoint are not adapted in the model: {_few(missing)}")
+    if strict and extra:
+        problems.append(f"{len(extra)} adapted layer(s) of the model are not in the checkpoint: {_few(extra)}")
+    by_field: dict[str, list[str]] = {}
+    for name in sorted(set(s_layers) & set(c_layers)):
+        for key, line in _entry_diffs(s_layers[name], c_layers[name]).items():
+            by_field.setdefault(key, []).append(f"{name}: {line}")
+    for key, items in by_field.items():
+        more = f" (+{len(items) - 3} more layers)" if len(items) > 3 else ""
+        problems.append(f"{_FIELD_LABELS.get(key, key)} differs in {len(items)} layer(s): " + "; ".join(items[:3]) + more)
+    return problems
+
+
+def nonfinite_lambdas(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per λ tensor holding NaN or ±inf: both checkpoint formats (this module's and PEFT's
+    adapters) check λ with it before anything is loaded."""
+    out = []
+    for key, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            out.append(f"{key} has {bad} of {t.numel()} values NaN or infinite; expected finite numbers")
+    return out
+
+
+def _describe(layer: TeRALinear) -> dict:
+    """A layer's entry in :func:`adapter_diff`'s terms: spec fields, seed, α and factor recipe."""
+    bank = layer.tera_bank
+    return {**layer.spec.to_dict(), "seed": bank.seed, "alpha": layer.alpha, **factor_recipe(bank.factor_init, bank.dtype_name)}
+
+
+def _saved_entry(info: dict) -> dict:
+    """A checkpoint's layer entry in :func:`adapter_diff`'s terms (its factor group left out)."""
+    return {**info["spec"], **{k: v for k, v in info.items() if k not in ("spec", "group")}}
 
 
 @torch.no_grad()
@@ -252,29 +316,20 @@ def _adapt_from_checkpoint(model: nn.Module, path: Path, saved_layers: dict, str
 def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -> dict:
     saved_layers: dict = meta["layers"]
     model_layers = dict(tera_layers(model))
-    problems: list[str] = []
-    nonfinite: list[str] = []
-    missing = sorted(set(saved_layers) - set(model_layers))
-    unexpected = sorted(set(model_layers) - set(saved_layers))
-    if strict and missing:
-        problems.append(f"layers in the checkpoint but not in the model: {missing}")
-    if strict and unexpected:
-        problems.append(f"TeRA layers in the model but not in the checkpoint: {unexpected}")
+    problems = adapter_diff(
+        {"layers": {name: _saved_entry(info) for name, info in saved_layers.items()}},
+        {"layers": {name: _describe(layer) for name, layer in model_layers.items()}},
+        strict=strict,
+    )
     with _open(path) as f:
         keys = set(f.keys())
-        loads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        loads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in sorted(set(saved_layers) & set(model_layers)):
             info, layer = saved_layers[name], model_layers[name]
             bank = layer.tera_bank
-            diffs = _spec_diff(info["spec"], layer.spec)
-            for field, current in (("seed", bank.seed), ("alpha", layer.alpha)):
-                if info.get(field) != current:
-                    diffs.append(f"{field}: checkpoint {info.get(field)!r}, model {current!r}")
-            diffs += recipe_diff(info, factor_recipe(bank.factor_init, bank.dtype_name))
-            if diffs:
-                problems.append(f"layer {name!r} differs: " + "; ".join(diffs))
-                continue
-            for n, lam in enumerate(layer.tera_lambda):
+            if _entry_diffs(_saved_entry(info), _describe(layer)):
+                continue  # listed by adapter_diff; its λ are not this model's
+            for n, lam in enumerate(layer.scales()):
                 key = f"{name}.lambda.{n}"
                 if key not in keys:
                     problems.append(f"layer {name!r}: tensor {key!r} is missing from the checkpoint")
@@ -284,11 +339,7 @@ def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -
                     problems.append(f"layer {name!r}: {key} is {t.dtype} of shape {tuple(t.shape)}, "
                                     f"the model's λ_{n} is floating point of shape {tuple(lam.shape)}")
                     continue
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    nonfinite.append(f"{key} has {bad} of {t.numel()} values NaN or infinite")
-                    continue
-                loads.append((lam, t))
+                loads[key] = (lam, t)
             if meta.get("factors_included"):
                 for key, current in bank.group_tensors(layer.spec).items():
                     fkey = f"factors.{info['group']}.{key}"
@@ -300,10 +351,11 @@ def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -
                         )
     if problems:
         raise CheckpointMismatch(f"cannot load {path} into this model:\n  - " + "\n  - ".join(problems))
+    nonfinite = nonfinite_lambdas({key: t for key, (_, t) in loads.items()})
     if nonfinite:
         raise ValueError(f"{path} holds non-finite λ (expected finite numbers; nothing was loaded):\n  - "
                          + "\n  - ".join(nonfinite))
-    for lam, t in loads:
+    for lam, t in loads.values():
         lam.copy_(t.to(device=lam.device, dtype=lam.dtype))
     for layer in model_layers.values():
         layer.clear_cache()

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .adapter import DEFAULT_ADAPTER
 from .bank import FactorBank
 from .config import TeRAConfig
 from .layer import TeRALinear, check_base_weight
@@ -148,7 +149,7 @@ def tera_summary(model: nn.Module) -> TeRASummary:
     for name, layer in tera_layers(model):
         base = layer.base_layer
         frozen = sum(p.numel() for p in base.parameters())
-        trainable = sum(p.numel() for p in layer.tera_lambda if p.requires_grad)
+        trainable = sum(p.numel() for p in layer.tera_lambda.values() if p.requires_grad)
         layers.append(LayerSummary(name, layer.spec.shape, str(layer.spec), trainable, frozen))
         banks[id(layer.tera_bank)] = layer.tera_bank
     params = list(model.parameters())
@@ -175,7 +176,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         peft_hint = "; for a PEFT model call its own model.merge_and_unload()" if hasattr(model, "peft_config") else ""
         raise ValueError(f"model has no TeRA layers to merge (no TeRALinear found){peft_hint}")
     for name, layer in layers:
-        bad = None if layer.merged else layer._bad_scales()
+        bad = None if layer.merged else layer._bad_scales(DEFAULT_ADAPTER)
         if bad is not None:
             raise ValueError(f"refusing to merge TeRA layer {name!r}: {bad}; no layer was merged")
     for name, layer in layers:

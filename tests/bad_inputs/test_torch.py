@@ -59,19 +59,19 @@ def _merged_twice():
 
 def _nan_lambda_merge():
     layer = _layer(scale_init="random")
-    layer.tera_lambda[2].data[1] = float("nan")
+    layer.scales()[2].data[1] = float("nan")
     layer.merge()
 
 
 def _nan_model_merge():
     model = _adapted()
-    model[2].tera_lambda[0].data[:] = float("inf")
+    model[2].scales()[0].data[:] = float("inf")
     merge_and_unload(model)
 
 
 def _nan_forward():
     layer = _layer(scale_init="random", check_finite=True)
-    layer.tera_lambda[3].data[0] = float("nan")
+    layer.scales()[3].data[0] = float("nan")
     layer(torch.ones(2, 16))
 
 
