@@ -27,7 +27,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
 from ..factors import factor_recipe
 from ..torch.bank import FactorBank
-from ..torch.checkpoint import CheckpointMismatch, adapter_diff
+from ..torch.checkpoint import CheckpointMismatch, adapter_diff, factor_diff
 from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
@@ -316,16 +316,13 @@ class TeraModel(BaseTuner):
 
     @staticmethod
     def _check_factors(tera, config, adapter_name, saved, state_dict, factor_keys) -> list[str]:
-        problems = []
         bank = tera._bank(config)
-        for spec, gname in tera._factor_groups(adapter_name).items():
-            for tname, current in bank.group_tensors(spec).items():
-                key = next((k for k in factor_keys if k.endswith(f"{_FACTORS}.{gname}.{tname}")), None)
-                if key is None:
-                    problems.append(f"stored factor {_FACTORS}.{gname}.{tname} is missing from the checkpoint")
-                elif not torch.equal(state_dict[key].to(current.dtype).cpu(), current.detach().cpu()):
-                    problems.append(
-                        f"stored factor {_FACTORS}.{gname}.{tname} differs from the one generated from seed "
-                        f"{config.seed} ({config.factor_init}, {config.factor_dtype})"
-                    )
-        return problems
+
+        def stored(key: str):
+            return next((state_dict[k] for k in factor_keys if k.endswith(key)), None)
+
+        return [
+            line
+            for spec, gname in tera._factor_groups(adapter_name).items()
+            for line in factor_diff(bank, spec, f"{_FACTORS}.{gname}", stored)
+        ]

@@ -24,7 +24,7 @@ import json
 import contextlib
 import os
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .bank import FactorBank
 from .layer import TeRALinear, check_base_weight
 from .model import _set_child, install_layer, place_bank, tera_layers
 
-__all__ = ["save_tera", "load_tera", "read_tera_metadata", "CheckpointMismatch", "adapter_diff"]
+__all__ = ["save_tera", "load_tera", "read_tera_metadata", "CheckpointMismatch", "adapter_diff", "factor_diff"]
 
 _FORMAT = 1
 _META_KEY = "tera_tn"
@@ -217,6 +217,24 @@ def nonfinite_lambdas(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return out
 
 
+def factor_diff(
+    bank: FactorBank, spec: TeRASpec, group: str, stored: Callable[[str], Optional[torch.Tensor]]
+) -> list[str]:
+    """One line per frozen factor of ``spec`` that a checkpoint stores as ``<group>.<name>``
+    (``stored`` returns it, or None) and that is missing or differs from the one ``bank``
+    generates: both checkpoint formats verify stored factors with it."""
+    out = []
+    for name, current in bank.group_tensors(spec).items():
+        key = f"{group}.{name}"
+        t = stored(key)
+        if t is None:
+            out.append(f"stored factor {key} is missing from the checkpoint")
+        elif not torch.equal(t.to(current.dtype).cpu(), current.detach().cpu()):
+            out.append(f"stored factor {key} differs from the one generated from seed {bank.seed} "
+                       f"({bank.factor_init}, {bank.dtype_name})")
+    return out
+
+
 def _describe(layer: TeRALinear) -> dict:
     """A layer's entry in :func:`adapter_diff`'s terms: spec fields, seed, α and factor recipe."""
     bank = layer.tera_bank
@@ -324,6 +342,7 @@ def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -
     with _open(path) as f:
         keys = set(f.keys())
         loads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        checked: set[tuple] = set()
         for name in sorted(set(saved_layers) & set(model_layers)):
             info, layer = saved_layers[name], model_layers[name]
             bank = layer.tera_bank
@@ -340,15 +359,11 @@ def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -
                                     f"the model's λ_{n} is floating point of shape {tuple(lam.shape)}")
                     continue
                 loads[key] = (lam, t)
-            if meta.get("factors_included"):
-                for key, current in bank.group_tensors(layer.spec).items():
-                    fkey = f"factors.{info['group']}.{key}"
-                    if fkey not in keys:
-                        problems.append(f"layer {name!r}: stored factor {fkey!r} is missing")
-                    elif not torch.equal(f.get_tensor(fkey).to(current.dtype), current.cpu()):
-                        problems.append(
-                            f"layer {name!r}: stored factor {fkey} differs from the one generated from seed {bank.seed}"
-                        )
+            group = (id(bank), layer.spec, info["group"])
+            if meta.get("factors_included") and group not in checked:
+                checked.add(group)
+                problems += factor_diff(bank, layer.spec, f"factors.{info['group']}",
+                                        lambda key: f.get_tensor(key) if key in keys else None)
     if problems:
         raise CheckpointMismatch(f"cannot load {path} into this model:\n  - " + "\n  - ".join(problems))
     nonfinite = nonfinite_lambdas({key: t for key, (_, t) in loads.items()})
