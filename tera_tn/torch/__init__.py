@@ -2,7 +2,9 @@
 
 * :class:`TeRAConfig` + :func:`add_tera`: adapt the ``nn.Linear`` layers of any model in place
   (everything else frozen) and get a parameter summary.
-* :class:`TeRALinear`: one adapted layer, built from a base Linear and a :class:`~tera_tn.TeRASpec`.
+* :class:`TeRALinear`: one adapted layer, built from a base Linear and a :class:`~tera_tn.TeRASpec`;
+  the PEFT-free face of :class:`~tera_tn.torch.adapter.TeRAAdapters`, the layer code the PEFT
+  method runs too.
 * :class:`FactorBank`: the frozen factors, one set per shape group, generated from the seed.
 * :func:`merge_and_unload`: a plain model with ΔW folded in; :func:`save_tera` /
   :func:`load_tera`: safetensors adapter checkpoints (λ + spec + seed, a few KB) that rebuild
