@@ -136,3 +136,26 @@ def test_peft_layers_rechoose_their_strategy_after_a_new_cost_model():
     finally:
         for key in set(costmodel._MODELS) | set(saved):
             costmodel.set_cost_model(saved.get(key), *key)
+
+
+def test_peft_cache_delta_follows_optimizer_steps_and_is_dropped_with_the_adapter():
+    from tera_tn import TeRASpec
+
+    spec = TeRASpec((4, 4), (4, 4))
+    layer = PeftLinear(nn.Linear(16, 16), "default", spec, FactorBank(0), TeraConfig(cache_delta=True, scale_init="random"))
+    x = torch.randn(3, 16)
+
+    def expected():
+        return nn.functional.linear(x, layer.get_base_layer().weight + layer.get_delta_weight("default"), layer.get_base_layer().bias)
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    assert "default" in layer._tera_cache
+    opt = torch.optim.SGD(layer.tera_lambda.parameters(), lr=0.5)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    layer.update_layer("other", spec, FactorBank(0), TeraConfig())
+    layer.delete_adapter("default")
+    assert "default" not in layer._tera_cache

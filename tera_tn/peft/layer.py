@@ -105,6 +105,10 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
     def network(self, adapter_name: str, dtype: torch.dtype, device: torch.device):
         return self._network(adapter_name, dtype, device)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._tera_cache.pop(adapter_name, None)  # its cached W0 + ΔW is a d_out × d_in tensor
+
     # --- mixed-adapter batches -----------------------------------------------------------------
     def _mixed_plan(self, adapter_names, device: torch.device) -> list:
         """``[(group, used, batch_rows, which)]``: the rows of each group of adapters that share one
