@@ -264,6 +264,7 @@ def pretrain(config: PretrainConfig = PretrainConfig(), folder: str | os.PathLik
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "tokenizer.json").write_text(json.dumps(ByteTokenizer().to_dict(), indent=1) + "\n")
         (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -364,7 +365,7 @@ LM_PLANS: dict[str, tuple[AdaptBudget, tuple[int, ...], tuple[LMContender, ...]]
         LMContender("full", "full", (3e-4, 1e-3, 3e-3)),
     )),
     # the test suite's plan
-    "smoke": (AdaptBudget(steps=5, batch_size=8, block=64), (0,), (
+    "smoke": (AdaptBudget(val_docs=3, test_docs=3, steps=5, batch_size=8, block=64), (0,), (
         LMContender("none", "none", (0.0,)),
         LMContender("tera_smoke", "tera", (1e-1,), {"order": 4}),
     )),
@@ -379,11 +380,12 @@ def _run_key(budget: AdaptBudget, c: LMContender, seed: int, lr: float, artifact
 
 
 def run_lm_plan(plan: str, results: ResultsFile, *, artifact: str | os.PathLike = ARTIFACT,
-                log: Callable[[str], None] = print) -> int:
+                log: Callable[[str], None] = print, max_extensions: int = MAX_EXTENSIONS) -> int:
     """Run every missing (contender, seed, learning rate) of ``plan``; returns how many ran.
 
     Lines have the study runner's format with ``dataset`` ``"lm:<corpus>"``; lower perplexity is
-    better, so the learning-rate grid is extended around the *minimum* validation perplexity.
+    better, so the learning-rate grid is extended (at most ``max_extensions`` rungs) around the
+    *minimum* validation perplexity.
     """
     import torch
 
@@ -399,7 +401,7 @@ def run_lm_plan(plan: str, results: ResultsFile, *, artifact: str | os.PathLike 
     ran = 0
     for c in contenders:
         lrs = list(c.lrs)
-        for _ in range(MAX_EXTENSIONS + 1):
+        for extension in range(max_extensions + 1):
             for lr in lrs:
                 for seed in seeds:
                     key = _run_key(budget, c, seed, lr, card)
@@ -430,7 +432,7 @@ def run_lm_plan(plan: str, results: ResultsFile, *, artifact: str | os.PathLike 
                 recs = [done[_run_key(budget, c, s, lr, card)]["metrics"] for s in seeds]
                 scores[lr] = (-sum(r["val_perplexity"] for r in recs) / len(recs), any(r["diverged"] for r in recs))
             nxt = extend_grid(scores)
-            if nxt is None:
+            if nxt is None or extension == max_extensions:
                 break
             log(f"    {c.name}: best learning rate at the grid's edge; extending to {nxt:g}")
             lrs.append(nxt)
