@@ -439,6 +439,24 @@ def run_lm_plan(plan: str, results: ResultsFile, *, artifact: str | os.PathLike 
     return ran
 
 
+def best_runs(records) -> list[dict[str, Any]]:
+    """Per (dataset, contender), the run with the lowest mean validation perplexity over seeds
+    (diverged rates excluded unless nothing else ran), as a table row."""
+    by: dict[tuple, dict[float, list]] = {}
+    for r in records:
+        by.setdefault((r["dataset"], r["contender"]), {}).setdefault(r["lr"], []).append(r)
+    rows = []
+    for (dataset, name), grid in by.items():
+        mean = {lr: sum(x["metrics"]["val_perplexity"] for x in rs) / len(rs) for lr, rs in grid.items()}
+        ok = [lr for lr, rs in grid.items() if not any(x["metrics"]["diverged"] for x in rs)] or list(grid)
+        lr = min(ok, key=lambda v: (mean[v], v))
+        rs = grid[lr]
+        rows.append({"dataset": dataset, "contender": name, "lr": lr, "grid": sorted(grid), "seeds": len(rs),
+                     "trainable_params": rs[0]["trainable_params"], "val_perplexity": mean[lr],
+                     "test_perplexity": sum(x["metrics"]["test_perplexity"] for x in rs) / len(rs)})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.generative", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -450,7 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--plan", default="confirm", choices=sorted(LM_PLANS))
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--artifact", default=str(ARTIFACT))
+    st = sub.add_parser("status", help="best learning rate per contender (lowest validation perplexity)")
+    st.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.cmd == "status":
+        print("| contender | trainable params | learning rate (grid) | val perplexity | test perplexity |")
+        print("|---|---:|---|---:|---:|")
+        for row in best_runs(ResultsFile(args.results).records()):
+            grid = ", ".join(f"{v:g}" for v in row["grid"])
+            print(f"| {row['contender']} | {row['trainable_params']:,} | {row['lr']:g} ({grid}) | "
+                  f"{row['val_perplexity']:.3f} | {row['test_perplexity']:.3f} |")
+        return 0
     import torch
 
     torch.set_num_threads(1)

@@ -85,3 +85,13 @@ def test_short_adaptation_writes_a_line_resumes_and_lowers_perplexity(tmp_path):
     assert gen.run_lm_plan("smoke", results, log=lambda s: None, max_extensions=0) == 0
     assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 2
     json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[0])
+
+
+def test_best_run_is_the_lowest_validation_perplexity_that_did_not_diverge():
+    def rec(lr, val, diverged=False):
+        return {"dataset": "lm:x", "contender": "c", "lr": lr, "trainable_params": 7,
+                "metrics": {"val_perplexity": val, "test_perplexity": val + 1, "diverged": diverged}}
+
+    [row] = gen.best_runs([rec(1e-2, 9.0), rec(3e-2, 8.0), rec(1e-1, 8.5), rec(3e-1, 2.0, diverged=True)])
+    assert (row["lr"], row["val_perplexity"], row["test_perplexity"]) == (3e-2, 8.0, 9.0)
+    assert row["grid"] == [1e-2, 3e-2, 1e-1, 3e-1]
