@@ -14,7 +14,7 @@ of a shared machine hit all of them alike):
 * ``naive chain``   -- one out-of-place product after the other.
 
 FLOPs are counted as ``2 * sum_n (size before product n) * K_n``
-(:func:`tera_tn.modeproduct.mode_product_flops`).  The full-rank case is checked
+(:func:`tera_tn.core.modeproduct.mode_product_flops`).  The full-rank case is checked
 against the target "kernel FLOP/s >= 50 % of matmul FLOP/s" (PASS/FAIL); the
 reduced-rank case (ranks 8) is informational.
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tera_tn.modeproduct import mode_product_flops, multi_mode_product  # noqa: E402
+from tera_tn.core.modeproduct import mode_product_flops, multi_mode_product  # noqa: E402
 
 try:  # optional: pins numpy's BLAS thread count to the same value as torch's
     from threadpoolctl import threadpool_limits

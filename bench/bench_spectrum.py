@@ -1,7 +1,7 @@
 """Structured vs dense singular values of a TeRA ΔW.
 
 Target (issue "rank analysis"): order-6 4096×4096, ranks K_n/2, the structured spectrum
-(tera_tn.spectrum.tera_singular_values) at least 20× faster than svdvals of the materialized
+(tera_tn.analysis.spectrum.tera_singular_values) at least 20× faster than svdvals of the materialized
 ΔW in the same run, and equal within 1e-5 relative.
 
 Error measure: max_i |σ_i(structured) − σ_i(dense)| / σ_1(dense) over all min(d_out, d_in)
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tera_tn import TeRASpec, delta_weight, init_scales, random_factors, theoretical_rank  # noqa: E402
-from tera_tn.spectrum import tera_singular_values  # noqa: E402
+from tera_tn.analysis.spectrum import tera_singular_values  # noqa: E402
 
 SPEEDUP_TARGET = 20.0
 ERROR_TARGET = 1e-5

@@ -4,8 +4,8 @@ Slow: two dense 4096² SVDs plus two structured ones at full rank (≈ 2 min idl
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch, time, json
 from tera_tn import *
-from tera_tn.rank import numerical_rank
-from tera_tn.spectrum import tera_conditioning, tera_singular_values
+from tera_tn.analysis.rank import numerical_rank
+from tera_tn.analysis.spectrum import tera_conditioning, tera_singular_values
 spec = TeRASpec.from_shape(4096, 4096, order=6)
 out = {}
 for init in ("gaussian", "orthogonal"):

@@ -1,4 +1,4 @@
-"""mkdocs hook: generate the documentation's figures with tera_tn.plot while the site builds.
+"""mkdocs hook: generate the documentation's figures with tera_tn.analysis.plot while the site builds.
 
 Figures are rendered in memory and added to the build as generated files under ``figures/``
 (nothing is written into ``docs/``), so they always match the library that built the site.
@@ -23,7 +23,7 @@ def on_files(files, config, **kwargs):
     matplotlib.use("Agg")
     from mkdocs.structure.files import File
 
-    from tera_tn import plot
+    from tera_tn.analysis import plot
 
     for name, (fn, args, kw) in FIGURES.items():
         fig = getattr(plot, fn)(*args, **kw)

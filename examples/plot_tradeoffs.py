@@ -1,4 +1,4 @@
-"""Plot TeRA's rank/parameter trade-off, update spectra and planner cost with tera_tn.plot.
+"""Plot TeRA's rank/parameter trade-off, update spectra and planner cost with tera_tn.analysis.plot.
 
     python examples/plot_tradeoffs.py --out figures            # llama-2-7b trade-off, 768² spectra
     python examples/plot_tradeoffs.py --smoke --out /tmp/figs  # MiniLM, 128² spectra, PNG only
@@ -15,7 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from tera_tn import TeRASpec, plot  # noqa: E402
+from tera_tn import TeRASpec  # noqa: E402
+from tera_tn.analysis import plot
 
 
 def main(argv=None):

@@ -133,7 +133,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _spec_from_args(args) -> Any:
-    from .spec import TeRASpec
+    from .core.spec import TeRASpec
 
     if args.shape is None and args.modes is None:
         raise UsageError("give a shape D_OUTxD_IN, --modes ROWS:COLS, or both")
@@ -254,8 +254,8 @@ Columns: *trainable* numbers over all adapted layers; *% dense* of the layers' d
 
 
 def _cmd_report(args) -> int:
-    from . import report as report_mod
-    from .shapes import available_models, model_config, model_shapes
+    from .analysis import report as report_mod
+    from .analysis.shapes import available_models, model_config, model_shapes
 
     try:
         models = [model_config(m).name for m in (args.models or available_models())]
@@ -283,7 +283,7 @@ def _cmd_report(args) -> int:
 
 def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: list, formats: list) -> int:
     from . import __version__
-    from . import report as report_mod
+    from .analysis import report as report_mod
 
     console = _console(args.quiet)
     show_progress = not args.quiet and not args.no_progress
@@ -307,7 +307,7 @@ def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: 
                 bar.update(1)
             extra: dict[str, Any] = {}
             if not args.no_plots:
-                from . import plot
+                from .analysis import plot
 
                 tradeoffs = {}
                 for name in models:
@@ -322,7 +322,7 @@ def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: 
                 plots += [p.name for p in plot.save_figure(plot.spectra_figure(data=spectra), folder / "spectra", formats)]
                 bar.update(1)
                 bar.set_description("plot: planner")
-                from .spec import TeRASpec
+                from .core.spec import TeRASpec
 
                 planner = plot.planner_data(TeRASpec.from_shape(*args.planner_shape, order=6))
                 plots += [p.name for p in plot.save_figure(plot.planner_figure(data=planner), folder / "planner", formats)]
@@ -387,11 +387,11 @@ def _describe_plot(name: str) -> str:
 def _cmd_rank(args) -> int:
     import numpy as np
 
-    from .accounting import layer_cost
-    from .factors import init_scales, random_factors
-    from .network import delta_weight, theoretical_rank
-    from .rank import rank_summary
-    from .spectrum import tera_rank_summary
+    from .analysis.accounting import layer_cost
+    from .core.factors import init_scales, random_factors
+    from .core.network import delta_weight, theoretical_rank
+    from .analysis.rank import rank_summary
+    from .analysis.spectrum import tera_rank_summary
 
     try:
         spec = _spec_from_args(args)
@@ -514,10 +514,10 @@ def _cmd_plan(args) -> int:
 def _run_plan(args, spec, staged: Optional[Path]) -> int:
     """The plan command once its arguments are checked; ``staged`` is where ``--plot`` is drawn
     before it is moved onto its target."""
-    from .contraction import plan
+    from .contract.contraction import plan
 
     if args.calibrate:
-        from .costmodel import calibrate
+        from .contract.costmodel import calibrate
 
         with _progress(1, "calibrating cost model", not args.json) as bar:
             calibrate(args.backend, args.device, args.dtype)
@@ -528,12 +528,12 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
         raise UsageError(str(err)) from None
     sweep = None
     if args.sweep:
-        from .plot import planner_data
+        from .analysis.plot import planner_data
 
         sweep = planner_data(spec, [2**k for k in range(0, 17)], backend=args.backend, device=args.device, dtype=args.dtype)
     if staged is not None:
         from ._files import publish
-        from .plot import planner_data, planner_figure, save_figure
+        from .analysis.plot import planner_data, planner_figure, save_figure
 
         data = sweep or planner_data(spec, sorted({*(2**k for k in range(17)), args.tokens}),
                                      backend=args.backend, device=args.device, dtype=args.dtype)
@@ -736,7 +736,7 @@ def _examples_as(read: tuple, names: tuple, path: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     """The ``tera-tn`` argument parser (subcommands report, rank, plan, finetune)."""
     from . import __version__
-    from .report import ACHIEVED_MODES
+    from .analysis.report import ACHIEVED_MODES
 
     parser = _Parser(prog="tera-tn", description="TeRA adapters as tensor networks: reports, rank analysis, "
                      "contraction planning and fine-tuning.",
@@ -835,7 +835,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     if args.command == "report" and args.list_models:
-        from .shapes import MODEL_CONFIGS
+        from .analysis.shapes import MODEL_CONFIGS
 
         for name, cfg in MODEL_CONFIGS.items():
             print(f"{name:<18} hidden {cfg.hidden_size:>5}  ffn {cfg.intermediate_size:>6}  "

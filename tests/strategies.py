@@ -18,7 +18,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from tera_tn import TeRASpec
-from tera_tn.factors import TeRAFactors
+from tera_tn.core.factors import TeRAFactors
 
 DIAGS = ("rank", "mode", "identity", "both")
 

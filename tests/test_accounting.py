@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from strategies import specs
 from tera_tn import TeRASpec
-from tera_tn.accounting import layer_cost, method_totals
-from tera_tn.accounting import total_params
+from tera_tn.analysis.accounting import layer_cost, method_totals
+from tera_tn.analysis.accounting import total_params
 
 dims = st.integers(min_value=1, max_value=20000)
 ranks_r = st.integers(min_value=1, max_value=512)

@@ -121,7 +121,7 @@ def test_tera_dropout_is_a_deprecated_alias_of_dropout():
 
 def test_peft_layers_rechoose_their_strategy_after_a_new_cost_model():
     """The one strategy memo is keyed by the installed cost model, for the PEFT layer as well."""
-    import tera_tn.costmodel as costmodel
+    import tera_tn.contract.costmodel as costmodel
     from tera_tn import CostModel, TeRASpec
 
     spec = TeRASpec.from_shape(64, 64, order=4)

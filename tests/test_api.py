@@ -16,12 +16,12 @@ DEPRECATED = {
     "tera_tn": {
         "tera_singular_values": "tera_tn.singular_values",
         "tera_conditioning": "tera_tn.conditioning",
-        "scaled_factors": "tera_tn.network.scaled_factors",
-        "StrategyCost": "tera_tn.contraction.StrategyCost",
-        "LayerCost": "tera_tn.accounting.LayerCost",
-        "MethodTotals": "tera_tn.accounting.MethodTotals",
-        "layer_cost": "tera_tn.accounting.layer_cost",
-        "method_totals": "tera_tn.accounting.method_totals",
+        "scaled_factors": "tera_tn.core.network.scaled_factors",
+        "StrategyCost": "tera_tn.contract.contraction.StrategyCost",
+        "LayerCost": "tera_tn.analysis.accounting.LayerCost",
+        "MethodTotals": "tera_tn.analysis.accounting.MethodTotals",
+        "layer_cost": "tera_tn.analysis.accounting.layer_cost",
+        "method_totals": "tera_tn.analysis.accounting.method_totals",
     },
     "tera_tn.torch": {
         "FrozenNetwork": "tera_tn.torch.autograd.FrozenNetwork",
@@ -84,6 +84,101 @@ def test_unknown_names_still_raise_attribute_error_without_warning():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="module 'tera_tn' has no attribute 'no_such_name'"):
             tera_tn.no_such_name  # noqa: B018
-        from tera_tn import accounting  # submodules still import through the package
+        from tera_tn.analysis import accounting  # submodules still import through the package
 
-    assert accounting.method_totals is _resolve("tera_tn.accounting.method_totals")
+    assert accounting.method_totals is _resolve("tera_tn.analysis.accounting.method_totals")
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "tera_tn"
+MOVED_MODULES = {
+    "tera_tn.spec": "tera_tn.core.spec",
+    "tera_tn.factorize": "tera_tn.core.factorize",
+    "tera_tn.tensorize": "tera_tn.core.tensorize",
+    "tera_tn.factors": "tera_tn.core.factors",
+    "tera_tn.network": "tera_tn.core.network",
+    "tera_tn.modeproduct": "tera_tn.core.modeproduct",
+    "tera_tn.costmodel": "tera_tn.contract.costmodel",
+    "tera_tn.contraction": "tera_tn.contract.contraction",
+    "tera_tn.rank": "tera_tn.analysis.rank",
+    "tera_tn.spectrum": "tera_tn.analysis.spectrum",
+    "tera_tn.accounting": "tera_tn.analysis.accounting",
+    "tera_tn.shapes": "tera_tn.analysis.shapes",
+    "tera_tn.report": "tera_tn.analysis.report",
+    "tera_tn.plot": "tera_tn.analysis.plot",
+}
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_MODULES.items()))
+def test_old_module_path_imports_with_a_warning_as_the_same_module(old, new, monkeypatch):
+    import sys
+
+    import tera_tn
+
+    function = tera_tn.tensorize
+    monkeypatch.delitem(sys.modules, old, raising=False)  # a fresh import through the alias
+    with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} is deprecated.*use {re.escape(new)}$"):
+        got = importlib.import_module(old)
+    assert got is importlib.import_module(new) is sys.modules[old] is sys.modules[new]
+    assert got.__name__ == got.__spec__.name == new
+    assert tera_tn.tensorize is function  # an old module path does not hide the function of that name
+
+    # patching through the old path patches the new one (tera_tn.tensorize the name is the function)
+    attr = next(n for n, v in vars(got).items() if getattr(v, "__module__", None) == new and callable(v))
+    if old == "tera_tn.tensorize":
+        monkeypatch.setattr(sys.modules[old], attr, "patched")
+    else:
+        with pytest.warns(DeprecationWarning, match=re.escape(new)):  # resolved through the package
+            monkeypatch.setattr(f"{old}.{attr}", "patched")
+    assert getattr(importlib.import_module(new), attr) == "patched"
+
+
+def test_old_module_attribute_of_the_package_warns_and_is_the_new_module():
+    import tera_tn
+
+    with pytest.warns(DeprecationWarning, match=r"tera_tn\.rank is deprecated.*use tera_tn\.analysis\.rank"):
+        got = tera_tn.rank
+    assert got is importlib.import_module("tera_tn.analysis.rank")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute dotted names of the tera_tn modules (or packages) that ``path`` imports, top-level
+    and function-level imports alike."""
+    import ast
+
+    rel = path.relative_to(PACKAGE_DIR.parent).with_suffix("")
+    package = list(rel.parts[:-1])  # a module's package; an __init__.py is its own package
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return {m for m in found if m == "tera_tn" or m.startswith("tera_tn.")}
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("core", ("contract", "analysis", "torch", "peft", "cli", "finetune")),
+        ("contract", ("analysis", "torch", "peft", "cli", "finetune")),
+        ("analysis", ("torch", "peft", "cli", "finetune")),
+    ],
+)
+def test_imports_run_down_the_layers_only(layer, forbidden):
+    files = sorted((PACKAGE_DIR / layer).glob("*.py"))
+    assert files, layer
+    upward = [
+        f"{f.relative_to(PACKAGE_DIR.parent)} imports {m}"
+        for f in files
+        for m in sorted(_imported_modules(f))
+        if any(m == f"tera_tn.{up}" or m.startswith(f"tera_tn.{up}.") for up in forbidden)
+    ]
+    assert upward == []
+
+
+def test_layer_check_sees_an_upward_import(tmp_path):
+    assert "tera_tn.analysis.rank" in _imported_modules(PACKAGE_DIR / "cli.py")
+    assert "tera_tn.core.spec" in _imported_modules(PACKAGE_DIR / "contract" / "contraction.py")

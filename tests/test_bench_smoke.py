@@ -91,7 +91,7 @@ def test_extras_and_outputs(smoke):
 
 
 def test_replan_follows_the_given_model():
-    from tera_tn.costmodel import CostModel, cost_model
+    from tera_tn.contract.costmodel import CostModel, cost_model
 
     before = cost_model()
     rows = [{"d": 64, "n": 64, "ranks": "full"}]

@@ -123,7 +123,7 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_report_checks_out_before_computing(tmp_path, monkeypatch, capsys):
-    from tera_tn import report
+    from tera_tn.analysis import report
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(report, "model_report", _must_not_run)
@@ -139,7 +139,7 @@ def test_report_checks_out_before_computing(tmp_path, monkeypatch, capsys):
 
 
 def test_failed_report_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    from tera_tn import plot
+    from tera_tn.analysis import plot
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -153,7 +153,7 @@ def test_failed_report_leaves_no_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_plan_checks_plot_before_planning(tmp_path, monkeypatch, capsys):
-    from tera_tn import contraction
+    from tera_tn.contract import contraction
 
     monkeypatch.setattr(contraction, "plan", _must_not_run)
     assert main(["plan", "64x64", "-n", "8", "--plot", "/proc/x/p.png"]) == 2
@@ -162,7 +162,7 @@ def test_plan_checks_plot_before_planning(tmp_path, monkeypatch, capsys):
 
 
 def test_plan_never_overwrites_a_plot_that_appears_meanwhile(tmp_path, monkeypatch, capsys):
-    from tera_tn import plot
+    from tera_tn.analysis import plot
 
     target = tmp_path / "p.png"
     real = plot.planner_figure

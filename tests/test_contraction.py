@@ -14,9 +14,9 @@ import opt_einsum as oe
 
 from strategies import alphas, reference_einsum, relerr, seeds, spec_and_scales, specs
 from tera_tn import CostModel, TeRASpec, apply, calibrate, delta_weight, init_scales, plan, random_factors
-from tera_tn import costmodel
-from tera_tn.contraction import ContractionPlan, StrategyCost, _factored_equation
-from tera_tn.modeproduct import chain_steps
+from tera_tn.contract import costmodel
+from tera_tn.contract.contraction import ContractionPlan, StrategyCost, _factored_equation
+from tera_tn.core.modeproduct import chain_steps
 
 STRATS = ("factored", "materialize", "auto")
 batch_shapes = st.one_of(

@@ -26,4 +26,4 @@ def test_mkdocs_build_strict(tmp_path):
         assert (site / "figures" / f"{fig}.png").stat().st_size > 10_000
     # Library figures are generated during the build; only measured results live in docs/results/.
     assert not (ROOT / "docs" / "figures").exists(), "figures must be generated into the build, not docs/"
-    assert "tera_tn.plot.tradeoff_figure" in (site / "api" / "report" / "index.html").read_text()
+    assert "tera_tn.analysis.plot.tradeoff_figure" in (site / "api" / "report" / "index.html").read_text()

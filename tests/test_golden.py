@@ -4,7 +4,7 @@
   placement, fixed λ and the float64 ΔW (seed 11, α = 1.5) that tera_tn computed from them when
   the file was made. It was generated once and is never regenerated: if this test fails, a
   default or the generator changed the ΔW of adapters users have saved. Such a change must bump
-  ``tera_tn.factors.GENERATOR_VERSION`` (so old checkpoints are refused by name instead of
+  ``tera_tn.core.factors.GENERATOR_VERSION`` (so old checkpoints are refused by name instead of
   loading into different factors), and only then may this file be remade.
 * ``tests/data/legacy_*`` are adapters written by tera_tn before checkpoints recorded the recipe
   (plain torch ``save_tera`` and PEFT), with the float64 ΔW of each layer at saving time. They
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from tera_tn import TeRASpec, delta_weight, random_factors
-from tera_tn import factors as factors_module
-from tera_tn.factors import CORE_SCALE, FACTOR_INITS, GENERATOR_VERSION
-from tera_tn.spec import DIAG_PLACEMENTS
+from tera_tn.core import factors as factors_module
+from tera_tn.core.factors import CORE_SCALE, FACTOR_INITS, GENERATOR_VERSION
+from tera_tn.core.spec import DIAG_PLACEMENTS
 from tera_tn.torch import TeRAConfig, add_tera, load_tera, save_tera
 from tera_tn.torch.checkpoint import CheckpointMismatch, read_tera_metadata
 

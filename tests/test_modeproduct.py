@@ -1,4 +1,4 @@
-"""Tests of tera_tn.modeproduct: correctness against tensorly / einsum, order optimality,
+"""Tests of tera_tn.core.modeproduct: correctness against tensorly / einsum, order optimality,
 torch parity, autograd, and the cache-blocked fast path (no timing assertions)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tera_tn.modeproduct as mp
-from tera_tn.modeproduct import best_order, chain_steps, mode_product_flops, multi_mode_product
+import tera_tn.core.modeproduct as mp
+from tera_tn.core.modeproduct import best_order, chain_steps, mode_product_flops, multi_mode_product
 
 torch = pytest.importorskip("torch")
 tl_tenalg = pytest.importorskip("tensorly.tenalg")
@@ -266,7 +266,7 @@ def test_workspace_made_under_inference_mode_is_not_reused_outside_it():
     # once crashed with "Inplace update to inference tensor outside InferenceMode".
     import torch
 
-    from tera_tn import modeproduct as mp
+    from tera_tn.core import modeproduct as mp
 
     core = torch.randn(4, 4, 4, dtype=torch.float64)
     mats = [torch.randn(4, 4, dtype=torch.float64) for _ in range(3)]

@@ -36,7 +36,7 @@ from tera_tn import (
     random_factors,
     theoretical_rank,
 )
-from tera_tn.network import scaled_factors
+from tera_tn.core.network import scaled_factors
 
 FACTOR_INITS = ("orthogonal", "gaussian", "uniform")
 factor_inits = st.sampled_from(FACTOR_INITS)

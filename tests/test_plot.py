@@ -1,4 +1,4 @@
-"""tera_tn.plot: figures, their data, determinism."""
+"""tera_tn.analysis.plot: figures, their data, determinism."""
 
 import hashlib
 
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import tera_tn as tt
-from tera_tn import plot
+from tera_tn.analysis import plot
 from tests.bad_inputs.teach import Case, assert_teaches, params
 
 

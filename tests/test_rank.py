@@ -1,4 +1,4 @@
-"""Generic rank measures (tera_tn.rank): invariances, bounds, agreement with numpy/torch, edge cases."""
+"""Generic rank measures (tera_tn.analysis.rank): invariances, bounds, agreement with numpy/torch, edge cases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tera_tn
-from tera_tn import rank as R
+from tera_tn.analysis import rank as R
 
 
 def _orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Model-level reports (tera_tn.report) and shape sets (tera_tn.shapes)."""
+"""Model-level reports (tera_tn.analysis.report) and shape sets (tera_tn.analysis.shapes)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
 from tera_tn import TeRASpec
-from tera_tn.accounting import method_totals
-from tera_tn.report import (
+from tera_tn.analysis.accounting import method_totals
+from tera_tn.analysis.report import (
     DEFAULT_METHODS,
     Method,
     adapter_file_bytes,
@@ -22,7 +22,7 @@ from tera_tn.report import (
     model_report,
     safetensors_size,
 )
-from tera_tn.shapes import MODEL_CONFIGS, LayerShape, available_models, linear_shapes, model_config, model_shapes
+from tera_tn.analysis.shapes import MODEL_CONFIGS, LayerShape, available_models, linear_shapes, model_config, model_shapes
 
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
@@ -119,7 +119,7 @@ def test_linear_shapes_of_a_real_gqa_llama():
     )
     model = transformers.LlamaForCausalLM(llama_cfg)
     layers = linear_shapes(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    from tera_tn.shapes import ModelConfig
+    from tera_tn.analysis.shapes import ModelConfig
 
     mine = ModelConfig("tiny", "llama", 64, 176, 2, 8, 2, "test")
     expected = [(mine.module_prefix(i) + s, (o, d)) for i in range(2) for s, _, o, d in mine.block_layers()]

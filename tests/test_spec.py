@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from strategies import specs
 from tera_tn import TeRASpec
-from tera_tn.factorize import balanced_factorization, imbalance, padded_factorization
+from tera_tn.core.factorize import balanced_factorization, imbalance, padded_factorization
 
 
 def names_value(message: str, value: object) -> bool:

@@ -1,4 +1,4 @@
-"""Structured spectra of TeRA updates (tera_tn.spectrum) against dense SVDs of independent references."""
+"""Structured spectra of TeRA updates (tera_tn.analysis.spectrum) against dense SVDs of independent references."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from strategies import alphas, effective_factors, reference_kron, seeds, spec_and_scales, specs
 from tera_tn import TeRASpec, delta_weight, init_scales, random_factors, tensorize, theoretical_rank
-from tera_tn.rank import multilinear_ranks, numerical_rank, singular_values
-from tera_tn.spectrum import (
+from tera_tn.analysis.rank import multilinear_ranks, numerical_rank, singular_values
+from tera_tn.analysis.spectrum import (
     prefix_kron_r,
     tera_conditioning,
     tera_rank_summary,

@@ -19,8 +19,8 @@ from torch import nn
 from bad_inputs.teach import Case, assert_teaches, params
 from strategies import alphas, reference_kron, relerr, scales_for, seeds, spec_and_scales, specs
 from tera_tn import TeRASpec, apply, delta_weight, init_scales, random_factors, theoretical_rank
-from tera_tn.spec import BUDGET_FAMILIES
-from tera_tn.spectrum import tera_singular_values, theoretical_multilinear_ranks
+from tera_tn.core.spec import BUDGET_FAMILIES
+from tera_tn.analysis.spectrum import tera_singular_values, theoretical_multilinear_ranks
 from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, load_tera, save_tera
 from tera_tn.torch.autograd import FrozenNetwork, tera_linear
 

@@ -8,7 +8,7 @@ seed (paired differences with their own intervals). Only the runs the plan would
 a line whose key the current plan does not produce (an older budget, a renamed contender) is left
 out and counted.
 
-``--docs`` writes ``docs/results/choosing_<plan>_{frontier,lr}.png`` (drawn by :mod:`tera_tn.plot`)
+``--docs`` writes ``docs/results/choosing_<plan>_{frontier,lr}.png`` (drawn by :mod:`tera_tn.analysis.plot`)
 and replaces the part of ``docs/choosing.md`` between the plan's two markers, so prose written
 around it stays; a page without the markers gets the generated part appended.
 """
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from experiments.datasets import HELD_OUT
 from experiments.study.plans import Contender, Stage
 from experiments.study.runner import MAX_EXTENSIONS, extend_grid, run_key
-from tera_tn.plot import mean_interval
+from tera_tn.analysis.plot import mean_interval
 
 __all__ = ["Outcome", "collect", "publish", "render", "write_page"]
 
@@ -374,7 +374,7 @@ def publish(records: list[Mapping[str, Any]], plan: str, stages: Sequence[Stage]
     ``docs/results/`` and write the report into ``docs/choosing.md`` between the plan's markers."""
     if docs is None:
         return render(plan, stages, records, all_plans=all_plans)
-    from tera_tn import plot
+    from tera_tn.analysis import plot
 
     outcomes, _ = collect(records, plan, stages)
     chosen, curves = _figure_records(outcomes)

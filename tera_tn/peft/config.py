@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..spec import TeRASpec
+from ..core.spec import TeRASpec
 from ..torch.config import TeRAConfig
 
 __all__ = ["TeraConfig"]

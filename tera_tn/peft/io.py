@@ -10,7 +10,7 @@ from typing import Mapping, Union
 import torch
 
 from .._files import publish, staging_dir, sweep_stale_temps
-from ..factors import with_legacy_recipe
+from ..core.factors import with_legacy_recipe
 from ..torch.checkpoint import nonfinite_lambdas as checked_lambdas
 
 __all__ = ["save_adapter", "read_adapter_signature"]

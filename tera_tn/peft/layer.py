@@ -18,7 +18,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..spec import TeRASpec
+from ..core.spec import TeRASpec
 from ..torch.adapter import TeRAAdapters
 from ..torch.autograd import check_input
 from ..torch.bank import FactorBank

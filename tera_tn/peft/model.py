@@ -25,7 +25,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
-from ..factors import factor_recipe
+from ..core.factors import factor_recipe
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch, adapter_diff, factor_diff
 from ..torch.layer import check_base_weight

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..costmodel import cost_model
-from ..factors import SCALE_INITS, check_scale_value, init_scales
-from ..spec import TeRASpec
+from ..contract.costmodel import cost_model
+from ..core.factors import SCALE_INITS, check_scale_value, init_scales
+from ..core.spec import TeRASpec
 from .autograd import FrozenNetwork, _no_autocast, compute_dtype, merged_weight, mixed_delta, non_finite, tera_linear
 from .bank import FactorBank
 from .config import LAYER_STRATEGIES

@@ -39,9 +39,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..modeproduct import multi_mode_product
-from ..network import _scaled_factors, kron_vectors, scale_sides
-from ..spec import TeRASpec
+from ..core.modeproduct import multi_mode_product
+from ..core.network import _scaled_factors, kron_vectors, scale_sides
+from ..core.spec import TeRASpec
 
 __all__ = [
     "FrozenNetwork",

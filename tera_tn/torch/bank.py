@@ -24,8 +24,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..factors import FACTOR_INITS, _check_seed, random_factors
-from ..spec import TeRASpec
+from ..core.factors import FACTOR_INITS, _check_seed, random_factors
+from ..core.spec import TeRASpec
 from .autograd import FrozenNetwork
 
 __all__ = ["FactorBank"]

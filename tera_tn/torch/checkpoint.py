@@ -9,7 +9,7 @@ File layout (no pickle anywhere, only ``safetensors``):
   "alpha", "seed", "factor_init", "core_scale", "generator_version", "factor_dtype", "group"}},
   "factors_included"}``. ``factor_init``, ``core_scale``, ``generator_version`` and
   ``factor_dtype`` are the recipe the frozen factors were generated with (see
-  :func:`tera_tn.factors.factor_recipe`); files written before the recipe was recorded lack
+  :func:`tera_tn.core.factors.factor_recipe`); files written before the recipe was recorded lack
   ``core_scale`` and ``generator_version`` and read as generator version 1 with its core scale.
 
 The file describes itself: :func:`load_tera` into a model without TeRA layers rebuilds them from
@@ -31,8 +31,8 @@ from torch import nn
 
 from .. import __version__
 from .._files import sweep_stale_temps, write_atomic
-from ..factors import RECIPE_FIELDS, factor_recipe, recipe_diff, with_legacy_recipe
-from ..spec import TeRASpec
+from ..core.factors import RECIPE_FIELDS, factor_recipe, recipe_diff, with_legacy_recipe
+from ..core.spec import TeRASpec
 from .bank import FactorBank
 from .layer import TeRALinear, check_base_weight
 from .model import _set_child, install_layer, place_bank, tera_layers

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from ..factors import FACTOR_INITS, SCALE_INITS, _check_seed, check_scale_value
-from ..spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
+from ..core.factors import FACTOR_INITS, SCALE_INITS, _check_seed, check_scale_value
+from ..core.spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..spec import TeRASpec
+from ..core.spec import TeRASpec
 from .adapter import DEFAULT_ADAPTER, TeRAAdapters
 from .autograd import FrozenNetwork, check_input
 from .bank import FactorBank

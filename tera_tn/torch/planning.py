@@ -3,7 +3,7 @@
 :func:`tera_tn.plan` prices ``ΔW x`` on its own. A layer also runs the base GEMM, and the
 materialize strategy folds the base into its single GEMM (``x (W0 + ΔW)ᵀ``), so the layer-level
 totals differ from the ``ΔW x`` ones by the base GEMM. With the calibrated cost model of
-:mod:`tera_tn.costmodel` (same constants as :func:`tera_tn.plan`):
+:mod:`tera_tn.contract.costmodel` (same constants as :func:`tera_tn.plan`):
 
 Layer plans are cached per (spec, token count, training, device, dtype, cost model): installing a
 new model (:func:`tera_tn.calibrate`) makes layers re-choose on their next call.
@@ -22,9 +22,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..contraction import check_tokens, plan
-from ..costmodel import DTYPES, CostModel, cost_model, normalize_key
-from ..spec import TeRASpec, check_spec
+from ..contract.contraction import check_tokens, plan
+from ..contract.costmodel import DTYPES, CostModel, cost_model, normalize_key
+from ..core.spec import TeRASpec, check_spec
 
 __all__ = ["LayerPlan", "layer_plan"]
 

@@ -12,8 +12,10 @@ import pytest
 
 import tera_tn as tt
 from tera_tn import CostModel, TeRASpec, init_scales, random_factors
-from tera_tn import accounting, costmodel, factorize, modeproduct, rank, spectrum
-from tera_tn.network import scaled_factors
+from tera_tn.analysis import accounting, rank, spectrum
+from tera_tn.contract import costmodel
+from tera_tn.core import factorize, modeproduct
+from tera_tn.core.network import scaled_factors
 from tera_tn.torch.planning import layer_plan
 
 from .teach import Case, assert_teaches, params

@@ -1,10 +1,10 @@
 """Model-level comparison of TeRA with LoRA, VeRA and HiRA: parameters, adapter file size, rank.
 
-For a list of layer shapes (a built-in set from :mod:`tera_tn.shapes`, a list of
+For a list of layer shapes (a built-in set from :mod:`tera_tn.analysis.shapes`, a list of
 ``(d_out, d_in)``, or the ``nn.Linear`` layers of a torch model) and a list of methods,
 :func:`model_report` gives one row per method:
 
-* trainable parameters and frozen shared parameters — from :func:`tera_tn.accounting.method_totals`;
+* trainable parameters and frozen shared parameters — from :func:`tera_tn.analysis.accounting.method_totals`;
 * adapter file size — the exact byte size of a ``safetensors`` file holding the trainable
   tensors in float32 (:func:`safetensors_size`, an exact formula of the format, tested against
   real ``safetensors.numpy.save`` output). Frozen shared tensors (TeRA's core and factors,
@@ -12,7 +12,7 @@ For a list of layer shapes (a built-in set from :mod:`tera_tn.shapes`, a list of
 * max rank — the smallest, over the layers, of each layer's maximum rank of ΔW;
 * for TeRA, the rank achieved at random λ (``init_scales(spec, "random")``, |λ| in [0.5, 2]) with
   random orthogonal frozen factors, computed per shape group either as the numerical rank
-  (float64 threshold) of the exact structured spectrum (:func:`tera_tn.spectrum.tera_singular_values`)
+  (float64 threshold) of the exact structured spectrum (:func:`tera_tn.analysis.spectrum.tera_singular_values`)
   when its core matrix is small, or as the theoretical rank (rank theorem) otherwise — a
   dense SVD of e.g. an 11008 × 4096 update is never computed. The row says which was used.
 
@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .accounting import METHODS, method_totals
-from .factors import init_scales, random_factors
-from .network import theoretical_rank
+from ..core.factors import init_scales, random_factors
+from ..core.network import theoretical_rank
 from .rank import summarize_singular_values
 from .shapes import LayerShape, as_layer_shapes, linear_shapes, model_shapes
-from .spec import TeRASpec
+from ..core.spec import TeRASpec
 from .spectrum import tera_singular_values
 
 __all__ = [
@@ -424,11 +424,11 @@ def model_report(
     """Compare adapter methods on a model's linear layers.
 
     Args:
-        model: a built-in model name (:func:`tera_tn.shapes.available_models`), a list of
+        model: a built-in model name (:func:`tera_tn.analysis.shapes.available_models`), a list of
             ``(d_out, d_in)`` pairs or :class:`LayerShape`, or a torch ``nn.Module`` (its
             ``nn.Linear`` layers are walked).
         methods: :class:`Method` objects or strings (see :meth:`Method.parse`).
-        target_modules: restricts the layers (PEFT rules, see :func:`tera_tn.shapes.model_shapes`).
+        target_modules: restricts the layers (PEFT rules, see :func:`tera_tn.analysis.shapes.model_shapes`).
         seed: seed of the frozen factors and the random λ for the achieved rank.
         achieved: ``"auto"`` (structured spectrum when the core matrix's smaller side is at most
             ``structured_max_side``, else theoretical), ``"structured"`` (always; slow at full

@@ -7,7 +7,7 @@ Two exact strategies, both computing the same ``ΔW x``:
 * ``"factored"``: reshape ``x`` to ``(n, J_1..J_Q)`` and contract it through the column
   factors, the core and the row factors (an opt_einsum path), never forming d_out × d_in.
 
-:func:`plan` prices both with the calibrated roofline :mod:`tera_tn.costmodel` and explains the
+:func:`plan` prices both with the calibrated roofline :mod:`tera_tn.contract.costmodel` and explains the
 choice; plans are cached per (spec, token count, backend, device, dtype, cost model), so
 installing another cost model re-plans without any cache being cleared, and opt_einsum
 expressions per (spec, token count).
@@ -23,13 +23,13 @@ from typing import Literal, Sequence
 
 import opt_einsum as oe
 
-from ._backend import as_array, check_alpha
-from .backends import Array, backend_key, floating_like, namespace, pick_like, to_like
+from .._backend import as_array, check_alpha
+from ..backends import Array, backend_key, floating_like, namespace, pick_like, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
-from .factors import TeRAFactors, check_factors, check_scales
-from .modeproduct import chain_steps
-from .network import _delta_weight, _scaled_factors
-from .spec import TeRASpec, check_spec
+from ..core.factors import TeRAFactors, check_factors, check_scales
+from ..core.modeproduct import chain_steps
+from ..core.network import _delta_weight, _scaled_factors
+from ..core.spec import TeRASpec, check_spec
 
 __all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "STRATEGIES"]
 
@@ -231,7 +231,7 @@ def plan(
         backend, device, dtype: what the contraction runs on: ``"torch"``, ``"numpy"`` or
             ``"jax"``, a device such as ``"cpu"`` or ``"cuda:0"``, a floating dtype name.
         model: the cost model to price with; default: the one installed for (backend, device,
-            dtype) (see :mod:`tera_tn.costmodel`).
+            dtype) (see :mod:`tera_tn.contract.costmodel`).
 
     Returns:
         A :class:`ContractionPlan`; ``print(plan(...))`` shows FLOPs, the largest

@@ -24,7 +24,7 @@ import numbers
 import time
 from dataclasses import dataclass
 
-from .backends import backend_module, dtype_name
+from ..backends import backend_module, dtype_name
 
 __all__ = ["CostModel", "cost_model", "calibrate", "set_cost_model", "BACKENDS", "DTYPES", "normalize_key"]
 

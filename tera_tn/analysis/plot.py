@@ -9,10 +9,10 @@ writes byte-identical files (no dates, fixed SVG ids).
 
 * :func:`tradeoff_figure` — maximum rank of ΔW against trainable parameters (log–log) for TeRA
   at several orders and Tucker ranks, LoRA, VeRA and HiRA, over the layers of one model shape
-  set (:mod:`tera_tn.shapes`) or any list of ``(d_out, d_in)``.
+  set (:mod:`tera_tn.analysis.shapes`) or any list of ``(d_out, d_in)``.
 * :func:`spectra_figure` — normalized singular values ``σ_i/σ_1`` of constructed updates of one
   layer at equal trainable budget: TeRA from its exact structured spectrum
-  (:func:`tera_tn.spectrum.tera_singular_values`), LoRA ``ΔW = B A`` and VeRA
+  (:func:`tera_tn.analysis.spectrum.tera_singular_values`), LoRA ``ΔW = B A`` and VeRA
   ``ΔW = diag(b) B diag(d) A`` from an SVD of the product of Gaussian draws.
 * :func:`planner_figure` — the planner's predicted time of both contraction strategies
   against the token count (:func:`tera_tn.plan`), with the token counts where its choice
@@ -38,10 +38,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .accounting import layer_cost
-from .contraction import plan
-from .factors import init_scales, random_factors
+from ..contract.contraction import plan
+from ..core.factors import init_scales, random_factors
 from .rank import summarize_singular_values
-from .spec import TeRASpec
+from ..core.spec import TeRASpec
 from .spectrum import tera_singular_values
 
 __all__ = [
@@ -96,7 +96,7 @@ def _figure(width: float, height: float, ncols: int = 1):
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("tera_tn.plot needs matplotlib: pip install 'tera_tn[plot]'") from err
+        raise ImportError("tera_tn.analysis.plot needs matplotlib: pip install 'tera_tn[plot]'") from err
     import matplotlib
 
     with matplotlib.rc_context(_RC):
@@ -147,14 +147,14 @@ def tradeoff_data(
 ) -> dict:
     """Trainable parameters and maximum rank of ΔW for each configuration of each method.
 
-    Counts follow :mod:`tera_tn.accounting`: trainable numbers summed over all adapted layers,
+    Counts follow :mod:`tera_tn.analysis.accounting`: trainable numbers summed over all adapted layers,
     and the maximum rank of ΔW as the smallest per-layer maximum over the layers (what every
     layer can reach; for TeRA it is the rank at generic λ by the rank theorem: the smaller of
     the products of the row-side and the column-side ranks).
 
     Args:
-        layers: a built-in model name (:func:`tera_tn.shapes.available_models`) or a list of
-            ``(d_out, d_in)`` pairs / :class:`~tera_tn.shapes.LayerShape`.
+        layers: a built-in model name (:func:`tera_tn.analysis.shapes.available_models`) or a list of
+            ``(d_out, d_in)`` pairs / :class:`~tera_tn.analysis.shapes.LayerShape`.
         target_modules: restricts a built-in model's layers (PEFT rules).
         tera_orders: TeRA orders ``N``; an order a layer cannot take is skipped.
         rank_fractions: Tucker ranks ``R_n = ceil(f·K_n)`` drawn for each order.
@@ -302,7 +302,7 @@ def spectra_data(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence[s
 
     Args:
         d_out, d_in: the layer shape.
-        methods: strings as in :meth:`tera_tn.report.Method.parse` (``"lora:r=1"``,
+        methods: strings as in :meth:`tera_tn.analysis.report.Method.parse` (``"lora:r=1"``,
             ``"vera:r=768"``, ``"tera:order=6,ranks=0.5"``; HiRA needs ``W0`` and is not
             drawn). Default: equal budget ``d_in + d_out`` — LoRA ``r=1``, VeRA with
             ``r = d_in`` (capped at the smaller side) and TeRA order 2 — plus TeRA orders 4
@@ -315,7 +315,7 @@ def spectra_data(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence[s
     Returns:
         ``{"shape", "seed", "series": [{"method", "label", "trainable", "max_rank", "sv",
         "summary"}]}`` — ``sv`` the singular values (descending, length ``min(d_out, d_in)``),
-        ``summary`` a :class:`tera_tn.rank.RankSummary` dict (float64 threshold).
+        ``summary`` a :class:`tera_tn.analysis.rank.RankSummary` dict (float64 threshold).
     """
     from .report import Method
 

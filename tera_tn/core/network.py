@@ -1,7 +1,7 @@
 """The TeRA network: ``ΔW = α · matricize(G ×_1 A_1 … ×_N A_N)`` and its rank theorem.
 
 ``A_n`` combines the frozen factor ``U_n`` with the trainable vector ``λ_n`` according to
-``spec.diag`` (see :mod:`tera_tn.spec`). Everything here works on numpy, torch and JAX
+``spec.diag`` (see :mod:`tera_tn.core.spec`). Everything here works on numpy, torch and JAX
 arrays alike; the result takes the backend, dtype and device of the scales (a torch or JAX
 array if any operand is one) and torch results are differentiable with respect to the scales.
 """
@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import check_alpha
-from .backends import Array, floating_like, pick_like, to_like, to_numpy
+from .._backend import check_alpha
+from ..backends import Array, floating_like, pick_like, to_like, to_numpy
 from .factors import TeRAFactors, check_factors, check_scales
 from .modeproduct import multi_mode_product
 from .spec import TeRASpec, check_spec, prefix_rank
@@ -89,7 +89,7 @@ def delta_weight(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], 
         alpha: global scaling α.
 
     The network is contracted as a chain of mode products expressed as GEMMs in the cheapest
-    order (:func:`tera_tn.modeproduct.multi_mode_product`); ``diag="identity"`` uses
+    order (:func:`tera_tn.core.modeproduct.multi_mode_product`); ``diag="identity"`` uses
     ``ΔW = α G_mat ⊙ (u vᵀ)`` with ``u = ⊗λ_row``, ``v = ⊗λ_col``. Padding is sliced away.
     """
     return _delta_weight(spec, *_prepare("delta_weight", spec, factors, scales, alpha))

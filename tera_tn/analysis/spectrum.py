@@ -43,13 +43,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import check_alpha
-from .backends import Array, dtype_name, namespace, pick_like, to_like, to_numpy
-from .factors import TeRAFactors, check_factors, check_scales
-from .modeproduct import multi_mode_product
-from .network import _scaled_factors, scale_sides, theoretical_rank
+from .._backend import check_alpha
+from ..backends import Array, dtype_name, namespace, pick_like, to_like, to_numpy
+from ..core.factors import TeRAFactors, check_factors, check_scales
+from ..core.modeproduct import multi_mode_product
+from ..core.network import _scaled_factors, scale_sides, theoretical_rank
 from .rank import RankSummary, dtype_eps, summarize_singular_values
-from .spec import TeRASpec, check_spec
+from ..core.spec import TeRASpec, check_spec
 
 __all__ = [
     "tera_singular_values",
@@ -194,7 +194,7 @@ def tera_rank_summary(
     atol: float | None = None,
     energy: float = 0.99,
 ) -> RankSummary:
-    """:class:`tera_tn.rank.RankSummary` of ΔW from its structured spectrum.
+    """:class:`tera_tn.analysis.rank.RankSummary` of ΔW from its structured spectrum.
 
     ``dtype`` picks whose eps sets the default threshold ``max(d_out, d_in)·eps·σ_max``
     (default: the computation dtype). ``dtype="float32"`` predicts what a dense float32 SVD of

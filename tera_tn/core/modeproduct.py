@@ -62,8 +62,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
-from ._backend import as_array
-from .backends import Array, is_array, namespace
+from .._backend import as_array
+from ..backends import Array, is_array, namespace
 
 __all__ = [
     "multi_mode_product",

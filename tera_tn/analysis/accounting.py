@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ._backend import check_size
-from .spec import TeRASpec
+from .._backend import check_size
+from ..core.spec import TeRASpec
 
 __all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]
 

@@ -30,7 +30,7 @@ because that is the precision the entries were stored in. Integer and bool input
 decomposed in ``float64``.
 
 :func:`theoretical_rank` (the almost-sure rank of a TeRA update for generic frozen factors)
-lives in :mod:`tera_tn.network` and is re-exported here.
+lives in :mod:`tera_tn.core.network` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._backend import as_array
-from .backends import Array, dtype_name, namespace, to_numpy
-from .network import theoretical_rank
-from .spec import check_spec
+from .._backend import as_array
+from ..backends import Array, dtype_name, namespace, to_numpy
+from ..core.network import theoretical_rank
+from ..core.spec import check_spec
 
 __all__ = [
     "singular_values",
@@ -419,7 +419,7 @@ def _as_tensor(x: Array, modes: Sequence[int] | None, spec) -> tuple[np.ndarray,
     if spec is not None and modes is not None:
         raise ValueError(f"give either modes or spec, not both; got modes={modes!r} and spec={spec}")
     if spec is not None:
-        from .tensorize import tensorize
+        from ..core.tensorize import tensorize
 
         x = tensorize(check_spec(spec, "multilinear_ranks"), x)
     x = as_array("x", x, "at least one dimension")
@@ -446,7 +446,7 @@ def mode_singular_values(x: Array, modes: Sequence[int] | None = None, *, spec=N
 
     Args:
         x: an N-way tensor, or a matrix with ``modes`` (reshaped C-order) or with ``spec``
-            (:func:`tera_tn.tensorize`, zero padding included).
+            (:func:`tera_tn.core.tensorize.tensorize`, zero padding included).
 
     ``X_(n)`` is tensorly's unfolding: mode ``n`` moved first, the rest flattened C-order,
     shape ``(K_n, ∏_{m≠n} K_m)``.
