@@ -247,7 +247,8 @@ Written by `tera-tn {argv}` (tera_tn {version}) on {date}, in {elapsed:.1f} s.
 {plot_rows}
 Columns: *trainable* numbers over all adapted layers; *% dense* of the layers' dense weights;
 *frozen shared* numbers stored once (TeRA core and factors per shape group, VeRA's A/B);
-*adapter file* the exact float32 safetensors size of the trainable tensors; *max rank* of ΔW
+*adapter file* the exact size of the adapter_model.safetensors PEFT writes (fp32 trainable
+tensors; for TeRA also its signature, at the default seed and α); *max rank* of ΔW
 (smallest over layers); *rank @ random λ* for TeRA, from the exact structured spectrum
 (numerical rank, float64 threshold) for small core matrices or the rank theorem otherwise.
 """

@@ -24,11 +24,15 @@ from tera_tn.analysis.report import (
 )
 from tera_tn.analysis.shapes import MODEL_CONFIGS, LayerShape, available_models, linear_shapes, model_config, model_shapes
 
-_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "U8": np.uint8}
 
 
 def _real_size(tensors, dtype="F32", metadata=None) -> int:
-    arrays = {k: np.zeros(v, dtype=_NP[dtype]) for k, v in tensors.items()}
+    """Bytes of a real safetensors save of zero tensors (values: shape, or (dtype tag, shape))."""
+    arrays = {}
+    for k, v in tensors.items():
+        tag, shape = v if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) else (dtype, v)
+        arrays[k] = np.zeros(shape, dtype=_NP[tag])
     return len(st_save(arrays, metadata=metadata))
 
 
@@ -49,11 +53,38 @@ def test_adapter_file_bytes_match_a_real_save(method):
     layers = model_shapes("all-MiniLM-L6-v2")
     tensors = adapter_tensors(method, layers)
     assert adapter_file_bytes(method, layers) == _real_size(tensors, metadata={"format": "pt"})
-    # The data part is exactly the trainable count in fp32.
+    # The float data is exactly the trainable count in fp32 (TeRA adds its uint8 signature).
     m = Method.parse(method)
     kw = {"r": m.r} if m.kind != "tera" else {"order": m.order, "ranks": m.ranks, "diag": m.diag}
     trainable = method_totals(m.kind, [l.shape for l in layers], **kw).trainable
-    assert sum(int(np.prod(s)) for s in tensors.values()) == trainable
+    assert sum(int(np.prod(s)) for s in tensors.values() if not isinstance(s[0], str)) == trainable
+
+
+@pytest.mark.parametrize("method, config", [
+    ("tera:order=4", {"order": 4}),
+    ("tera:order=6,ranks=0.5,diag=mode", {"order": 6, "ranks": 0.5, "diag": "mode"}),
+    ("tera:order=3,diag=both", {"order": 3, "diag": "both"}),
+])
+def test_report_adapter_bytes_equal_the_file_peft_writes(tmp_path, method, config):
+    # The report's "adapter file" column must be the size of the file a user actually gets, not
+    # of an idealized one: it once counted one tensor per mode and no signature.
+    peft = pytest.importorskip("peft")
+    import tera_tn.peft  # noqa: F401  (registers TeRA)
+    from torch import nn
+
+    shapes = {"attn.q": (64, 64), "attn.v": (48, 64), "mlp.up": (96, 64), "mlp.down": (64, 96)}
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.ModuleDict({k.split(".")[1]: nn.Linear(i, o) for k, (o, i) in shapes.items() if k.startswith("attn")})
+            self.mlp = nn.ModuleDict({k.split(".")[1]: nn.Linear(i, o) for k, (o, i) in shapes.items() if k.startswith("mlp")})
+
+    model = peft.get_peft_model(Block(), tera_tn.peft.TeraConfig(target_modules=["q", "v", "up", "down"], **config))
+    model.save_pretrained(tmp_path)
+    written = (tmp_path / "adapter_model.safetensors").stat().st_size
+    layers = [LayerShape(name, o, i) for name, (o, i) in shapes.items()]
+    assert adapter_file_bytes(method, layers) == written
 
 
 def test_builtin_shape_sets():

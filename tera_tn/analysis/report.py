@@ -19,9 +19,9 @@ For a list of layer shapes (a built-in set from :mod:`tera_tn.analysis.shapes`, 
 Output: :meth:`ModelReport.to_table` (rich-rendered when rich is installed) and
 :meth:`ModelReport.to_dict` / :meth:`ModelReport.to_json`.
 
-Tensor names in the size computation follow PEFT's saved keys
-(``base_model.model.<module>.lora_A.weight`` …); TeRA's are ``<module>.tera_lambda_<n>``.
-Names only change the header, by a few bytes per tensor.
+Adapter file sizes are those of the ``adapter_model.safetensors`` PEFT writes: its keys
+(``base_model.model.<module>.lora_A.weight`` …; TeRA: one ``<module>.tera_lambda`` per layer plus
+the adapter's ``uint8`` signature), checked against real saves in the tests.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from .accounting import METHODS, method_totals
 from ..core.factors import init_scales, random_factors
 from ..core.network import theoretical_rank
+from ..core.signature import adapter_signature, signature_bytes
 from .rank import summarize_singular_values
 from .shapes import LayerShape, as_layer_shapes, linear_shapes, model_shapes
 from ..core.spec import TeRASpec
@@ -155,52 +156,59 @@ class Method:
 # adapter file size
 # --------------------------------------------------------------------------------------------
 def safetensors_size(
-    tensors: Mapping[str, Sequence[int]], dtype: str = "F32", metadata: Optional[Mapping[str, str]] = None
+    tensors: Mapping[str, Any], dtype: str = "F32", metadata: Optional[Mapping[str, str]] = None
 ) -> int:
-    """Exact size in bytes of a safetensors file holding zero-or-more tensors of one dtype.
+    """Exact size in bytes of a safetensors file holding zero-or-more tensors.
 
     The format is: 8 bytes (little-endian u64 header length ``N``), ``N`` bytes of compact JSON
-    — ``{"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}, ...}`` with tensors in
-    name order (same dtype) and the header padded with spaces to a multiple of 8 — then the
-    raw data. Verified byte-for-byte against ``safetensors.numpy.save`` in the tests.
+    — ``{"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}, ...}`` with the header
+    padded with spaces to a multiple of 8 — then the raw data. Verified byte-for-byte against
+    ``safetensors.numpy.save`` and against adapter files PEFT writes, in the tests.
 
     Args:
-        tensors: name → shape.
-        dtype: safetensors dtype tag (``"F32"``, ``"F16"``, ``"BF16"``, ``"F64"`` …).
+        tensors: name → shape (of dtype ``dtype``), or name → ``(dtype tag, shape)``.
+        dtype: safetensors dtype tag (``"F32"``, ``"F16"``, ``"BF16"``, ``"F64"``, ``"U8"`` …) of
+            tensors given by shape alone.
         metadata: optional string → string metadata (PEFT writes ``{"format": "pt"}``).
     """
-    if dtype not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(_SAFETENSORS_DTYPES)}, got {dtype!r}")
-    itemsize = _SAFETENSORS_DTYPES[dtype]
+    entries = []
+    for name, value in tensors.items():
+        tag, shape = value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) else (dtype, value)
+        if tag not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"dtype of {name!r} must be one of {tuple(_SAFETENSORS_DTYPES)}, got {tag!r}")
+        shape = [int(s) for s in shape]
+        if any(s < 0 for s in shape):
+            raise ValueError(f"tensor {name!r} has a negative dimension: {shape}")
+        entries.append((name, tag, shape))
     header: dict[str, Any] = {}
     if metadata is not None:  # an empty dict is still written as "__metadata__":{}
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    # safetensors orders tensors by dtype alignment, then by name (Rust byte order = Python's
-    # code-point order for str); offsets follow that order.
-    for name in sorted(tensors):
-        shape = [int(s) for s in tensors[name]]
-        if any(s < 0 for s in shape):
-            raise ValueError(f"tensor {name!r} has a negative dimension: {shape}")
-        nbytes = math.prod(shape) * itemsize
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+    # safetensors lays tensors out by decreasing dtype alignment, then by name (Rust byte order =
+    # Python's code-point order for str); offsets follow that order.
+    for name, tag, shape in sorted(entries, key=lambda e: (-_SAFETENSORS_DTYPES[e[1]], e[0])):
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[tag]
+        header[name] = {"dtype": tag, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return 8 + len(text) + (-len(text)) % 8 + offset
 
 
-def adapter_tensors(method: Union[str, Method], layers: Sequence[Union[LayerShape, tuple[int, int]]]) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every trainable tensor ``method`` stores for ``layers``.
+def adapter_tensors(method: Union[str, Method], layers: Sequence[Union[LayerShape, tuple[int, int]]]) -> dict[str, Any]:
+    """Name → shape (float32) or ``(dtype tag, shape)`` of every tensor ``method``'s PEFT adapter
+    file stores for ``layers``.
 
     LoRA / HiRA: ``lora_A``/``hira_A`` ``(r, d_in)`` and ``lora_B``/``hira_B`` ``(d_out, r)``;
-    VeRA: ``vera_lambda_b`` ``(d_out,)`` and ``vera_lambda_d`` ``(r,)``; TeRA: one
-    ``tera_lambda_<n>`` of length ``len(λ_n)`` per mode.
+    VeRA: ``vera_lambda_b`` ``(d_out,)`` and ``vera_lambda_d`` ``(r,)``; TeRA: one ``tera_lambda``
+    of length ``Σ_n len(λ_n)`` per layer, plus the adapter's signature (``uint8`` JSON; sized here
+    for the default seed, α and factor recipe — other values change it by a few bytes).
     """
     m = Method.parse(method)
     layer_list = as_layer_shapes(layers)
     if len({layer.name for layer in layer_list}) != len(layer_list):
         raise ValueError("layer names must be unique: they name the tensors of the adapter file")
-    out: dict[str, tuple[int, ...]] = {}
+    out: dict[str, Any] = {}
+    specs = {}
     for layer in layer_list:
         base = f"base_model.model.{layer.name}."
         if m.kind in ("lora", "hira"):
@@ -210,8 +218,13 @@ def adapter_tensors(method: Union[str, Method], layers: Sequence[Union[LayerShap
             out[base + "vera_lambda_b"] = (layer.d_out,)
             out[base + "vera_lambda_d"] = (m.r,)  # type: ignore[assignment]
         else:
-            for n, size in enumerate(m.spec(layer.d_out, layer.d_in).scale_sizes):
-                out[base + f"tera_lambda_{n}"] = (size,)
+            spec = m.spec(layer.d_out, layer.d_in)
+            specs[layer.name] = (spec, False)
+            out[base + "tera_lambda"] = (spec.num_trainable,)
+    if specs:
+        raw = signature_bytes(adapter_signature(specs, seed=0, factor_init="orthogonal", factor_dtype="float32",
+                                                alpha=1.0))
+        out["base_model.tera_signature"] = ("U8", (len(raw),))
     return out
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
-from ..core.factors import factor_recipe
+from ..core.signature import SIGNATURE_FORMAT, adapter_signature, signature_bytes
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch, adapter_diff, factor_diff
 from ..torch.layer import check_base_weight
@@ -36,7 +36,6 @@ from .quantized import QuantizedLinear, quantization_of
 
 __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
 
-SIGNATURE_FORMAT = 1
 _SIG = "tera_signature"
 _FACTORS = "tera_factors"
 
@@ -224,7 +223,7 @@ class TeraModel(BaseTuner):
         }
 
     def _factor_groups(self, adapter_name: str) -> dict:
-        """``{spec: "g<i>"}`` in first-use order over the adapter's layers."""
+        """``{spec: "g<i>"}`` in first-use order over the adapter's layers (the signature's groups)."""
         groups: dict = {}
         for layer in self.adapter_layers(adapter_name).values():
             groups.setdefault(layer.tera_spec[adapter_name], f"g{len(groups)}")
@@ -233,21 +232,10 @@ class TeraModel(BaseTuner):
     def adapter_signature(self, adapter_name: str) -> dict:
         """What identifies ``adapter_name``: seed, factor recipe, α, and every layer's shape and spec."""
         config = self.peft_config[adapter_name]
-        groups = self._factor_groups(adapter_name)
-        layers = {}
-        for name, layer in self.adapter_layers(adapter_name).items():
-            spec = layer.tera_spec[adapter_name]
-            entry = spec.to_dict()
-            entry.pop("d_out")
-            entry.pop("d_in")
-            layers[name] = {"shape": [spec.d_out, spec.d_in], **entry, "fan_in_fan_out": layer.fan_in_fan_out, "group": groups[spec]}
-        return {
-            "format": SIGNATURE_FORMAT,
-            "seed": config.seed,
-            **factor_recipe(config.factor_init, config.factor_dtype),
-            "alpha": float(config.alpha),
-            "layers": layers,
-        }
+        layers = {name: (layer.tera_spec[adapter_name], layer.fan_in_fan_out)
+                  for name, layer in self.adapter_layers(adapter_name).items()}
+        return adapter_signature(layers, seed=config.seed, factor_init=config.factor_init,
+                                 factor_dtype=config.factor_dtype, alpha=config.alpha)
 
     # --- state dict hooks (save / load) ------------------------------------------------------
     @classmethod
@@ -268,7 +256,7 @@ class TeraModel(BaseTuner):
         name = next((n for n, m in model.named_modules() if m is tera), "base_model")
         base = f"{name}." if name else ""
         if tera is not None:
-            raw = json.dumps(tera.adapter_signature(adapter_name), sort_keys=True).encode()
+            raw = signature_bytes(tera.adapter_signature(adapter_name))
             to_return[f"{base}{_SIG}.{adapter_name}"] = torch.tensor(list(raw), dtype=torch.uint8)
         if getattr(config, "save_factors", False):
             if tera is None:

@@ -1,0 +1,52 @@
+"""The signature that identifies a saved PEFT TeRA adapter, as a pure value.
+
+A PEFT adapter file stores it beside the λ vectors (a ``uint8`` tensor of its compact JSON):
+the seed, the factor recipe, α and every adapted layer's shape and spec, with layers that share a
+spec numbered as one frozen-factor group. Loading compares it with the model's own signature.
+Built here from specs alone, so the report can size an adapter file exactly without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+from .factors import factor_recipe
+from .spec import TeRASpec
+
+__all__ = ["SIGNATURE_FORMAT", "adapter_signature", "signature_bytes"]
+
+SIGNATURE_FORMAT = 1
+
+
+def adapter_signature(
+    layers: Mapping[str, tuple[TeRASpec, bool]],
+    *,
+    seed: int,
+    factor_init: str,
+    factor_dtype: str,
+    alpha: float,
+) -> dict:
+    """``layers`` maps each adapted module's qualified name to ``(spec, fan_in_fan_out)``, in the
+    model's module order (the first use of a spec names its group ``g0``, ``g1``, …)."""
+    groups: dict[TeRASpec, str] = {}
+    entries = {}
+    for name, (spec, fan_in_fan_out) in layers.items():
+        group = groups.setdefault(spec, f"g{len(groups)}")
+        entry = spec.to_dict()
+        entry.pop("d_out")
+        entry.pop("d_in")
+        entries[name] = {"shape": [spec.d_out, spec.d_in], **entry, "fan_in_fan_out": bool(fan_in_fan_out),
+                         "group": group}
+    return {
+        "format": SIGNATURE_FORMAT,
+        "seed": seed,
+        **factor_recipe(factor_init, factor_dtype),
+        "alpha": float(alpha),
+        "layers": entries,
+    }
+
+
+def signature_bytes(signature: Mapping) -> bytes:
+    """The bytes an adapter file stores: compact, key-sorted JSON."""
+    return json.dumps(signature, sort_keys=True).encode()
