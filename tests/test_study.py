@@ -296,3 +296,46 @@ def test_publish_command_prints_the_tables(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["publish", "--plan", "toy", "--results", str(tmp_path / "missing.jsonl")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_held_out_stage_runs_each_contender_at_the_rate_chosen_elsewhere(tmp_path):
+    # Nothing may be chosen on the held-out dataset: its stage takes each contender's rate from the
+    # choice datasets' finished runs (best mean validation; the held-out scores never count).
+    budget = Budget(steps=4)
+    c = Contender("tera_x", "tera", (0.03, 0.1), {"order": 4})
+    stage = Stage(("held",), (0, 1), (c,), budget, lr_from=("a", "b"))
+
+    def rec(dataset, seed, lr, acc, diverged=False):
+        return {"contender": "tera_x", "dataset": dataset, "seed": seed, "lr": lr, "budget": budget.to_dict(),
+                "split_seed": 0, "metrics": {"val_accuracy": acc, "diverged": diverged}}
+
+    records = [rec(d, s, 0.03, 0.70) for d in "ab" for s in (0, 1)]
+    records += [rec(d, s, 0.1, 0.80) for d in "ab" for s in (0, 1)]
+    records += [rec("held", s, 0.03, 0.99) for s in (0, 1)]  # a held-out score must not sway it
+    assert runner.fixed_lr(records, stage, c) == 0.1
+    # a rate not finished on every (dataset, seed), or with a diverged seed, is not eligible
+    assert runner.fixed_lr(records[:4] + records[4:7], stage, c) == 0.03
+    assert runner.fixed_lr(records[:4] + records[4:7] + [rec("b", 1, 0.1, 0.9, diverged=True)], stage, c) == 0.03
+    assert runner.fixed_lr([r for r in records if r["dataset"] != "b"], stage, c) is None
+    other_budget = [{**r, "budget": Budget(steps=8).to_dict()} for r in records]
+    assert runner.fixed_lr(other_budget, stage, c) is None
+
+    # in a plan: while the choice datasets are unfinished, the held-out stage runs nothing
+    log: list[str] = []
+    f = ResultsFile(tmp_path / "study.jsonl")
+    assert runner.run_plan("p", (stage,), f, log=log.append) == 0
+    assert any("skipped until its rate is chosen on a, b" in line for line in log), log
+    assert "confirm" in PLANS and PLANS["confirm"][-1].lr_from and ds.HELD_OUT not in PLANS["confirm"][0].datasets
+
+
+def test_publish_reports_a_held_out_contender_at_its_fixed_rate_as_finished():
+    from experiments.study import publish
+
+    budget = Budget(steps=4)
+    c = Contender("tera_x", "tera", (0.03, 0.1, 0.3), {"order": 4})
+    stage = Stage(("held",), (0,), (c,), budget, lr_from=("a",))
+    rec = {"plan": "p", "contender": "tera_x", "dataset": "held", "seed": 0, "lr": 0.1, "trainable_params": 10,
+           "key": runner.run_key("held", 0, budget, c, 0, 0.1),
+           "metrics": {"val_accuracy": 0.8, "test_accuracy": 0.75, "diverged": False}}
+    (outcome,), stale = publish.collect([rec], "p", (stage,))
+    assert stale == 0 and outcome.lr == 0.1 and outcome.grid_done  # one fixed rate is a finished "grid"

@@ -57,6 +57,11 @@ class Stage:
     contenders: tuple[Contender, ...]
     budget: Budget = Budget()
     split_seed: int = 0
+    #: when set, no learning rate is tuned on this stage's datasets: each contender runs once per
+    #: seed at the rate its finished runs on these datasets chose (best mean validation accuracy,
+    #: same budget, split seed and seeds). The held-out dataset runs this way, so nothing is chosen
+    #: on it.
+    lr_from: tuple[str, ...] = ()
 
 
 def _tera(name: str, **adapter: Any) -> Contender:
@@ -109,7 +114,9 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     "screen": (Stage(("rotten_tomatoes",), (0,), REFERENCES + TERA_ABLATIONS + TERA_VARIANTS + OTHERS,
                      Budget(test_size=1000)),),
     # every method on every dataset with 3 seeds; the TeRA variants that survive screening join here
-    "confirm": (Stage(CHOICE + (HELD_OUT,), (0, 1, 2), REFERENCES + OTHERS, Budget(steps=300, train_size=None)),),
+    "confirm": (Stage(CHOICE, (0, 1, 2), REFERENCES + OTHERS, Budget(steps=300, train_size=None)),
+                Stage((HELD_OUT,), (0, 1, 2), REFERENCES + OTHERS, Budget(steps=300, train_size=None),
+                      lr_from=CHOICE)),
     # the test suite's plan: a real model and data, a handful of steps
     "smoke": (Stage(("rotten_tomatoes",), (0,), (Contender("tera_smoke", "tera", (3e-2,), {"order": 4}),),
                     Budget(steps=4, batch_size=8, max_length=24, train_size=64, val_size=32, test_size=32,

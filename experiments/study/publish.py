@@ -103,6 +103,9 @@ class Outcome:
         at = self.runs[self.lr]
         self.test = {s: at[s]["metrics"]["test_accuracy"] for s in sorted(at)}
         self.params = at[min(at)]["trainable_params"]
+        if self.stage.lr_from:  # one rate, fixed on other datasets: nothing to extend here
+            self.grid_done = True
+            return
         scores = {lr: (self._val(lr), self._diverged(lr)) for lr in complete}
         started = all(lr in complete for lr in self.contender.lrs)
         self.grid_done = started and (extend_grid(scores) is None

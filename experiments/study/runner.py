@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import tera_tn
 from experiments.datasets import DATASETS, HELD_OUT, TextSplits, load, split_examples
@@ -26,7 +26,7 @@ from experiments.study.plans import Budget, Contender, Stage
 from experiments.study.results import ResultsFile
 from tera_tn.finetune import FinetuneConfig, finetune, load_model
 
-__all__ = ["MAX_EXTENSIONS", "code_version", "extend_grid", "run_key", "run_plan"]
+__all__ = ["MAX_EXTENSIONS", "code_version", "extend_grid", "fixed_lr", "run_key", "run_plan"]
 
 #: how far a grid may grow past its starting points (each step is a factor of about 3)
 MAX_EXTENSIONS = 4
@@ -61,6 +61,26 @@ def extend_grid(scores: Mapping[float, tuple[float, bool]]) -> float | None:
     if best == grid[0]:
         return _half_decade(best, up=False)
     return None
+
+
+def fixed_lr(records: Iterable[Mapping[str, Any]], stage: Stage, contender: Contender) -> float | None:
+    """The rate ``contender`` runs at on a ``stage`` with ``lr_from``: among the rates finished for
+    every (dataset in ``lr_from``, seed of the stage) at the stage's budget and split seed, none
+    diverged, the one with the best mean validation accuracy (ties: the smaller rate). None while
+    no rate is finished everywhere."""
+    need = {(d, s) for d in stage.lr_from for s in stage.seeds}
+    budget = stage.budget.to_dict()
+    by_lr: dict[float, dict[tuple, Mapping[str, Any]]] = {}
+    for r in records:
+        if (r.get("contender") == contender.name and (r.get("dataset"), r.get("seed")) in need
+                and r.get("budget") == budget and r.get("split_seed") == stage.split_seed):
+            by_lr.setdefault(r["lr"], {})[(r["dataset"], r["seed"])] = r
+    scores = {lr: sum(r["metrics"]["val_accuracy"] for r in runs.values()) / len(runs)
+              for lr, runs in by_lr.items()
+              if set(runs) == need and not any(r["metrics"]["diverged"] for r in runs.values())}
+    if not scores:
+        return None
+    return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
 def run_key(dataset: str, split_seed: int, budget: Budget, contender: Contender, seed: int, lr: float) -> str:
@@ -120,6 +140,13 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                 if position % count != index:
                     continue
                 lrs = list(c.lrs)
+                if stage.lr_from:
+                    done.update((r["key"], r) for r in results.records())
+                    chosen = fixed_lr(done.values(), stage, c)
+                    if chosen is None:
+                        log(f"    {c.name} on {dataset}: skipped until its rate is chosen on {', '.join(stage.lr_from)}")
+                        continue
+                    lrs = [chosen]
                 for _ in range(MAX_EXTENSIONS + 1):
                     for lr in lrs:
                         for seed in stage.seeds:
@@ -148,6 +175,8 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                             log(f"[{ran}] {dataset} {c.name} seed={seed} lr={lr:g}: val {m['val_accuracy']:.4f} "
                                 f"test {m['test_accuracy']:.4f} params {m['trainable_params']:,} "
                                 f"{'DIVERGED ' if m['diverged'] else ''}({rec['wall_s']:.0f} s)")
+                    if stage.lr_from:
+                        break  # the rate was fixed elsewhere: no grid here
                     scores = {}
                     for lr in lrs:
                         recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in stage.seeds]
