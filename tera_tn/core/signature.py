@@ -9,14 +9,22 @@ Built here from specs alone, so the report can size an adapter file exactly with
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .factors import factor_recipe
 from .spec import TeRASpec
 
-__all__ = ["SIGNATURE_FORMAT", "adapter_signature", "signature_bytes"]
+__all__ = ["SIGNATURE_FORMAT", "adapter_signature", "signature_bytes", "spec_groups"]
 
 SIGNATURE_FORMAT = 1
+
+
+def spec_groups(specs: Iterable[TeRASpec]) -> dict[TeRASpec, str]:
+    """``{spec: "g<i>"}`` in first-use order: layers sharing a spec share one frozen-factor group."""
+    groups: dict[TeRASpec, str] = {}
+    for spec in specs:
+        groups.setdefault(spec, f"g{len(groups)}")
+    return groups
 
 
 def adapter_signature(
@@ -29,10 +37,10 @@ def adapter_signature(
 ) -> dict:
     """``layers`` maps each adapted module's qualified name to ``(spec, fan_in_fan_out)``, in the
     model's module order (the first use of a spec names its group ``g0``, ``g1``, …)."""
-    groups: dict[TeRASpec, str] = {}
+    groups = spec_groups(spec for spec, _ in layers.values())
     entries = {}
     for name, (spec, fan_in_fan_out) in layers.items():
-        group = groups.setdefault(spec, f"g{len(groups)}")
+        group = groups[spec]
         entry = spec.to_dict()
         entry.pop("d_out")
         entry.pop("d_in")

@@ -25,7 +25,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
-from ..core.signature import SIGNATURE_FORMAT, adapter_signature, signature_bytes
+from ..core.signature import SIGNATURE_FORMAT, adapter_signature, signature_bytes, spec_groups
 from ..torch.bank import FactorBank
 from ..torch.checkpoint import CheckpointMismatch, adapter_diff, factor_diff
 from ..torch.layer import check_base_weight
@@ -224,10 +224,7 @@ class TeraModel(BaseTuner):
 
     def _factor_groups(self, adapter_name: str) -> dict:
         """``{spec: "g<i>"}`` in first-use order over the adapter's layers (the signature's groups)."""
-        groups: dict = {}
-        for layer in self.adapter_layers(adapter_name).values():
-            groups.setdefault(layer.tera_spec[adapter_name], f"g{len(groups)}")
-        return groups
+        return spec_groups(layer.tera_spec[adapter_name] for layer in self.adapter_layers(adapter_name).values())
 
     def adapter_signature(self, adapter_name: str) -> dict:
         """What identifies ``adapter_name``: seed, factor recipe, α, and every layer's shape and spec."""
