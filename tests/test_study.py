@@ -167,6 +167,9 @@ def test_shards_split_contenders_and_a_worker_skips_what_another_appended(tmp_pa
     assert not f.path.exists() or _lines(f.path) == []
     with pytest.raises(ValueError, match=r"shard must be \(i, n\).*got \(2, 2\)"):
         runner.run_plan("smoke", PLANS["smoke"], f, shard=(2, 2))
+    # a contender left out by ``only`` does not run either
+    assert runner.run_plan("smoke", PLANS["smoke"], f, only=frozenset({"lora_r8"}), log=lambda s: None) == 0
+    assert not f.path.exists() or _lines(f.path) == []
     # a run appended by another worker after this one started is not run again
     stage = PLANS["smoke"][0]
     c = stage.contenders[0]

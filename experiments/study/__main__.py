@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, metavar="DIR", help="local model folder (default: bundled MiniLM)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="run only contenders I, I+N, I+2N, ... of each stage (N workers, one results file)")
+    parser.add_argument("--only", default=None, metavar="NAMES",
+                        help="run only these contenders (comma-separated names from the plan)")
     parser.add_argument("--docs", action="store_true",
                         help="publish: also write the figures to docs/results/ and the page docs/choosing.md")
     args = parser.parse_args(argv)
@@ -34,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--shard must be I/N with 0 <= I < N (e.g. 1/2), got {args.shard!r}")
+    only = None
+    if args.only is not None:
+        only = frozenset(n.strip() for n in args.only.split(",") if n.strip())
+        known = {c.name for stage in PLANS[args.plan] for c in stage.contenders}
+        unknown = sorted(only - known)
+        if unknown or not only:
+            parser.error(f"--only names {unknown or args.only!r}, not contenders of plan {args.plan!r}; "
+                         f"expected some of: {', '.join(sorted(known))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tera_tn from {tera_tn.__file__}; commit {version['commit']}{' (dirty)' if version['dirty'] else ''}; "
           f"results -> {args.results}", flush=True)
     ran = run_plan(args.plan, PLANS[args.plan], results, limit=args.limit, model_dir=args.model,
-                   log=lambda s: print(s, flush=True), shard=shard)
+                   log=lambda s: print(s, flush=True), shard=shard, only=only)
     finished = args.limit is None or ran < args.limit
     print(f"{ran} new runs; plan {args.plan!r} {'complete' if finished else 'not finished'}", flush=True)
     return 0

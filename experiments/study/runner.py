@@ -113,14 +113,16 @@ def _versions() -> dict[str, Any]:
 
 
 def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log: Callable[[str], None] = print,
-             limit: int | None = None, model_dir: str | None = None, shard: tuple[int, int] = (0, 1)) -> int:
+             limit: int | None = None, model_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+             only: frozenset[str] | None = None) -> int:
     """Run every missing run of ``stages``; returns how many ran. ``limit`` stops after that many.
 
     ``shard=(i, n)`` runs only the contenders whose position in their stage is ``i`` modulo ``n``,
     so ``n`` workers share one results file without running the same contender twice (a
     contender's learning-rate grid extension depends on its own earlier runs, so it stays whole).
     The finished runs are re-read before every run: a worker also skips what another worker has
-    appended since it started.
+    appended since it started. ``only`` restricts the run to the contenders of those names (a
+    sitting can start with the contenders whose code is not about to change).
     """
     import torch
 
@@ -137,7 +139,7 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
         context["versions"]["threads"] = stage.budget.threads
         for dataset in stage.datasets:
             for position, c in enumerate(stage.contenders):
-                if position % count != index:
+                if position % count != index or (only is not None and c.name not in only):
                     continue
                 lrs = list(c.lrs)
                 if stage.lr_from:
