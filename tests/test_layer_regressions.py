@@ -111,7 +111,7 @@ def test_opt_in_delta_cache_is_refreshed_by_clear_cache():
 
 
 @pytest.mark.parametrize("api", API)
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_split_model_layers_use_factors_on_their_own_device(api, strategy, when):
     """Block ``b`` on the second "device" (meta) must not drag block ``a``'s factors with it."""

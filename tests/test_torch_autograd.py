@@ -31,7 +31,7 @@ def _setup(spec, seed=1):
     return f, net, lams
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_forward_matches_core_apply(name, strategy):
     spec = SPECS[name]
@@ -46,7 +46,7 @@ def test_forward_matches_core_apply(name, strategy):
     torch.testing.assert_close(tera_linear(x, None, None, net, lams, 0.7, strategy), apply(spec, f, lams, x, alpha=0.7))
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_gradcheck_float64(name, strategy):
     spec = SPECS[name]
@@ -61,7 +61,7 @@ def test_gradcheck_float64(name, strategy):
     assert torch.autograd.gradcheck(lambda x, *l: tera_linear(x, w_frozen, None, net, l, 1.3, strategy), (x, *lams))
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 def test_gradients_only_where_needed(strategy):
     spec = SPECS["rank-full"]
     _, net, lams = _setup(spec)
@@ -78,7 +78,7 @@ def test_half_precision_inputs_keep_fp32_grads():
     lams = [torch.tensor(s, dtype=torch.float32, requires_grad=True) for s in init_scales(spec, "random", seed=1)]
     x = torch.randn(8, 16)
     net16 = FrozenNetwork(spec, net32.core.bfloat16(), tuple(u.bfloat16() for u in net32.factors))
-    for strategy in ("materialize", "factored"):
+    for strategy in ("materialize", "dense", "factored"):
         y = tera_linear(x.bfloat16(), None, None, net16, lams, 1.0, strategy)
         assert y.dtype == torch.bfloat16
         ref = tera_linear(x, None, None, net32, lams, 1.0, strategy)
@@ -124,7 +124,7 @@ from strategies import alphas, reference_kron, seeds, spec_and_scales  # noqa: E
 from tera_tn import delta_weight  # noqa: E402
 
 
-@given(spec_and_scales(max_order=5, max_side=48), seeds, alphas, st.integers(1, 5), st.sampled_from(["materialize", "factored"]))
+@given(spec_and_scales(max_order=5, max_side=48), seeds, alphas, st.integers(1, 5), st.sampled_from(["materialize", "dense", "factored"]))
 def test_property_matches_independent_reference_and_autograd(case, seed, alpha, n, strategy):
     """Random specs (every diag, reduced ranks, padding): the output equals the independent
     Kronecker reference and every gradient equals plain autograd through ``delta_weight``."""
@@ -156,7 +156,7 @@ def test_thread_count_restored_after_small_kernels():
         spec = SPECS["rank-reduced"]
         _, net, lams = _setup(spec)
         x = torch.randn(2, spec.d_in, dtype=torch.float64, requires_grad=True)
-        for strategy in ("materialize", "factored"):
+        for strategy in ("materialize", "dense", "factored"):
             tera_linear(x, None, None, net, lams, 1.0, strategy).sum().backward()
             assert torch.get_num_threads() == 2
     finally:

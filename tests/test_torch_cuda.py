@@ -28,7 +28,7 @@ def test_bank_moves_once_and_layers_share_storage_on_cuda():
     torch.testing.assert_close(model(x).cpu(), cpu_out, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 def test_gradcheck_on_cuda(strategy):
     spec = TeRASpec((2, 3), (3, 2), d_out=5, d_in=4)
     from tera_tn import random_factors

@@ -60,7 +60,7 @@ def test_both_matrix_form(ss, seed, alpha):
     assert relerr(delta_weight(spec, f.as_torch(torch.float64), ts, alpha).numpy(), ref) < 1e-12
     t = f.as_torch(torch.float64)
     net = FrozenNetwork(spec, t.core, t.factors)
-    for strategy in ("materialize", "factored"):
+    for strategy in ("materialize", "dense", "factored"):
         y = tera_linear(torch.from_numpy(x), None, None, net, ts, alpha, strategy)
         assert relerr(y.numpy(), x @ ref.T) < 1e-11
 
@@ -120,7 +120,7 @@ def test_both_zero_start_is_zero_with_nonzero_gradient(spec, seed, data):
     lams = [torch.tensor(s, requires_grad=True) for s in scales]
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal((4, spec.d_in)))
     c = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((4, spec.d_out)))
-    for strategy in ("materialize", "factored"):
+    for strategy in ("materialize", "dense", "factored"):
         y = tera_linear(x, None, None, net, lams, 1.0, strategy)
         assert torch.all(y == 0)
         (grad,) = torch.autograd.grad((y * c).sum(), lams[zero_mode])
@@ -128,7 +128,7 @@ def test_both_zero_start_is_zero_with_nonzero_gradient(spec, seed, data):
         assert torch.all(grad[:k] == 0)  # its μ multiplies λ = 0
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 @pytest.mark.parametrize("spec", [
     TeRASpec((2, 3), (3, 2), diag="both", d_out=5, d_in=5),
     TeRASpec((3, 2), (4,), (2, 2, 3), "both"),
@@ -145,7 +145,7 @@ def test_both_gradcheck(spec, strategy):
     assert torch.autograd.gradcheck(lambda x, w, b, *l: tera_linear(x, w, b, net, l, -1.3, strategy), (x, w, b, *lams))
 
 
-@pytest.mark.parametrize("strategy", ["materialize", "factored"])
+@pytest.mark.parametrize("strategy", ["materialize", "dense", "factored"])
 def test_both_backward_keeps_no_dense_tensor(strategy):
     """What the Function saves for backward is activation- or vector-sized, never d_out × d_in."""
     spec = TeRASpec((8, 8), (8, 8), diag="both")

@@ -63,7 +63,9 @@ class TeraConfig(PeftConfig):
             value with a large ``alpha`` is RandLoRA's choice.
         dropout: dropout on the adapter input (``tera_dropout``, its old name, still works for one
             release and warns).
-        strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        strategy: ``"auto"`` (cost model per token count), ``"materialize"``, ``"dense"`` (materialize
+            forward, λ gradients from the weight gradient ``gᵀx``: the training choice at large token
+            counts) or ``"factored"``.
         cache_delta: opt-in (default off): in inference (no grad), keep the merged weight
             ``W0 + ΔW`` of a single active adapter between calls (one extra ``d_out × d_in`` tensor
             per layer); call ``layer.clear_cache()`` after writes through ``.data``.
@@ -92,7 +94,7 @@ class TeraConfig(PeftConfig):
     zero_mode: int = field(default=0, metadata={"help": "Mode whose λ starts at zero"})
     scale_init_value: float = field(default=1.0, metadata={"help": "Starting value of the non-zero λ"})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
-    strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize' or 'factored'"})
+    strategy: str = field(default="auto", metadata={"help": "'auto', 'materialize', 'dense' or 'factored'"})
     cache_delta: bool = field(default=False, metadata={"help": "Inference reuses W0 + ΔW between calls"})
     check_finite: bool = field(default=False, metadata={"help": "Forward raises on non-finite λ"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (fan_in, fan_out)"})

@@ -23,6 +23,13 @@ Two strategies, both exact:
 * ``"factored"``: forward is the base GEMM plus ``x → Q → G → P`` (no ``d_out × d_in``
   intermediate); backward shares the ``(g P ⊙ u) G_mat`` product between ``grad_x`` and the
   column-scale gradients and reuses the forward's core output for the row scales.
+* ``"dense"``: forward as ``"materialize"``. Backward takes the dense weight gradient
+  ``D = gᵀ x`` (one GEMM, as full fine-tuning does) and pulls it back through the network on
+  the ``d_out × d_in`` grid: ``H = Pᵀ D Q`` is one chain of mode products over a weight-sized
+  tensor instead of two over the activations, so it wins once the token count exceeds the width
+  (the shapes of training: ``n = batch × sequence`` in the thousands, widths 384–4096). Every
+  placement of the diagonals goes this way (mode-side gradients read ``D ⊙ N`` with
+  ``N = P (G ⊙ u_R v_Rᵀ) Qᵀ``, the matrix the forward built anyway).
 
 Computation runs in the dtype of ``x`` (fp32, bf16, fp16): the GEMMs are the cost and must run
 in the input dtype to be fast, and BLAS accumulates half-precision GEMMs in fp32 internally.
@@ -126,6 +133,23 @@ class FrozenNetwork:
             return self
         return FrozenNetwork(self.spec, core, factors)
 
+    def frozen_product(self) -> torch.Tensor:
+        """``P G Qᵀ`` padded to ``(∏K_row, ∏K_col)``, computed once per network and kept.
+
+        With the diagonals on the mode side only (``diag="mode"``) this is all of ``ΔW`` but the
+        diagonals, ``ΔW = α diag(⊗μ_row) P G Qᵀ diag(⊗μ_col)``, so such a layer's forward and
+        backward are elementwise passes and GEMMs with no mode products at all. The bank holds one
+        network per (shape group, dtype, device), so this costs one ``d_out × d_in`` tensor per
+        shape group, shared by every layer of the group.
+        """
+        found = self.__dict__.get("_frozen_product")
+        if found is None:
+            # A tensor made under inference_mode could never join an autograd graph later.
+            with torch.inference_mode(False), torch.no_grad():
+                found = multi_mode_product(self.core, list(self.factors)).reshape(self.spec.padded_shape)
+            self.__dict__["_frozen_product"] = found  # a cache, not a field: bypass the frozen setattr
+        return found
+
     @property
     def row_factors(self) -> tuple[Optional[torch.Tensor], ...]:
         return self.factors[: self.spec.n_row]
@@ -204,11 +228,12 @@ def merged_weight(
     """
     spec = net.spec
     po, pi = spec.padded_shape
-    if spec.diag == "identity":
+    if spec.diag in ("identity", "mode"):
+        # ΔW = α diag(u) F diag(v): F = G_mat for identity factors, the cached P G Qᵀ for "mode"
         p = spec.n_row
         u = kron_vectors(list(lams[:p])) * alpha
         v = kron_vectors(list(lams[p:]))
-        x = net.g_mat * u[:, None]
+        x = (net.g_mat if spec.diag == "identity" else net.frozen_product()) * u[:, None]
         x.mul_(v[None, :])
     else:
         # A FrozenNetwork has the ``factors`` attribute that _scaled_factors reads.
@@ -337,12 +362,76 @@ def _scale_grads(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float,
     return sides[0] if len(sides) == 1 else [torch.cat(pair) for pair in zip(*sides)]
 
 
+def _inner_weight(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``N = α P (G ⊙ ⊗λ_row ⊗λ_colᵀ) Qᵀ`` padded to ``(∏K_row, ∏K_col)``: ΔW without its mode-side
+    diagonals, so ``ΔW = uk ⊙ N ⊙ vkᵀ`` (sliced) with :func:`_kron`'s vectors. Without a rank side
+    it is the frozen ``P G Qᵀ`` (α then sits in ``uk``), kept by the network and read only."""
+    spec = net.spec
+    po, pi = spec.padded_shape
+    _, rank_side = scale_sides(spec, lams)
+    if spec.diag == "identity":
+        p = spec.n_row
+        return net.g_mat * (kron_vectors(list(rank_side[:p])) * alpha)[:, None] * kron_vectors(list(rank_side[p:]))[None, :]
+    if rank_side is None:
+        return net.frozen_product()
+    mats = [u * lam[None, :] for u, lam in zip(net.factors, rank_side)]
+    mats[0] = mats[0] * alpha
+    return multi_mode_product(net.core, mats).reshape(po, pi)
+
+
+def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, x: torch.Tensor,
+                    g: torch.Tensor, w: Optional[torch.Tensor], need_x: bool):
+    """``(grad_x or None, D = gᵀx, _Kron of the gradients)`` of the ``"dense"`` strategy.
+
+    With ``ΔW = uk ⊙ N ⊙ vkᵀ`` (:func:`_inner_weight`) and ``D = ∂L/∂ΔW = gᵀ x``:
+    ``∂uk = (D ⊙ N) vk``, ``∂vk = (D ⊙ N)ᵀ uk``; the rank side sees ``D' = uk ⊙ D ⊙ vkᵀ`` through
+    ``H = Pᵀ D' Q`` (adjoint mode products) and gets ``∂ur = (H ⊙ G) vr``, ``∂vr = (H ⊙ G)ᵀ ur``.
+    ``grad_x = g (W0 + ΔW)`` reuses ``N``. Transients: ``N``, ``D`` and ``W0 + ΔW``, each
+    ``d_out × d_in``, freed when the layer's backward returns.
+    """
+    spec = net.spec
+    d_out, d_in = spec.shape
+    po, pi = spec.padded_shape
+    kr = _kron(net, lams, alpha)
+    inner = _inner_weight(net, lams, alpha)[:d_out, :d_in]
+    uk = None if kr.uk is None else kr.uk[:d_out]
+    vk = None if kr.vk is None else kr.vk[:d_in]
+    dw = g.T @ x
+    gx = None
+    if need_x:
+        # Without a mode side ``inner`` is this call's own chain output, free to overwrite.
+        weff = inner if uk is None else inner * uk[:, None] * vk[None, :]
+        if w is not None:
+            weff = weff.add_(w)
+        gx = g @ weff
+    d_uk = d_vk = d_ur = d_vr = None
+    d_rank = dw
+    if uk is not None:
+        e = dw * inner
+        d_uk = _pad_cols((e @ vk)[None], po)[0]
+        d_vk = _pad_cols((e.T @ uk)[None], pi)[0]
+        if kr.ur is not None:
+            d_rank = dw * uk[:, None] * vk[None, :]
+    if kr.ur is not None:
+        if (po, pi) != (d_out, d_in):
+            d_rank = F.pad(d_rank, (0, pi - d_in, 0, po - d_out))
+        if spec.diag == "identity":
+            h = d_rank.clone() if d_rank is dw else d_rank
+        else:
+            h = multi_mode_product(d_rank.contiguous().reshape(spec.modes), [u.T for u in net.factors])
+            h = h.reshape(net.g_mat.shape)
+        h.mul_(net.g_mat)
+        d_ur = h @ kr.vr
+        d_vr = h.T @ kr.ur
+    return gx, dw, _Kron(d_uk, d_vk, d_ur, d_vr)
+
+
 class TeRALinearFunction(torch.autograd.Function):
     """``y = x (W0 + ΔW(λ))ᵀ + b`` with a hand-written, memory-lean backward.
 
     Inputs: ``x (n, d_in)``, ``weight (d_out, d_in)`` or None (then only ``ΔW x`` is computed),
     ``bias (d_out,)`` or None, the frozen network, ``alpha``, ``strategy``
-    (``"materialize"``/``"factored"``) and the λ vectors (any float dtype; computed in x's dtype).
+    (``"materialize"``/``"dense"``/``"factored"``) and the λ vectors (any float dtype; computed in x's dtype).
     Saved for backward: ``x``, the λ and, for ``"factored"``, activation-sized tensors (the core
     output ``(n, ∏R_row)`` for a rank side, its expansion ``(n, ∏K_row)`` for a mode side,
     ``xQ`` ``(n, ∏R_col)`` and the Kronecker vectors) — never a ``d_out × d_in`` tensor.
@@ -355,7 +444,7 @@ class TeRALinearFunction(torch.autograd.Function):
         w = _as(weight, dt)
         b = _as(bias, dt)
         kr, inter = _Kron(None, None, None, None), (None, None, None)
-        if strategy == "materialize":
+        if strategy in ("materialize", "dense"):
             y = F.linear(x, merged_weight(net, lams_c, alpha, w), b)
         elif strategy == "factored":
             kr = _kron(net, lams_c, alpha)
@@ -364,7 +453,7 @@ class TeRALinearFunction(torch.autograd.Function):
             if w is None and b is not None:
                 y = y + b
         else:
-            raise ValueError(f"strategy must be 'materialize' or 'factored', got {strategy!r}")
+            raise ValueError(f"strategy must be 'materialize', 'dense' or 'factored', got {strategy!r}")
         ctx.net, ctx.alpha, ctx.strategy = net, alpha, strategy
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *inter, *kr, *lams)
@@ -389,7 +478,7 @@ class TeRALinearFunction(torch.autograd.Function):
         w = _as(weight, dt)
         gx = gw = gb = None
         dk = None
-        if strategy == "materialize":
+        if strategy == "materialize" or (strategy == "dense" and not need_lam):
             if need_x:
                 gx = g @ merged_weight(net, lams_c, alpha, w)
             if need_lam:
@@ -403,12 +492,17 @@ class TeRALinearFunction(torch.autograd.Function):
                     gp = project(_pad_cols(g, po), net.row_factors, net.spec.row_modes)
                     xq = project(_pad_cols(x, pi), net.col_factors, net.spec.col_modes)
                     dk = _Kron(None, None, *_scale_grads_h(gp, xq, net.g_mat, kr.ur, kr.vr))
+        elif strategy == "dense":
+            if need_x or need_lam:
+                gx, dw, dk = _dense_backward(net, lams_c, alpha, x, g, w, need_x)
+                if need_w and weight is not None:
+                    gw = dw.to(weight.dtype)
         else:
             if need_x or need_lam:
                 gx_delta, dk = _scale_grads_factored(net, _Kron(uk, vk, ur, vr), x, g, s, z, xq, need_x)
                 if need_x:
                     gx = gx_delta if w is None else torch.addmm(gx_delta, g, w)
-        if need_w and weight is not None:
+        if need_w and weight is not None and gw is None:
             gw = (g.T @ x).to(weight.dtype)
         if need_b and ctx.has_bias:
             gb = g.sum(0)

@@ -13,7 +13,7 @@ from ..core.spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
-LAYER_STRATEGIES = ("auto", "materialize", "factored")
+LAYER_STRATEGIES = ("auto", "materialize", "dense", "factored")
 _FACTOR_DTYPES = ("float32", "float64")
 _LAYER_OPTIONS = (
     "alpha", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
@@ -46,7 +46,8 @@ class TeRAConfig:
             ``"zero_start"`` the first gradient scales as ``alpha·value^(N-1)``; a small value with
             a large ``alpha`` (RandLoRA's choice) makes Adam's fixed-size steps larger relative to λ.
         dropout: dropout probability on the adapter input (the base sees the clean input).
-        strategy: ``"auto"`` (cost model per token count), ``"materialize"`` or ``"factored"``.
+        strategy: ``"auto"`` (cost model per token count), ``"materialize"``, ``"dense"`` (materialize
+            forward, λ gradients from the weight gradient ``gᵀx``) or ``"factored"``.
         factor_dtype: storage dtype of the frozen factors (``"float32"`` or ``"float64"``);
             computation follows the input dtype and λ stay float32.
         cache_delta: opt-in (default off): in inference (no grad), keep the merged weight

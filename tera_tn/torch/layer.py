@@ -71,7 +71,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
             ``scale_init_value`` is its ``value``, the starting magnitude of the non-zero vectors).
         dropout: dropout probability on the adapter's input only.
         strategy: ``"auto"`` (per token count, :func:`tera_tn.torch.planning.layer_plan`),
-            ``"materialize"`` or ``"factored"``.
+            ``"materialize"``, ``"dense"`` or ``"factored"`` (see :mod:`tera_tn.torch.autograd`).
         cache_delta: opt-in (default off): in inference, reuse ``W0 + ΔW`` while λ, W0, α and
             the input dtype/device are unchanged (one extra ``d_out × d_in`` tensor). Writes
             through ``.data`` bypass the version counters it is keyed on: call

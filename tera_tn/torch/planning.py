@@ -9,10 +9,15 @@ Layer plans are cached per (spec, token count, training, device, dtype, cost mod
 new model (:func:`tera_tn.calibrate`) makes layers re-choose on their next call.
 
 inference (no grad)
-    materialize = chain + W0 add + GEMM;  factored = base GEMM + factored ΔW x.
+    materialize = ΔW + W0 add + GEMM;  factored = base GEMM + factored ΔW x.
+    ΔW is a chain of mode products, or two elementwise passes where the layer keeps the frozen
+    product (``diag="mode"``: ``P G Qᵀ`` once per shape group; ``"identity"``: ``G_mat``).
 training (λ and x need gradients; the memory-lean backward of :mod:`.autograd`)
-    materialize = 2 × (chain + W0 add + GEMM) + projections of g and x + the
+    materialize = 2 × (ΔW + W0 add + GEMM) + projections of g and x + the
     ``∏R_row × n × ∏R_col`` GEMM for H + one pass over G;
+    dense = (ΔW + W0 add + GEMM) + the ΔW again for ``grad_x`` + the ``grad_x`` GEMM + the
+    weight-gradient GEMM ``gᵀ x`` + its pull-back (one more chain for a rank side, elementwise
+    passes for a mode side);
     factored = 2 × (base GEMM + factored ΔW x) (the backward mirrors the forward).
 """
 
@@ -31,12 +36,14 @@ __all__ = ["LayerPlan", "layer_plan"]
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Predicted seconds of both strategies for one layer call and the cheaper one.
+    """Predicted seconds of each strategy for one layer call and the cheapest one.
 
     Attributes:
         spec, n_tokens, training, device, dtype: what was priced.
-        materialize, factored: predicted seconds of the whole layer (base included).
-        strategy: the cheaper of the two.
+        materialize, dense, factored: predicted seconds of the whole layer (base included);
+            ``dense`` differs from ``materialize`` only in training (its backward), and equals it
+            in inference.
+        strategy: the cheapest (``"materialize"`` in inference when the two tie).
     """
 
     spec: TeRASpec
@@ -45,14 +52,16 @@ class LayerPlan:
     device: str
     dtype: str
     materialize: float
+    dense: float
     factored: float
     strategy: str
 
     def __str__(self) -> str:
         mode = "forward+backward" if self.training else "forward"
+        dense = f"dense {self.dense * 1e3:.3f} ms, " if self.training else ""
         return (
             f"LayerPlan({self.spec}, n={self.n_tokens}, {mode}, {self.device}/{self.dtype}): "
-            f"materialize {self.materialize * 1e3:.3f} ms, factored {self.factored * 1e3:.3f} ms "
+            f"materialize {self.materialize * 1e3:.3f} ms, {dense}factored {self.factored * 1e3:.3f} ms "
             f"-> {self.strategy}"
         )
 
@@ -98,14 +107,21 @@ def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtyp
     core = plan(spec, n_tokens, backend="torch", device=device, dtype=dtype, model=model)
     itemsize = DTYPES[dtype]
     d_out, d_in = spec.shape
+    po, pi = spec.padded_shape
+    p = spec.n_row
+    r_row, r_col = math.prod(spec.ranks[:p]), math.prod(spec.ranks[p:])
     base = model.gemm_seconds(n_tokens, d_out, d_in, itemsize)
-    w0_add = model.stream_seconds(3 * d_out * d_in * itemsize)
-    # core.materialize already holds chain + one GEMM; the fused layer adds only the W0 pass.
-    mat = core.materialize.seconds + w0_add
+    grid = d_out * d_in * itemsize
+    w0_add = model.stream_seconds(3 * grid)
+    if spec.diag in ("mode", "identity"):
+        # frozen F (P G Qᵀ kept per shape group, or G_mat) scaled by two Kronecker diagonals
+        delta = model.stream_seconds(4 * po * pi * itemsize, calls=2)
+    else:
+        delta = core.materialize.seconds - base  # core.materialize is the chain plus this GEMM
+    mat = delta + w0_add + base
     fac = base + core.factored.seconds
+    dense = mat
     if training:
-        p = spec.n_row
-        r_row, r_col = math.prod(spec.ranks[:p]), math.prod(spec.ranks[p:])
         proj = _projection_seconds(model, n_tokens, spec.row_modes, spec.ranks[:p], itemsize)
         proj += _projection_seconds(model, n_tokens, spec.col_modes, spec.ranks[p:], itemsize)
         if spec.diag == "mode":
@@ -113,7 +129,19 @@ def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtyp
             h = 2 * model.gemm_seconds(n_tokens, r_row, r_col, itemsize)
         else:
             h = model.gemm_seconds(r_row, r_col, n_tokens, itemsize) + model.stream_seconds(r_row * r_col * itemsize)
+        mode_side = spec.diag in ("mode", "both")
+        rank_side = spec.diag != "mode"
+        pull_back = 0.0
+        if rank_side:
+            # Pᵀ D Q runs the chain's products on the d_out × d_in grid (as many multiply-adds as
+            # building ΔW at full ranks), then ⊙ G and two matvecs
+            pull_back = delta + model.stream_seconds(3 * r_row * r_col * itemsize, calls=3)
+        if mode_side:
+            pull_back += model.stream_seconds(5 * grid, calls=3)  # D ⊙ N and its two matvecs
+        dense = (mat + delta + w0_add + model.gemm_seconds(n_tokens, d_in, d_out, itemsize)
+                 + model.gemm_seconds(d_out, d_in, n_tokens, itemsize) + pull_back)
         mat = 2 * mat + proj + h
         fac = 2 * fac
-    strategy = "materialize" if mat < fac else "factored"
-    return LayerPlan(spec, n_tokens, training, device, dtype, mat, fac, strategy)
+    costs = {"materialize": mat, "dense": dense, "factored": fac} if training else {"materialize": mat, "factored": fac}
+    strategy = min(costs, key=costs.__getitem__)
+    return LayerPlan(spec, n_tokens, training, device, dtype, mat, dense, fac, strategy)

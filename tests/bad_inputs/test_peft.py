@@ -75,7 +75,7 @@ CASES = [
     Case("peft-config-specs-list", lambda: TeraConfig(specs=[1]), ValueError, ("specs", "list", "TeRASpec")),
     Case("peft-config-specs-value", lambda: TeraConfig(specs={"16x16": 3}), ValueError, ("specs['16x16']", "TeRASpec", "int")),
     Case("peft-config-dropout", lambda: TeraConfig(dropout=1.5), ValueError, ("dropout", "1.5", "[0, 1)")),
-    Case("peft-config-strategy", lambda: TeraConfig(strategy="dense"), ValueError, ("strategy", "'dense'", "factored")),
+    Case("peft-config-strategy", lambda: TeraConfig(strategy="fused"), ValueError, ("strategy", "'fused'", "factored")),
     Case("peft-config-factor-dtype", lambda: TeraConfig(factor_dtype="float16"), ValueError, ("factor_dtype", "'float16'", "float32")),
     Case("peft-config-seed", lambda: TeraConfig(seed=-1), ValueError, ("seed", "-1", ">= 0")),
     Case("peft-config-alpha", lambda: TeraConfig(alpha=float("inf")), ValueError, ("alpha", "inf", "finite")),

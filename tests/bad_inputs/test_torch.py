@@ -132,7 +132,7 @@ CASES = [
     Case("layer-bank-seed", lambda: _layer(bank=FactorBank(1), seed=2), ValueError, ("seed=2", "seed 1")),
     Case("layer-scale-init", lambda: _layer(scale_init="zeros"), ValueError, ("scale_init", "'zeros'", "zero_start")),
     Case("layer-zero-mode", lambda: _layer(zero_mode=7), ValueError, ("zero_mode", "7", "[0, 4)")),
-    Case("layer-strategy", lambda: _layer(strategy="dense"), ValueError, ("strategy", "'dense'", "materialize")),
+    Case("layer-strategy", lambda: _layer(strategy="fused"), ValueError, ("strategy", "'fused'", "materialize")),
     Case("layer-check-finite-flag", lambda: _layer(check_finite="on"), ValueError, ("check_finite", "'on'", "True or False")),
     Case("forward-int64", lambda: _layer()(torch.ones(2, 16, dtype=torch.int64)), TypeError, ("torch.int64", "floating-point")),
     Case("forward-0d", lambda: _layer()(torch.tensor(1.0)), ValueError, ("(..., 16)", "shape ()")),
@@ -151,7 +151,7 @@ CASES = [
     Case("bank-factor-init", lambda: FactorBank(factor_init="he"), ValueError, ("factor_init", "'he'", "gaussian")),
     Case("bank-add-tuple", lambda: FactorBank().add((4, 4)), ValueError, ("TeRASpec", "tuple")),
     Case("bank-unknown-spec", lambda: FactorBank().network(SPEC), KeyError, ("no factors", "16×16", "add(spec)")),
-    Case("functional-strategy", lambda: _functional("dense"), ValueError, ("strategy", "'dense'", "factored")),
+    Case("functional-strategy", lambda: _functional("fused"), ValueError, ("strategy", "'fused'", "factored")),
     Case("functional-width", lambda: _functional(x=torch.ones(2, 8)), ValueError, ("tera_linear", "(..., 16)", "(2, 8)")),
     Case("layer-plan-tokens", lambda: layer_plan(SPEC, 0, training=False), ValueError, ("n_tokens", "positive integer", "0")),
 ]
