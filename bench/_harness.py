@@ -3,7 +3,8 @@
 Contenders are built with the builders of ``bench/bench_layer.py`` (same models as the
 single-layer targets there): a bias-free ``nn.Linear(d, d)``, PEFT adapters made by the real
 ``peft`` package around a one-Linear module, and :class:`tera_tn.torch.TeRALinear` with
-``TeRASpec.from_shape(d, d, order=6)`` (full ranks or ``ranks=0.5`` = ceil(K_n/2)).
+``TeRASpec.from_shape(d, d, order=6)`` (full ranks or ``ranks=0.5`` = ceil(K_n/2)), each with
+the strategy forced to ``materialize`` / ``dense`` / ``factored`` and with ``auto``.
 
 Every contender runs the same step: ``x.grad = None``, parameter grads ``None``, then
 ``module(x).backward(g)`` with ``x`` of shape ``(n, d)`` requiring grad, float32.
@@ -45,7 +46,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.bench_layer import frozen_linear, peft_model, tera_layer, train_step  # noqa: E402
+from bench.bench_layer import FORCED, frozen_linear, peft_model, tera_layer, train_step  # noqa: E402
 from tera_tn import TeRASpec  # noqa: E402
 from tera_tn.torch import TeRALinear  # noqa: E402
 from tera_tn.torch.planning import layer_plan  # noqa: E402
@@ -53,7 +54,7 @@ from tera_tn.torch.planning import layer_plan  # noqa: E402
 ORDER = 6
 PEERS = ("frozen", "full_ft", "lora_r8", "vera_r256", "hira_r32")
 TERA_RANKS = {"full": "full", "half": 0.5}
-TERA_STRATEGIES = ("materialize", "factored", "auto")
+TERA_STRATEGIES = FORCED + ("auto",)
 CONTENDERS = PEERS + tuple(f"tera_{r}_{s}" for r in TERA_RANKS for s in TERA_STRATEGIES)
 LABELS = {
     "frozen": "frozen Linear",
@@ -268,10 +269,10 @@ def time_point(names: Sequence[str], d: int, n: int, *, min_reps: int, max_reps:
 def planner_record(d: int, n: int, timing: dict, device: str = "cpu") -> list[dict]:
     """Planner validation rows for one grid point (one per TeRA rank setting that was timed).
 
-    ``choice_ratio`` = measured median of the strategy ``layer_plan`` picks / best measured
-    strategy (what the planner controls; the pass criterion is ≤ 1.10). ``auto_ratio`` = measured
-    median of the ``strategy="auto"`` layer itself / best (includes run-to-run noise between two
-    identical code paths).
+    ``choice_ratio`` = measured median of the strategy ``layer_plan`` picks / best measured of the
+    forced strategies materialize, dense and factored (what the planner controls; the pass
+    criterion is ≤ 1.10). ``auto_ratio`` = measured median of the ``strategy="auto"`` layer itself
+    / best (includes run-to-run noise between two identical code paths).
     """
     rows = []
     for ranks in TERA_RANKS:
@@ -280,7 +281,7 @@ def planner_record(d: int, n: int, timing: dict, device: str = "cpu") -> list[di
             continue
         lp = layer_plan(spec_for(d, ranks), n, training=True, device=device.split(":")[0], dtype="float32")
         meas = {s: timing[k]["median_s"] for s, k in keys.items()}
-        best_s = min(("materialize", "factored"), key=lambda s: meas[s])
+        best_s = min(FORCED, key=lambda s: meas[s])
         best = meas[best_s]
         rows.append({
             "d": d,
@@ -289,9 +290,11 @@ def planner_record(d: int, n: int, timing: dict, device: str = "cpu") -> list[di
             "chosen": lp.strategy,
             "best_measured": best_s,
             "measured_materialize_s": meas["materialize"],
+            "measured_dense_s": meas["dense"],
             "measured_factored_s": meas["factored"],
             "measured_auto_s": meas["auto"],
             "predicted_materialize_s": lp.materialize,
+            "predicted_dense_s": lp.dense,
             "predicted_factored_s": lp.factored,
             "choice_ratio": meas[lp.strategy] / best,
             "auto_ratio": meas["auto"] / best,

@@ -7,7 +7,7 @@
 Contenders (forward + backward, input requiring grad, float32; see ``bench/_harness.py``):
 frozen ``nn.Linear``, full fine-tuning of it, PEFT LoRA r=8, VeRA r=256, HiRA r=32 (built with the
 real ``peft``), and TeRA order 6 with full ranks and ranks ceil(K_n/2), each with the strategy
-forced to ``materialize`` / ``factored`` and with the planner's ``auto`` choice.
+forced to ``materialize`` / ``dense`` / ``factored`` and with the planner's ``auto`` choice.
 
 Reported: medians over alternating rounds and ratios of medians (to the frozen Linear and TeRA to
 every peer), peak step memory and saved-for-backward bytes, planner validation (the strategy the
@@ -243,7 +243,7 @@ def validate_planner(timing: dict, device: str = "cpu") -> list[dict]:
 
 
 def recheck_planner(cfg: SuiteConfig, rows: list[dict], log=print) -> None:
-    """Re-time the three TeRA strategies alone (more rounds) where the pick missed by > 10%.
+    """Re-time the four TeRA strategies alone (more rounds) where the pick missed by > 10%.
 
     A miss in the grid run can come from a slow phase of a shared machine hitting one
     contender's rounds; a miss that survives the recheck is a cost-model error. Adds
@@ -258,8 +258,8 @@ def recheck_planner(cfg: SuiteConfig, rows: list[dict], log=print) -> None:
             budget_s=cfg.budget_s, device=cfg.device,
         )
         (again,) = H.planner_record(r["d"], r["n"], pt, cfg.device)
-        r["recheck"] = {k: again[k] for k in ("best_measured", "measured_materialize_s", "measured_factored_s",
-                                               "measured_auto_s", "choice_ratio", "auto_ratio", "ok")}
+        r["recheck"] = {k: again[k] for k in ("best_measured", "measured_materialize_s", "measured_dense_s",
+                                               "measured_factored_s", "measured_auto_s", "choice_ratio", "auto_ratio", "ok")}
         r["recheck"]["reps"] = pt[names[0]]["reps"]
         log(f"[planner] recheck d={r['d']} n={r['n']} {r['ranks']}: picked/best {r['choice_ratio']:.2f} -> "
             f"{again['choice_ratio']:.2f} over {r['recheck']['reps']} rounds")
@@ -398,16 +398,17 @@ def markdown(results: dict) -> str:
             + (f" ({len(rechecked)} re-timed)" if rechecked else "")
         )
         L.append("")
-        L.append("| d | n | ranks | planner picks | best measured | materialize / factored / auto ms | picked / best | auto / best | predicted mat / fac ms | recheck: best, picked / best | ok |")
+        L.append("| d | n | ranks | planner picks | best measured | materialize / dense / factored / auto ms | picked / best | auto / best | predicted mat / dense / fac ms | recheck: best, picked / best | ok |")
         L.append("|---:|---:|---|---|---|---:|---:|---:|---:|---|:-:|")
         for r in P:
             rc = r.get("recheck")
             rc_cell = f"{rc['best_measured']}, {rc['choice_ratio']:.2f} ({rc['reps']} rounds)" if rc else ""
             L.append(
                 f"| {r['d']} | {r['n']} | {'full' if r['ranks'] == 'full' else 'K/2'} | {r['chosen']} | {r['best_measured']} | "
-                f"{r['measured_materialize_s'] * 1e3:.3g} / {r['measured_factored_s'] * 1e3:.3g} / {r['measured_auto_s'] * 1e3:.3g} | "
-                f"{r['choice_ratio']:.2f} | {r['auto_ratio']:.2f} | "
-                f"{r['predicted_materialize_s'] * 1e3:.3g} / {r['predicted_factored_s'] * 1e3:.3g} | {rc_cell} | {'✓' if final_ok(r) else '✗'} |"
+                f"{r['measured_materialize_s'] * 1e3:.3g} / {r['measured_dense_s'] * 1e3:.3g} / {r['measured_factored_s'] * 1e3:.3g} / "
+                f"{r['measured_auto_s'] * 1e3:.3g} | {r['choice_ratio']:.2f} | {r['auto_ratio']:.2f} | "
+                f"{r['predicted_materialize_s'] * 1e3:.3g} / {r['predicted_dense_s'] * 1e3:.3g} / {r['predicted_factored_s'] * 1e3:.3g} | "
+                f"{rc_cell} | {'✓' if final_ok(r) else '✗'} |"
             )
         L.append("")
         if bad:
@@ -461,8 +462,10 @@ def plot(results: dict, path: str) -> Optional[str]:
     style = {
         "full_ft": ("k", "-", "o"), "lora_r8": ("tab:blue", "-", "s"), "vera_r256": ("tab:green", "-", "^"),
         "hira_r32": ("tab:purple", "-", "v"), "tera_full_auto": ("tab:red", "-", "D"), "tera_half_auto": ("tab:orange", "-", "D"),
-        "tera_full_materialize": ("tab:red", ":", None), "tera_full_factored": ("tab:red", "--", None),
-        "tera_half_materialize": ("tab:orange", ":", None), "tera_half_factored": ("tab:orange", "--", None),
+        "tera_full_materialize": ("tab:red", ":", None), "tera_full_dense": ("tab:red", "-.", None),
+        "tera_full_factored": ("tab:red", "--", None),
+        "tera_half_materialize": ("tab:orange", ":", None), "tera_half_dense": ("tab:orange", "-.", None),
+        "tera_half_factored": ("tab:orange", "--", None),
     }
     for ax, d in zip(axes.flat, ds):
         pts = [n for n in ns if f"{d}/{n}" in T]
@@ -483,7 +486,7 @@ def plot(results: dict, path: str) -> Optional[str]:
     for ax in list(axes.flat)[len(ds):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)  # 12 lines in two rows
     env = results["environment"]
     load = f", load avg {results['load_start'][0]:.1f} → {results['load_end'][0]:.1f}" if results.get("load_start") and results.get("load_end") else ""
     fig.suptitle(

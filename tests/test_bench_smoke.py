@@ -65,8 +65,10 @@ def test_planner_and_memory_structure(smoke):
     rows = results["planner"]
     assert len(rows) == 4  # 2 token counts × {full, half}
     for r in rows:
-        assert r["chosen"] in ("materialize", "factored")
+        assert r["chosen"] in ("materialize", "dense", "factored")
+        assert r["best_measured"] in ("materialize", "dense", "factored")
         assert r["choice_ratio"] >= 1.0 and isinstance(r["ok"], bool)
+        assert r["measured_dense_s"] > 0 and r["predicted_dense_s"] > 0
     mem = results["memory"]["64"]
     for name in H.CONTENDERS:
         for n in ("1", "8"):
@@ -94,13 +96,16 @@ def test_replan_follows_the_given_model():
     from tera_tn.contract.costmodel import CostModel, cost_model
 
     before = cost_model()
-    rows = [{"d": 64, "n": 64, "ranks": "full"}]
-    # slow FLOPs, free memory traffic: one chain then a single GEMM beats contracting per token
+    few, many = {"d": 64, "n": 64, "ranks": "full"}, {"d": 64, "n": 1024, "ranks": "full"}
+    few_half, many_half = dict(few, ranks="half"), dict(many, ranks="half")
+    # slow FLOPs, free memory traffic: one chain then a single GEMM beats contracting per token;
+    # at full ranks and many tokens the weight gradient gᵀx pulled back through the chain beats
+    # projecting g and x per token, at low ranks the per-token projections are the cheaper side
     flop_bound = CostModel(1e9, 0.0, 1e15, 0.0)
     # free FLOPs, slow memory: never write the d×d matrix
     memory_bound = CostModel(1e15, 0.0, 1e9, 0.0)
-    assert H.replan(rows, flop_bound) == ["materialize"]
-    assert H.replan(rows, memory_bound) == ["factored"]
+    assert H.replan([many_half, many], flop_bound) == ["materialize", "dense"]
+    assert H.replan([few, few_half], memory_bound) == ["factored", "factored"]
     assert cost_model() == before
 
 
