@@ -155,8 +155,9 @@ def timing_kernels(device: str, dtype: str) -> dict:
 
 # --- primitives of the cache-blocked mode-product kernel --------------------------------------
 def kernel_ok(arrays: Sequence[torch.Tensor]) -> bool:
-    """The in-place CPU kernel is for CPU tensors without autograd; others use the plain chain."""
-    return not needs_grad(arrays) and arrays[0].device.type == "cpu"
+    """The in-place CPU kernel is for CPU tensors without autograd, outside torch.compile (its
+    threads, locks and cached workspaces cannot be traced); others use the plain chain."""
+    return not needs_grad(arrays) and arrays[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def kernel_scope():

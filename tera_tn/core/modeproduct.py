@@ -59,7 +59,7 @@ import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
+import math
 from typing import List, Optional, Sequence, Tuple
 
 from .._backend import as_array
@@ -131,7 +131,10 @@ def best_order(core_shape: Sequence[int], matrix_shapes: Sequence[Optional[Seque
     modes = [n for n, k in enumerate(ks) if k is not None]
     if any(core_shape[n] == 0 or ks[n] == 0 for n in modes):
         return tuple(modes)
-    return tuple(sorted(modes, key=lambda n: Fraction(1, core_shape[n]) - Fraction(1, ks[n])))
+    # The key 1/R - 1/K = (K - R)/(R K), scaled by a common multiple of the denominators into an
+    # exact integer: integer keys also let torch.compile trace this sort (it refuses Fractions).
+    common = math.lcm(*(core_shape[n] * ks[n] for n in modes))
+    return tuple(sorted(modes, key=lambda n: (ks[n] - core_shape[n]) * (common // (core_shape[n] * ks[n]))))
 
 
 def mode_product_flops(

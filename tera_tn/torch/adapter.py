@@ -42,6 +42,13 @@ DEFAULT_ADAPTER = "default"
 _MAX_PLANS = 64
 
 
+@torch.compiler.assume_constant_result
+def _compiled_plan(spec: TeRASpec, n: int, dtype: str, device: str, training: bool) -> str:
+    """The layer plan's strategy, run by the compiler at trace time and baked into the graph
+    (the planner's caches and cost-model lookups are plain Python that dynamo cannot trace)."""
+    return layer_plan(spec, n, training=training, device=device, dtype=dtype).strategy
+
+
 class FP32ParameterDict(nn.ParameterDict):
     """λ are float32 master weights: they follow device moves (and in-place ops such as
     ``share_memory_``) but ignore dtype casts (``model.half()``), like the master weights of
@@ -171,6 +178,9 @@ class TeRAAdapters:
         strategy = self.tera_strategy[name]
         if strategy != "auto":
             return strategy
+        if torch.compiler.is_compiling():
+            # Host-side planning, read once per compiled shape (a guard on n recompiles it).
+            return _compiled_plan(self.tera_spec[name], n, str(x.dtype).removeprefix("torch."), x.device.type, training)
         spec = self.tera_spec[name]
         # The installed cost model is part of the key, so calibrate() makes layers re-choose.
         key = (spec, n, x.dtype, x.device.type, training, cost_model("torch", x.device.type, x.dtype))

@@ -83,7 +83,8 @@ def _serial(active: bool):
     24 ms (waiting for the second thread to be scheduled) against 4 µs on one thread.
     ``torch.set_num_threads`` costs ~0.2 µs, so toggling it around the small kernels is free.
     """
-    threads = torch.get_num_threads() if active else 1
+    # Compiled graphs cannot toggle thread counts (and inductor fuses these small kernels anyway).
+    threads = torch.get_num_threads() if active and not torch.compiler.is_compiling() else 1
     if threads == 1:
         yield
         return
@@ -169,7 +170,7 @@ def project(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], modes: S
     """
     n = t.shape[0]
     sizes = list(modes)
-    out_size = math.prod(r if u is None else u.shape[1] for u, r in zip(factors, modes))
+    out_size = math.prod([r if u is None else u.shape[1] for u, r in zip(factors, modes)])
     work = n * max(math.prod(modes), out_size) * len(modes)
     with _serial(_small(t, work)):
         for i, u in enumerate(factors):
