@@ -342,3 +342,39 @@ def test_publish_reports_a_held_out_contender_at_its_fixed_rate_as_finished():
            "metrics": {"val_accuracy": 0.8, "test_accuracy": 0.75, "diverged": False}}
     (outcome,), stale = publish.collect([rec], "p", (stage,))
     assert stale == 0 and outcome.lr == 0.1 and outcome.grid_done  # one fixed rate is a finished "grid"
+
+
+def test_grid_on_tune_seeds_then_the_other_seeds_at_the_chosen_rate(tmp_path, monkeypatch):
+    # The grid runs on seed 0 only; seeds 1 and 2 then run once, at the rate seed 0 chose, and the
+    # published outcome reports all three seeds there. Training is replaced by a validation curve
+    # peaked at 3e-2 (what is tested here is the schedule; the real runs are the smoke tests').
+    from experiments.study import publish
+
+    budget = Budget(steps=4, train_size=64, val_size=32, test_size=32)
+    c = Contender("tera_x", "tera", (1e-2, 3e-2, 1e-1), {"order": 4})
+    stage = Stage(("rotten_tomatoes",), (0, 1, 2), (c,), budget, tune_seeds=(0,))
+    curve = {1e-2: 0.6, 3e-2: 0.8, 1e-1: 0.7}
+    ran: list[tuple[int, float]] = []
+
+    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
+        ran.append((seed, lr))
+        return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
+                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
+                "split_seed": stage.split_seed,
+                "metrics": {"val_accuracy": curve[lr] + seed / 100, "test_accuracy": 0.5 + seed / 10,
+                            "trainable_params": 10, "diverged": False}}
+
+    monkeypatch.setattr(runner, "_run_one", fake_run)
+    monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
+    f = ResultsFile(tmp_path / "study.jsonl")
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 5
+    assert ran == [(0, 1e-2), (0, 3e-2), (0, 1e-1), (1, 3e-2), (2, 3e-2)]
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 0  # resumed: nothing left
+    (outcome,), stale = publish.collect(list(f.records()), "p", (stage,))
+    assert stale == 0 and outcome.lr == 3e-2 and outcome.test == {0: 0.5, 1: 0.6, 2: 0.7}
+    assert outcome.state == "done" and abs(outcome.val - 0.81) < 1e-12  # mean over the three seeds
+    # while seed 2 is missing the outcome is not reported yet
+    (partial,), _ = publish.collect([r for r in f.records() if r["seed"] != 2], "p", (stage,))
+    assert partial.lr is None and partial.state == "in progress"
+    with pytest.raises(ValueError, match=r"tune_seeds \(3,\) must be a non-empty subset of seeds \(0, 1\)"):
+        Stage(("x",), (0, 1), (c,), budget, tune_seeds=(3,))

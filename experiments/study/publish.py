@@ -83,24 +83,35 @@ class Outcome:
             return "all runs diverged"
         return "in progress"
 
+    @property
+    def grid_seeds(self) -> tuple[int, ...]:
+        """The seeds a rate is chosen on (all seeds of a fixed-rate stage)."""
+        return self.stage.seeds if self.stage.lr_from else self.stage.grid_seeds
+
     def _complete(self) -> list[float]:
-        return sorted(lr for lr, at in self.runs.items() if len(at) == len(self.stage.seeds))
+        return sorted(lr for lr, at in self.runs.items() if set(self.grid_seeds) <= set(at))
 
     def _diverged(self, lr: float) -> bool:
-        return any(r["metrics"]["diverged"] for r in self.runs[lr].values())
+        return any(self.runs[lr][s]["metrics"]["diverged"] for s in self.grid_seeds if s in self.runs[lr])
 
     def _val(self, lr: float) -> float:
-        return math.fsum(r["metrics"]["val_accuracy"] for r in self.runs[lr].values()) / len(self.runs[lr])
+        """Mean validation accuracy of ``lr`` over the grid seeds (what the choice reads)."""
+        at = [self.runs[lr][s] for s in self.grid_seeds if s in self.runs[lr]]
+        return math.fsum(r["metrics"]["val_accuracy"] for r in at) / len(at)
 
     def choose(self) -> None:
-        """Pick the learning rate on validation among the rates every planned seed has finished."""
+        """Pick the learning rate on validation (grid seeds) among the rates they all finished;
+        the outcome is reported once every seed has run at that rate."""
         complete = self._complete()
         ok = [lr for lr in complete if not self._diverged(lr)]
         if not ok:
             return
-        self.lr = max(ok, key=lambda lr: (self._val(lr), -lr))
-        self.val = self._val(self.lr)
-        at = self.runs[self.lr]
+        best = max(ok, key=lambda lr: (self._val(lr), -lr))
+        at = self.runs[best]
+        if not set(self.stage.seeds) <= set(at):
+            return  # the remaining seeds have not run at the chosen rate yet
+        self.lr = best
+        self.val = math.fsum(at[s]["metrics"]["val_accuracy"] for s in self.stage.seeds) / len(self.stage.seeds)
         self.test = {s: at[s]["metrics"]["test_accuracy"] for s in sorted(at)}
         self.params = at[min(at)]["trainable_params"]
         if self.stage.lr_from:  # one rate, fixed on other datasets: nothing to extend here
@@ -122,12 +133,12 @@ def collect(records: Iterable[Mapping[str, Any]], plan: str, stages: Sequence[St
                 outcomes[(dataset, c.name)] = Outcome(dataset, c, stage)
     stale = 0
     for r in records:
-        if r.get("plan") != plan:
-            continue
+        # A run's key holds everything that decides its outcome, so a run another plan made with
+        # the same key (the screen's seed-0 grid on Rotten Tomatoes) is this plan's run too.
         o = outcomes.get((r.get("dataset"), r.get("contender")))
         if o is None or r["key"] != run_key(o.dataset, o.stage.split_seed, o.stage.budget, o.contender,
                                             r["seed"], r["lr"]) or r["seed"] not in o.stage.seeds:
-            stale += 1
+            stale += r.get("plan") == plan
             continue
         o.runs.setdefault(float(r["lr"]), {})[int(r["seed"])] = dict(r)
     for o in outcomes.values():
@@ -307,7 +318,7 @@ def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]],
         lrs = sorted({lr for o in group for lr in o.runs})
         if lrs:
             out += [f"#### Validation accuracy % per learning rate on {dataset}", "",
-                    "Mean over the finished seeds; **bold**: the chosen rate; div.: a seed diverged; "
+                    "Mean over the seeds the rate is chosen on; **bold**: the chosen rate; div.: a seed diverged; "
                     "( ): not every seed has finished.", ""]
             rows = []
             for o in group:
@@ -319,7 +330,7 @@ def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]],
                         cells.append("")
                         continue
                     text = "div." if o._diverged(lr) else _pct(o._val(lr))
-                    if len(o.runs[lr]) < len(o.stage.seeds):
+                    if not set(o.grid_seeds) <= set(o.runs[lr]):
                         text = f"({text})"
                     cells.append(f"**{text}**" if lr == o.lr else text)
                 rows.append([_label(o.name), *cells])

@@ -65,10 +65,10 @@ def extend_grid(scores: Mapping[float, tuple[float, bool]]) -> float | None:
 
 def fixed_lr(records: Iterable[Mapping[str, Any]], stage: Stage, contender: Contender) -> float | None:
     """The rate ``contender`` runs at on a ``stage`` with ``lr_from``: among the rates finished for
-    every (dataset in ``lr_from``, seed of the stage) at the stage's budget and split seed, none
+    every (dataset in ``lr_from``, grid seed of the stage) at the stage's budget and split seed, none
     diverged, the one with the best mean validation accuracy (ties: the smaller rate). None while
     no rate is finished everywhere."""
-    need = {(d, s) for d in stage.lr_from for s in stage.seeds}
+    need = {(d, s) for d in stage.lr_from for s in stage.grid_seeds}
     budget = stage.budget.to_dict()
     by_lr: dict[float, dict[tuple, Mapping[str, Any]]] = {}
     for r in records:
@@ -149,39 +149,48 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         log(f"    {c.name} on {dataset}: skipped until its rate is chosen on {', '.join(stage.lr_from)}")
                         continue
                     lrs = [chosen]
+                seeds = stage.seeds if stage.lr_from else stage.grid_seeds
+
+                def run(lr: float, seed: int) -> bool:
+                    """Run (lr, seed) unless finished; False when ``limit`` stops the plan."""
+                    nonlocal model, ran
+                    key = run_key(dataset, stage.split_seed, stage.budget, c, seed, lr)
+                    if key not in done:
+                        done.update((r["key"], r) for r in results.records())
+                    if key in done:
+                        return True
+                    if limit is not None and ran >= limit:
+                        return False
+                    if model is None:
+                        model = load_model(model_dir)
+                    sk = (dataset, stage.split_seed, stage.budget.train_size, stage.budget.val_size,
+                          stage.budget.test_size)
+                    if sk not in splits:
+                        examples, names = load(dataset)
+                        splits[sk] = (split_examples(examples, train_size=stage.budget.train_size,
+                                                     val_size=stage.budget.val_size,
+                                                     test_size=stage.budget.test_size,
+                                                     seed=stage.split_seed), len(names))
+                    rec = _run_one(plan, key, dataset, stage, c, seed, lr, splits[sk], model, context)
+                    results.append(rec)
+                    done[key] = rec
+                    ran += 1
+                    m = rec["metrics"]
+                    log(f"[{ran}] {dataset} {c.name} seed={seed} lr={lr:g}: val {m['val_accuracy']:.4f} "
+                        f"test {m['test_accuracy']:.4f} params {m['trainable_params']:,} "
+                        f"{'DIVERGED ' if m['diverged'] else ''}({rec['wall_s']:.0f} s)")
+                    return True
+
+                scores: dict[float, tuple[float, bool]] = {}
                 for _ in range(MAX_EXTENSIONS + 1):
                     for lr in lrs:
-                        for seed in stage.seeds:
-                            key = run_key(dataset, stage.split_seed, stage.budget, c, seed, lr)
-                            if key not in done:
-                                done.update((r["key"], r) for r in results.records())
-                            if key in done:
-                                continue
-                            if limit is not None and ran >= limit:
+                        for seed in seeds:
+                            if not run(lr, seed):
                                 return ran
-                            if model is None:
-                                model = load_model(model_dir)
-                            sk = (dataset, stage.split_seed, stage.budget.train_size, stage.budget.val_size,
-                                  stage.budget.test_size)
-                            if sk not in splits:
-                                examples, names = load(dataset)
-                                splits[sk] = (split_examples(examples, train_size=stage.budget.train_size,
-                                                             val_size=stage.budget.val_size,
-                                                             test_size=stage.budget.test_size,
-                                                             seed=stage.split_seed), len(names))
-                            rec = _run_one(plan, key, dataset, stage, c, seed, lr, splits[sk], model, context)
-                            results.append(rec)
-                            done[key] = rec
-                            ran += 1
-                            m = rec["metrics"]
-                            log(f"[{ran}] {dataset} {c.name} seed={seed} lr={lr:g}: val {m['val_accuracy']:.4f} "
-                                f"test {m['test_accuracy']:.4f} params {m['trainable_params']:,} "
-                                f"{'DIVERGED ' if m['diverged'] else ''}({rec['wall_s']:.0f} s)")
                     if stage.lr_from:
                         break  # the rate was fixed elsewhere: no grid here
-                    scores = {}
                     for lr in lrs:
-                        recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in stage.seeds]
+                        recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in seeds]
                         scores[lr] = (sum(r["metrics"]["val_accuracy"] for r in recs) / len(recs),
                                       any(r["metrics"]["diverged"] for r in recs))
                     nxt = extend_grid(scores)
@@ -189,6 +198,13 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         break
                     log(f"    {c.name}: best learning rate at the grid's edge; extending to {nxt:g}")
                     lrs.append(nxt)
+                rest = [s for s in stage.seeds if s not in seeds]
+                ok = [lr for lr, (_, diverged) in scores.items() if not diverged]
+                if rest and ok:
+                    chosen = max(ok, key=lambda lr: (scores[lr][0], -lr))
+                    for seed in rest:
+                        if not run(chosen, seed):
+                            return ran
     return ran
 
 
