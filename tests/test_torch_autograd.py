@@ -69,6 +69,13 @@ def test_gradients_only_where_needed(strategy):
     w = torch.randn(spec.d_out, spec.d_in, dtype=torch.float64)
     tera_linear(x, w, None, net, lams, 1.0, strategy).sum().backward()
     assert all(lam.grad is not None and lam.grad.abs().sum() > 0 for lam in lams)
+    # the λ gradients do not depend on whether x wants one (the backward skips grad_x's work)
+    frozen_x = [lam.grad.clone() for lam in lams]
+    for lam in lams:
+        lam.grad = None
+    tera_linear(x.requires_grad_(), w, None, net, lams, 1.0, strategy).sum().backward()
+    for a, b in zip(frozen_x, lams):
+        torch.testing.assert_close(a, b.grad)
 
 
 def test_half_precision_inputs_keep_fp32_grads():

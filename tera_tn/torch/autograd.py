@@ -394,23 +394,29 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
     d_out, d_in = spec.shape
     po, pi = spec.padded_shape
     kr = _kron(net, lams, alpha)
-    inner = _inner_weight(net, lams, alpha)[:d_out, :d_in]
+    inner = _inner_weight(net, lams, alpha)[:d_out, :d_in] if need_x or kr.uk is not None else None
     uk = None if kr.uk is None else kr.uk[:d_out]
     vk = None if kr.vk is None else kr.vk[:d_in]
-    dw = g.T @ x
     gx = None
     if need_x:
-        # Without a mode side ``inner`` is this call's own chain output, free to overwrite.
+        # Without a mode side ``inner`` is this call's own chain output, free to overwrite (and
+        # not needed again); the merged weight is dropped before D exists, so at most two
+        # d_out × d_in transients are alive at once.
         weff = inner if uk is None else inner * uk[:, None] * vk[None, :]
         if w is not None:
             weff = weff.add_(w)
         gx = g @ weff
+        del weff
+        if uk is None:
+            del inner
+    dw = g.T @ x
     d_uk = d_vk = d_ur = d_vr = None
     d_rank = dw
     if uk is not None:
         e = dw * inner
         d_uk = _pad_cols((e @ vk)[None], po)[0]
         d_vk = _pad_cols((e.T @ uk)[None], pi)[0]
+        del e
         if kr.ur is not None:
             d_rank = dw * uk[:, None] * vk[None, :]
     if kr.ur is not None:
