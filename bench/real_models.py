@@ -11,7 +11,8 @@ adapted, the classifier head trains for every method), a BERT-shaped classifier 
 causal LM built from ``transformers`` configs with random weights (every attention and MLP
 projection adapted).
 
-Methods: TeRA with PEFT ``TeraConfig()`` defaults (order 6, full ranks) and with ranks
+Methods: TeRA with PEFT ``TeraConfig()`` defaults (order 6, full ranks), with the diagonals on
+the rank side and on the mode side explicitly (one of them is the default), and with ranks
 ceil(K_n/2), PEFT LoRA r=8, VeRA r=256, HiRA r=32, full fine-tuning of the whole model, and full
 fine-tuning of the adapted layers only (their weights trained with AdamW, everything else frozen:
 the same GEMMs as the adapters, the floor proxy).
@@ -68,11 +69,13 @@ from torch import nn  # noqa: E402
 from bench import _harness as H  # noqa: E402
 from bench.suite import _loadavg, environment  # noqa: E402
 
-METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_reduced", "lora_r8", "vera_r256", "hira_r32")
+METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_rank", "tera_mode", "tera_reduced", "lora_r8", "vera_r256", "hira_r32")
 LABELS = {
     "full_ft": "full fine-tuning (whole model)",
     "full_ft_adapted": "full fine-tuning (adapted layers only)",
     "tera": "TeRA defaults (full ranks)",
+    "tera_rank": "TeRA rank-side diagonals (full ranks)",
+    "tera_mode": "TeRA mode-side diagonals (full ranks)",
     "tera_reduced": "TeRA ranks ceil(K/2)",
     "lora_r8": "PEFT LoRA r=8",
     "vera_r256": "PEFT VeRA r=256",
@@ -263,6 +266,8 @@ def _peft_config(method: str, case: ModelCase, **kw):
     targets = list(TARGETS[case.arch])
     if method == "tera":
         return TeraConfig(target_modules=targets, **kw)
+    if method in ("tera_rank", "tera_mode"):
+        return TeraConfig(target_modules=targets, diag=method.removeprefix("tera_"), **kw)
     if method == "tera_reduced":
         return TeraConfig(target_modules=targets, ranks=0.5, **kw)
     if method == "lora_r8":
@@ -313,7 +318,7 @@ def trainable_groups(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.\d+\.", ".*.", n) for n, p in model.named_parameters() if p.requires_grad})
 
 
-_LR = {"tera": "tera", "tera_reduced": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
+_LR = {"tera": "tera", "tera_rank": "tera", "tera_mode": "tera", "tera_reduced": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
        "full_ft": "full", "full_ft_adapted": "full"}
 
 

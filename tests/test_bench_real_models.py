@@ -59,7 +59,7 @@ def test_every_method_trains_with_a_time_a_loss_and_ratios(smoke):
 def test_tera_trains_only_lambda_and_the_head(smoke):
     results, _ = smoke
     for arch, race in results["train"].items():
-        for m in ("tera", "tera_reduced"):
+        for m in ("tera", "tera_rank", "tera_mode", "tera_reduced"):
             groups = race["methods"][m]["trainable_groups"]
             lam = [g for g in groups if g.endswith("tera_lambda.default")]
             rest = [g for g in groups if g not in lam]
