@@ -125,8 +125,10 @@ assert HELD_OUT not in CHOICE
 
 #: the screen's budget: one epoch of 3,200 training examples (100 steps of 32), ~3 minutes a run
 SHORT = Budget(test_size=1000)
-#: what the confirmation stage runs first: the references and the TeRA family the screen left
-CONFIRM = REFERENCES + (_tera("tera_diag_mode", diag="mode"),)
+#: what the confirmation stage runs: the references, the mode-side family (tied with the default on
+#: the screen's validation and the fast one to train: its frozen product is kept per shape group) and
+#: order 2, the screen's best on validation (with more trainable numbers than VeRA r=256)
+CONFIRM = REFERENCES + (_tera("tera_diag_mode", diag="mode"), _tera("tera_order2", order=2))
 
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
