@@ -74,9 +74,9 @@ def peft_model(kind: str, d: int) -> nn.Module:
     return model
 
 
-def tera_layer(d: int, ranks, strategy: str = "auto") -> TeRALinear:
+def tera_layer(d: int, ranks, strategy: str = "auto", diag: str = "rank") -> TeRALinear:
     torch.manual_seed(0)
-    spec = TeRASpec.from_shape(d, d, order=6, ranks=ranks)
+    spec = TeRASpec.from_shape(d, d, order=6, ranks=ranks, diag=diag)
     layer = TeRALinear(nn.Linear(d, d, bias=False), spec, scale_init="random", strategy=strategy)
     layer.base_layer.requires_grad_(False)
     return layer
@@ -159,6 +159,7 @@ def target_a(rep: Report, reps: int, budget: float) -> None:
     cont = {
         "tera auto": train_step(tera, x, g),
         **{f"tera {s}": train_step(tera_layer(d, "full", s), x, g) for s in FORCED},
+        "tera mode-side auto": train_step(tera_layer(d, "full", diag="mode"), x, g),
         "full FT fwd+bwd": train_step(full, x, g),
         "hira r=32": train_step(peft_model("hira", d), x, g),
         "tera +AdamW": with_adamw(tera),
@@ -168,6 +169,8 @@ def target_a(rep: Report, reps: int, budget: float) -> None:
     print("  " + fmt(t))
     rep.check("A1 TeRA full-rank fwd+bwd / full-FT fwd+bwd", t["tera auto"] / t["full FT fwd+bwd"], 1.2,
               f"(whole steps with AdamW updates: {t['tera +AdamW'] / t['full FT +AdamW']:.3f}×)")
+    rep.check("A1m TeRA mode-side full-rank fwd+bwd / full-FT fwd+bwd", t["tera mode-side auto"] / t["full FT fwd+bwd"],
+              1.2, "")
     rep.check("A2 TeRA full-rank fwd+bwd / HiRA r=32", t["tera auto"] / t["hira r=32"], 1.0, "")
     best = min((f"tera {s}" for s in FORCED), key=t.get)
     print(f"  planner check: fastest forced strategy = {best.split()[1]}; auto within "
