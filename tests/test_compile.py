@@ -45,3 +45,33 @@ def test_inductor_compiled_training_step_matches_eager():
     got = _run(torch.compile(layer, fullgraph=True), layer, x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_model_compiles_fullgraph():
+    peft = pytest.importorskip("peft")
+    from tera_tn.peft import TeraConfig
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(48, 40)
+            self.b = torch.nn.Linear(40, 48)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Two(), TeraConfig(target_modules=["a", "b"], scale_init="ones"))
+    x = torch.randn(8, 48)
+
+    def run(fn):
+        model.zero_grad()
+        y = fn(x)
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    want = run(model)
+    got = run(torch.compile(model, fullgraph=True, backend="eager"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
