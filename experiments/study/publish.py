@@ -11,10 +11,15 @@ out and counted.
 ``--docs`` writes ``docs/results/choosing_<plan>_{frontier,lr}.png`` (drawn by :mod:`tera_tn.analysis.plot`)
 and replaces the part of ``docs/choosing.md`` between the plan's two markers, so prose written
 around it stays; a page without the markers gets the generated part appended.
+
+Every report ends with the generative proxy (:mod:`experiments.generative`), read from its own
+results file ``experiments/results/generative.jsonl``: lower perplexity is better there, and its
+rates are chosen by :func:`experiments.generative.best_runs`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -22,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from experiments import generative
 from experiments.datasets import HELD_OUT
 from experiments.study.plans import Contender, Stage
+from experiments.study.results import ResultsFile
 from experiments.study.runner import MAX_EXTENSIONS, extend_grid, run_key
 from tera_tn.analysis.plot import mean_interval
 
-__all__ = ["Outcome", "collect", "publish", "render", "write_page"]
+__all__ = ["Outcome", "collect", "generative_section", "publish", "render", "write_page"]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 #: the study's stages in order; the page says how far along them the results are
@@ -259,9 +266,12 @@ def statements(outcomes: list[Outcome]) -> list[str]:
 
 
 def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]], *,
-           all_plans: Mapping[str, Sequence[Stage]] | None = None, figures: Mapping[str, str] | None = None) -> str:
+           all_plans: Mapping[str, Sequence[Stage]] | None = None, figures: Mapping[str, str] | None = None,
+           lm_records: Sequence[Mapping[str, Any]] | None = None, lm_card: Mapping[str, Any] | None = None) -> str:
     """The plan's report as Markdown: where the study stands, plain statements, the results,
-    ablation and learning-rate tables (``figures`` maps "frontier"/"lr" to image links)."""
+    ablation and learning-rate tables (``figures`` maps "frontier"/"lr" to image links), then the
+    generative proxy from ``lm_records`` (its results file's lines; ``None``: the section is left
+    out) and ``lm_card`` (the base model's artifact card, if there is one)."""
     outcomes, stale = collect(records, plan, stages)
     out = [f"## Results of the `{plan}` plan", ""]
     out += ["**Where the study stands.** " + _stage_line(plan, stages, outcomes, stale)]
@@ -337,7 +347,128 @@ def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]],
             out += _table(["contender", *(f"{lr:g}" for lr in lrs)], rows)
     out.append("Trainable parameters count the adapter and the classification head. Δ columns are paired by seed: "
                "each seed's difference at each contender's own validation-chosen learning rate, then their mean.")
+    if lm_records is not None:
+        out += ["", *generative_section(lm_records, lm_card)]
     return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# the generative proxy
+# --------------------------------------------------------------------------------------------
+LM_TITLE = "## Generative proxy: adapting a small causal LM to a new corpus"
+#: adaptation methods that are not parameter-efficient adapters (the baseline and the ceiling)
+LM_NOT_ADAPTERS = {"none": "the base model as is", "full": "full fine-tuning"}
+
+
+def _lm_label(name: str, method: str) -> str:
+    if name in REFERENCES or name == DEFAULT:
+        return _label(name)
+    return f"`{name}` ({LM_NOT_ADAPTERS[method]})" if method in LM_NOT_ADAPTERS else f"`{name}`"
+
+
+def _ppl(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _lm_statements(rows: list[dict[str, Any]], tag: str) -> list[str]:
+    """Sentences read off one corpus's rows (sorted by test perplexity, diverged ones left out)."""
+    said: list[str] = []
+    best = rows[0]
+    said.append(f"{best['label']} reaches the lowest test perplexity on {tag}: {_ppl(best['test_perplexity'])} "
+                f"with {best['trainable_params']:,} trainable parameters.")
+    adapters = [r for r in rows if r["method"] not in LM_NOT_ADAPTERS]
+    if adapters and adapters[0] is not best:
+        a = adapters[0]
+        said.append(f"Among the parameter-efficient adapters, {a['label']} is lowest: {_ppl(a['test_perplexity'])} "
+                    f"with {a['trainable_params']:,} trainable parameters.")
+    by_name = {r["contender"]: r for r in rows}
+    base = next((r for r in rows if r["method"] == "none"), None)
+    # the default first, then the variants best first
+    teras = sorted((r for r in rows if r["method"] == "tera"), key=lambda r: r["contender"] != DEFAULT)
+    for t in teras:
+        for ref_name, ref_label in REFERENCES.items():
+            ref = by_name.get(ref_name)
+            if ref is None:
+                continue
+            diff = t["test_perplexity"] - ref["test_perplexity"]
+            how = "level with" if diff == 0 else f"{abs(diff):.3f} {'above' if diff > 0 else 'below'}"
+            line = (f"{t['label']} reaches test perplexity {_ppl(t['test_perplexity'])}, {how} {ref_label}'s "
+                    f"{_ppl(ref['test_perplexity'])} (ratio {t['test_perplexity'] / ref['test_perplexity']:.3f}), "
+                    f"with {t['trainable_params']:,} against {ref['trainable_params']:,} trainable parameters")
+            if base is not None and base["test_perplexity"] > ref["test_perplexity"]:
+                share = (base["test_perplexity"] - t["test_perplexity"]) / (base["test_perplexity"] - ref["test_perplexity"])
+                line += (f"; from the base model's {_ppl(base['test_perplexity'])} it makes {100 * share:.0f} % of "
+                         f"{ref_label}'s drop")
+            said.append(line + ".")
+    return said
+
+
+def _lm_limits(records: Sequence[Mapping[str, Any]], card: Mapping[str, Any] | None) -> str:
+    """The fixed paragraph on what the proxy can show, with the model's size and the seed count read
+    from the card and the results."""
+    if card is not None:
+        pre = card["pretrain"]
+        model = (f"a {card['architecture']} of {card['parameters']:,} parameters ({pre['layers']} layers, hidden size "
+                 f"{pre['hidden_size']}, over UTF-8 bytes), pretrained for {pre['steps']} steps on one small corpus "
+                 f"({card['split_sizes']['train']} training documents of `{card['corpus']}`, from "
+                 f"`{card['corpus_source']}`)")
+    else:
+        model = "a tiny model (its artifact card is missing, so its size is not given here) pretrained on one small corpus"
+    corpora = sorted({r["dataset"] for r in records})
+    seeds = sorted({int(r["seed"]) for r in records})
+    n = len(seeds)
+    return (f"**What this proxy can and cannot show.** The base model is tiny: {model}, then moved to another "
+            f"({', '.join(f'`{c}`' for c in corpora)}). The results hold {n} seed{'s' * (n != 1)} "
+            f"({', '.join(map(str, seeds))}), one run per seed and learning rate"
+            + (", so no number has an interval and a close ranking could change with another seed" if n == 1 else "")
+            + ". It shows whether an adapter can move a causal LM's distribution to a new corpus, and how the "
+            "methods rank at this scale; it does not show how they rank on large pretrained LLMs, nor anything "
+            "about downstream generation quality (held-out perplexity is not a judgement of generated text).")
+
+
+def generative_section(records: Sequence[Mapping[str, Any]], card: Mapping[str, Any] | None = None) -> list[str]:
+    """The generative proxy as Markdown lines: per corpus one table of every contender at the rate
+    chosen on validation perplexity, sorted by test perplexity, then plain statements and what the
+    proxy can and cannot show. No runs: one line saying so."""
+    out = [LM_TITLE, ""]
+    records = list(records)
+    if not records:
+        return out + ["The generative proxy is not run yet: `experiments/results/generative.jsonl` has no runs "
+                      "(`python -m experiments.generative run --plan confirm`).", ""]
+    out += ["A small byte-level causal LM pretrained on one corpus is adapted to another by each method "
+            "(`python -m experiments.generative run --plan confirm`); the numbers are per-byte perplexity on "
+            "held-out documents, lower is better. Each contender's learning rate is chosen on validation "
+            "perplexity (a rate where a run diverged only when every rate did), and test perplexity is read there. "
+            "Generated from `experiments/results/generative.jsonl`.", ""]
+    first = {}
+    diverged = set()
+    for r in records:
+        first.setdefault((r["dataset"], r["contender"]), r)
+        if r["metrics"]["diverged"]:
+            diverged.add((r["dataset"], r["contender"], r["lr"]))
+    by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in generative.best_runs(records):
+        r = first[(row["dataset"], row["contender"])]
+        by_dataset[row["dataset"]].append({**row, "method": r["method"], "adapter": r.get("adapter") or {},
+                                           "label": _lm_label(row["contender"], r["method"]),
+                                           "diverged": (row["dataset"], row["contender"], row["lr"]) in diverged})
+    header = ["contender", "method and settings", "trainable params", "lr (chosen on val perplexity)",
+              "val perplexity", "test perplexity", "seeds"]
+    for dataset in sorted(by_dataset):
+        rows = sorted(by_dataset[dataset], key=lambda x: (x["test_perplexity"], x["trainable_params"], x["contender"]))
+        sizes = first[(dataset, rows[0]["contender"])].get("split_sizes")
+        split = ("" if sizes is None else f", {sizes['train']} training, {sizes['validation']} validation and "
+                 f"{sizes['test']} test documents")
+        out += [f"On `{dataset}`{split}:", ""]
+        # contenders by their results-file names (the study's tables label its own runs by these labels)
+        out += _table(header, ([f"`{x['contender']}`{' (every rate diverged)' if x['diverged'] else ''}",
+                                ", ".join([x["method"], *(f"{k}={v}" for k, v in x["adapter"].items())]),
+                                f"{x['trainable_params']:,}", _fmt_lr(x["lr"]), _ppl(x["val_perplexity"]),
+                                _ppl(x["test_perplexity"]), str(x["seeds"])] for x in rows))
+        out += [f"- {s}" for s in _lm_statements([x for x in rows if not x["diverged"]] or rows, f"`{dataset}`")]
+        out.append("")
+    out += [_lm_limits(records, card), ""]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,11 +514,17 @@ def _figure_records(outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
 
 
 def publish(records: list[Mapping[str, Any]], plan: str, stages: Sequence[Stage], *,
-            all_plans: Mapping[str, Sequence[Stage]] | None = None, docs: Path | None = None) -> str:
-    """The plan's Markdown report. With ``docs`` (a docs folder), also draw the figures into
-    ``docs/results/`` and write the report into ``docs/choosing.md`` between the plan's markers."""
+            all_plans: Mapping[str, Sequence[Stage]] | None = None, docs: Path | None = None,
+            lm_results: Path = generative.RESULTS, lm_artifact: Path = generative.ARTIFACT) -> str:
+    """The plan's Markdown report, ending with the generative proxy read from ``lm_results`` (a
+    missing file reads as no runs) and the card of the base model in ``lm_artifact``. With ``docs``
+    (a docs folder), also draw the figures into ``docs/results/`` and write the report into
+    ``docs/choosing.md`` between the plan's markers."""
+    card_path = Path(lm_artifact) / "card.json"
+    lm = {"lm_records": list(ResultsFile(lm_results).records()),
+          "lm_card": json.loads(card_path.read_text()) if card_path.is_file() else None}
     if docs is None:
-        return render(plan, stages, records, all_plans=all_plans)
+        return render(plan, stages, records, all_plans=all_plans, **lm)
     from tera_tn.analysis import plot
 
     outcomes, _ = collect(records, plan, stages)
@@ -400,6 +537,6 @@ def publish(records: list[Mapping[str, Any]], plan: str, stages: Sequence[Stage]
             ylabel = "test accuracy %" if kind == "frontier" else "validation accuracy %"
             plot.save_figure(draw(recs, ylabel=ylabel), target, ("png",))
             links[kind] = f"results/{target.name}"
-    body = render(plan, stages, records, all_plans=all_plans, figures=links if len(links) == 2 else None)
+    body = render(plan, stages, records, all_plans=all_plans, figures=links if len(links) == 2 else None, **lm)
     write_page(docs / "choosing.md", plan, body)
     return body
