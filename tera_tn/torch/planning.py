@@ -43,7 +43,7 @@ class LayerPlan:
         materialize, dense, factored: predicted seconds of the whole layer (base included);
             ``dense`` differs from ``materialize`` only in training (its backward), and equals it
             in inference.
-        strategy: the cheapest (``"materialize"`` in inference when the two tie).
+        strategy: the cheapest (``"factored"`` on a tie: it never forms a ``d_out × d_in`` tensor).
     """
 
     spec: TeRASpec
@@ -142,6 +142,7 @@ def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtyp
                  + model.gemm_seconds(d_out, d_in, n_tokens, itemsize) + pull_back)
         mat = 2 * mat + proj + h
         fac = 2 * fac
-    costs = {"materialize": mat, "dense": dense, "factored": fac} if training else {"materialize": mat, "factored": fac}
+    # On a tie the first listed wins: factored never forms a d_out × d_in tensor.
+    costs = {"factored": fac, "materialize": mat, "dense": dense} if training else {"factored": fac, "materialize": mat}
     strategy = min(costs, key=costs.__getitem__)
     return LayerPlan(spec, n_tokens, training, device, dtype, mat, dense, fac, strategy)
