@@ -96,6 +96,16 @@ def test_half_precision_inputs_keep_fp32_grads():
             lam.grad = None
 
 
+def test_project_of_one_row_matches_the_batched_form():
+    # n = 1 takes its own (rotated) path; a row must project as it does inside a batch
+    modes, ranks = (3, 4, 2), (2, 3, 2)
+    us = [torch.randn(k, r, dtype=torch.float64) for k, r in zip(modes, ranks)]
+    a = torch.randn(3, 24, dtype=torch.float64)
+    torch.testing.assert_close(project(a[1:2], us, modes), project(a, us, modes)[1:2])
+    b = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(expand(b[2:], us, ranks), expand(b, us, ranks)[2:])
+
+
 def test_project_expand_are_adjoint():
     modes, ranks = (3, 4, 2), (2, 3, 2)
     us = [torch.randn(k, r, dtype=torch.float64) for k, r in zip(modes, ranks)]

@@ -169,6 +169,14 @@ def project(t: torch.Tensor, factors: Sequence[Optional[torch.Tensor]], modes: S
     ``t`` is read in C-order as ``(n, K_1..K_m)``; ``None`` factors are identities.
     """
     n = t.shape[0]
+    if n == 1 and all(u is not None for u in factors):
+        # One row (decoding): contract the leading mode and emit it last, so every mode is one
+        # plain 2-D GEMM and the modes cycle back to C-order; half the time of the batched form,
+        # whose broadcast matmul pays for expands and permutes on such tiny operands.
+        v = t
+        for u, k in zip(factors, modes):
+            v = v.reshape(k, -1).T @ u
+        return v.reshape(1, -1)
     sizes = list(modes)
     out_size = math.prod([r if u is None else u.shape[1] for u, r in zip(factors, modes)])
     work = n * max(math.prod(modes), out_size) * len(modes)
