@@ -395,8 +395,9 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
     With ``ΔW = uk ⊙ N ⊙ vkᵀ`` (:func:`_inner_weight`) and ``D = ∂L/∂ΔW = gᵀ x``:
     ``∂uk = (D ⊙ N) vk``, ``∂vk = (D ⊙ N)ᵀ uk``; the rank side sees ``D' = uk ⊙ D ⊙ vkᵀ`` through
     ``H = Pᵀ D' Q`` (adjoint mode products) and gets ``∂ur = (H ⊙ G) vr``, ``∂vr = (H ⊙ G)ᵀ ur``.
-    ``grad_x = g (W0 + ΔW)`` reuses ``N``. Transients: ``N``, ``D`` and ``W0 + ΔW``, each
-    ``d_out × d_in``, freed when the layer's backward returns.
+    ``grad_x = g (W0 + ΔW)`` reuses ``N``. Transients: ``N`` (unless it is the kept frozen
+    product), ``W0 + ΔW``, ``D`` and the pull-back's operands, each ``d_out × d_in``; at most two
+    are alive at once and none outlives the layer's backward.
     """
     spec = net.spec
     d_out, d_in = spec.shape
