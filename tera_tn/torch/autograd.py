@@ -396,7 +396,7 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
     ``∂uk = (D ⊙ N) vk``, ``∂vk = (D ⊙ N)ᵀ uk``; the rank side sees ``D' = uk ⊙ D ⊙ vkᵀ`` through
     ``H = Pᵀ D' Q`` (adjoint mode products) and gets ``∂ur = (H ⊙ G) vr``, ``∂vr = (H ⊙ G)ᵀ ur``.
     ``grad_x = g (W0 + ΔW)`` reuses ``N``. Transients: ``N`` (unless it is the kept frozen
-    product), ``W0 + ΔW``, ``D`` and the pull-back's operands, each ``d_out × d_in``; at most two
+    product), ``W0 + ΔW``, ``D`` and the pull-back's operands, each ``d_out × d_in``; at most three
     are alive at once and none outlives the layer's backward.
     """
     spec = net.spec
@@ -409,8 +409,7 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
     gx = None
     if need_x:
         # Without a mode side ``inner`` is this call's own chain output, free to overwrite (and
-        # not needed again); the merged weight is dropped before D exists, so at most two
-        # d_out × d_in transients are alive at once.
+        # not needed again); the merged weight is dropped before D exists.
         weff = inner if uk is None else inner * uk[:, None] * vk[None, :]
         if w is not None:
             weff = weff.add_(w)
@@ -425,7 +424,7 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
         e = dw * inner
         d_uk = _pad_cols((e @ vk)[None], po)[0]
         d_vk = _pad_cols((e.T @ uk)[None], pi)[0]
-        del e
+        del e, inner
         if kr.ur is not None:
             d_rank = dw * uk[:, None] * vk[None, :]
     if kr.ur is not None:
