@@ -451,3 +451,17 @@ def test_generative_section_without_results_says_not_run_yet(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert "The generative proxy is not run yet" in pub.publish(_toy_records(), "toy", (_TOY,),
                                                                 lm_results=tmp_path / "empty.jsonl")
+
+
+def test_status_reads_runs_as_publish_does(tmp_path, monkeypatch, capsys):
+    from experiments.study import __main__ as cli
+    from experiments.study.plans import PLANS
+
+    monkeypatch.setitem(PLANS, "toy", (_TOY,))
+    results = ResultsFile(tmp_path / "r.jsonl")
+    for r in _toy_records():
+        results.append({**r, "plan": "another plan"})  # same keys, made by another plan: still counted
+    assert cli.main(["status", "--plan", "toy", "--results", str(results.path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "tera_default" in x)
+    assert "lr 0.1 " in line and "params 2,500" in line and "done" in line, out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "results" / "study.jsonl"
@@ -61,23 +60,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {DOCS / 'choosing.md'} and its figures in {DOCS / 'results'}")
         return 0
     if args.action == "status":
-        best: dict[tuple, dict] = {}
-        counts: dict[tuple, int] = defaultdict(int)
-        for r in results.records():
-            if r["plan"] != args.plan:
+        from experiments.study.publish import collect
+
+        # the same reading as publish: a run counts by its key, whichever plan appended it
+        outcomes, stale = collect(list(results.records()), args.plan, PLANS[args.plan])
+        for o in outcomes:
+            if not o.runs:
                 continue
-            k = (r["dataset"], r["contender"])
-            counts[k] += 1
-            acc = r["metrics"]["val_accuracy"]
-            if not r["metrics"]["diverged"] and (k not in best or acc > best[k]["metrics"]["val_accuracy"]):
-                best[k] = r
-        for k in sorted(counts):
-            b = best.get(k)
-            line = f"{k[0]:<16} {k[1]:<22} runs {counts[k]:>3}"
-            if b:
-                line += (f"  best lr {b['lr']:<8g} val {b['metrics']['val_accuracy']:.4f} test "
-                         f"{b['metrics']['test_accuracy']:.4f} params {b['trainable_params']:,}")
+            line = f"{o.dataset:<16} {o.name:<22} runs {sum(len(at) for at in o.runs.values()):>3}"
+            if o.lr is None:
+                line += f"  {o.state}"
+            else:
+                test = sum(o.test.values()) / len(o.test)
+                line += f"  lr {o.lr:<8g} val {o.val:.4f} test {test:.4f} params {o.params:,}  {o.state}"
             print(line)
+        if stale:
+            print(f"{stale} line(s) of plan {args.plan!r} match none of its runs any more (left out)")
         return 0
 
     import tera_tn
