@@ -322,6 +322,9 @@ def test_held_out_stage_runs_each_contender_at_the_rate_chosen_elsewhere(tmp_pat
     assert runner.fixed_lr([r for r in records if r["dataset"] != "b"], stage, c) is None
     other_budget = [{**r, "budget": Budget(steps=8).to_dict()} for r in records]
     assert runner.fixed_lr(other_budget, stage, c) is None
+    # a longer budget may take its rates from the short budget's runs instead
+    longer = Stage(("held",), (0, 1), (c,), Budget(steps=8), lr_from=("a", "b"), lr_budget=budget)
+    assert runner.fixed_lr(records, longer, c) == 0.1 and runner.fixed_lr(other_budget, longer, c) is None
 
     # in a plan: while the choice datasets are unfinished, the held-out stage runs nothing
     log: list[str] = []

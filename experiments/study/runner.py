@@ -65,11 +65,12 @@ def extend_grid(scores: Mapping[float, tuple[float, bool]]) -> float | None:
 
 def fixed_lr(records: Iterable[Mapping[str, Any]], stage: Stage, contender: Contender) -> float | None:
     """The rate ``contender`` runs at on a ``stage`` with ``lr_from``: among the rates finished for
-    every (dataset in ``lr_from``, grid seed of the stage) at the stage's budget and split seed, none
+    every (dataset in ``lr_from``, grid seed of the stage) at the stage's ``lr_budget`` (default: its
+    budget) and split seed, none
     diverged, the one with the best mean validation accuracy (ties: the smaller rate). None while
     no rate is finished everywhere."""
     need = {(d, s) for d in stage.lr_from for s in stage.grid_seeds}
-    budget = stage.budget.to_dict()
+    budget = (stage.lr_budget or stage.budget).to_dict()
     by_lr: dict[float, dict[tuple, Mapping[str, Any]]] = {}
     for r in records:
         if (r.get("contender") == contender.name and (r.get("dataset"), r.get("seed")) in need
