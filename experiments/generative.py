@@ -362,6 +362,8 @@ LM_PLANS: dict[str, tuple[AdaptBudget, tuple[int, ...], tuple[LMContender, ...]]
         LMContender("tera_default", "tera", (3e-2, 1e-1, 3e-1)),
         # the dialable variant: diagonals on both sides of every factor, order 4 (more trainable numbers)
         LMContender("tera_both_order4", "tera", (3e-2, 1e-1, 3e-1), {"diag": "both", "order": 4}),
+        # the classification study's candidate default: the largest order within VeRA r=256's count
+        LMContender("tera_order3", "tera", (3e-2, 1e-1, 3e-1), {"order": 3}),
         LMContender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8, "lora_alpha": 16}),
         LMContender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
         LMContender("full", "full", (3e-4, 1e-3, 3e-3)),
