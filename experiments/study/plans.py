@@ -134,8 +134,10 @@ SHORT = Budget(test_size=1000)
 #: the largest member within both target counts (on all-MiniLM-L6-v2 15,744 trainable numbers: about
 #: half of VeRA r=256's 29,952 and under 1/20 of LoRA r=8's 331,776), since the screen's accuracy rose
 #: with the trainable count (order 2 > 5 > 4 > 6 > 8)
+#: with the mode-side placement at order 3 as well: its frozen product is cached per shape group, so
+#: it trains at the mode side's cost, while the rank side's order 3 multiplies a d×d factor each step
 CONFIRM = REFERENCES + (_tera("tera_diag_mode", diag="mode"), _tera("tera_order3", order=3),
-                        _tera("tera_order2", order=2))
+                        _tera("tera_mode_order3", diag="mode", order=3), _tera("tera_order2", order=2))
 #: the longer budget: three times the steps over the same 3,200 training examples (three epochs)
 LONG = Budget(steps=300, test_size=1000)
 
