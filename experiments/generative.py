@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from experiments.datasets import _orange_rows, _package_file
+from experiments.study.plans import resolved_adapter
 from experiments.study.results import ResultsFile
 from experiments.study.runner import MAX_EXTENSIONS, _versions, code_version, extend_grid
 
@@ -364,6 +365,8 @@ LM_PLANS: dict[str, tuple[AdaptBudget, tuple[int, ...], tuple[LMContender, ...]]
         LMContender("tera_both_order4", "tera", (3e-2, 1e-1, 3e-1), {"diag": "both", "order": 4}),
         # the classification study's candidate default: the largest order within VeRA r=256's count
         LMContender("tera_order3", "tera", (3e-2, 1e-1, 3e-1), {"order": 3}),
+        # the library's defaults since the study (order 3, mode-side diagonals)
+        LMContender("tera_mode_order3", "tera", (3e-2, 1e-1, 3e-1), {"diag": "mode", "order": 3}),
         LMContender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8, "lora_alpha": 16}),
         LMContender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
         LMContender("full", "full", (3e-4, 1e-3, 3e-3)),
@@ -412,7 +415,8 @@ def run_lm_plan(plan: str, results: ResultsFile, *, artifact: str | os.PathLike 
                     if key in done:
                         continue
                     t0, c0 = time.perf_counter(), time.process_time()
-                    m = adapt(base, c.method, split, budget, lr=lr, seed=seed, adapter=c.adapter)
+                    m = adapt(base, c.method, split, budget, lr=lr, seed=seed,
+                              adapter=resolved_adapter(c.method, c.adapter))
                     rec = {"key": key, "plan": plan, "contender": c.name, "method": c.method, "adapter": dict(c.adapter),
                            "dataset": f"lm:{budget.corpus}", "held_out": False,
                            "dataset_source": CORPORA[budget.corpus][0], "base_model": card["name"],

@@ -109,7 +109,10 @@ def test_smoke_plan_appends_resumes_and_skips_finished_runs(tmp_path):
                   "wall_s", "cpu_s", "versions", "commit", "key"):
         assert field in rec, field
     assert rec["dataset"] == "rotten_tomatoes" and rec["held_out"] is False and rec["steps"] == 4
-    assert rec["config"]["adapter"] == {"order": 4} and rec["budget"]["steps"] == 4
+    # the contender's own arguments (what its key holds), trained on top of the study's TeRA base, so a
+    # change of the library's defaults never changes what an earlier run key means
+    assert rec["adapter"] == {"order": 4} and rec["config"]["adapter"] == {"order": 4, "diag": "rank"}
+    assert rec["budget"]["steps"] == 4
     assert 0 <= rec["metrics"]["val_accuracy"] <= 1 and 0 <= rec["metrics"]["test_accuracy"] <= 1
     assert rec["versions"]["torch"] and len(rec["commit"]) == 40
 
@@ -195,7 +198,7 @@ def test_shards_split_contenders_and_a_worker_skips_what_another_appended(tmp_pa
 _TOY = Stage(("toy",), (0, 1, 2), (
     Contender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8}),
     Contender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
-    Contender("tera_default", "tera", (3e-2, 1e-1, 3e-1)),
+    Contender("tera_mode_order3", "tera", (3e-2, 1e-1, 3e-1), {"diag": "mode", "order": 3}),
     Contender("tera_order4", "tera", (3e-2, 1e-1, 3e-1), {"order": 4}),
     Contender("tera_order2", "tera", (3e-2, 1e-1, 3e-1), {"order": 2}),
 ))
@@ -223,9 +226,9 @@ def _toy_records() -> list[dict]:
     add("vera_r256", 1e-1, 0.78, 0.78, 30_000)
     add("vera_r256", 3e-1, 0.5, 0.5, 30_000, diverged=True)
     # validation prefers 0.1, the test split would prefer 0.03: the test split must not choose
-    add("tera_default", 3e-2, 0.74, 0.90, 2_500)
-    add("tera_default", 1e-1, 0.78, TERA_TEST, 2_500)
-    add("tera_default", 3e-1, 0.70, 0.95, 2_500)
+    add("tera_mode_order3", 3e-2, 0.74, 0.90, 2_500)
+    add("tera_mode_order3", 1e-1, 0.78, TERA_TEST, 2_500)
+    add("tera_mode_order3", 3e-1, 0.70, 0.95, 2_500)
     for lr in (3e-2, 1e-1, 3e-1, 1e-2):
         add("tera_order4", lr, float("nan"), float("nan"), 4_100, diverged=True)
     rows.append(dict(rows[0], seed=7))  # a seed the plan does not run: left out
@@ -238,7 +241,7 @@ def test_publish_chooses_on_validation_and_pairs_seeds(tmp_path):
     outcomes, stale = pub.collect(_toy_records(), "toy", (_TOY,))
     by = {o.name: o for o in outcomes}
     assert stale == 1
-    assert by["tera_default"].lr == 0.1 and by["tera_default"].test == TERA_TEST and by["tera_default"].grid_done
+    assert by["tera_mode_order3"].lr == 0.1 and by["tera_mode_order3"].test == TERA_TEST and by["tera_mode_order3"].grid_done
     assert by["lora_r8"].lr == 3e-3 and by["vera_r256"].lr == 0.1
     assert by["tera_order4"].lr is None and by["tera_order4"].state == "all runs diverged"
     assert by["tera_order2"].state == "not run yet"
@@ -247,7 +250,7 @@ def test_publish_chooses_on_validation_and_pairs_seeds(tmp_path):
     mean = sum(diffs) / 3
     sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
     half = 4.302653 * sd / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
-    assert pub.paired(by["tera_default"], by["lora_r8"]) == pytest.approx(diffs)
+    assert pub.paired(by["tera_mode_order3"], by["lora_r8"]) == pytest.approx(diffs)
     text = pub.render("toy", (_TOY,), _toy_records())
     expected = f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]"
     assert expected == "-3.7 [-5.1, -2.2]"
@@ -271,7 +274,7 @@ def test_publish_docs_replaces_its_part_and_keeps_prose(tmp_path):
         assert png.read_bytes().startswith(b"\x89PNG") and f"](results/{png.name})" in page.read_text()
     text = page.read_text()
     page.write_text("# Mine\n\nProse above.\n\n" + text.split("\n", 1)[1] + "\nProse below.\n")
-    fewer = [r for r in _toy_records() if r["contender"] != "tera_default"]
+    fewer = [r for r in _toy_records() if r["contender"] != "tera_mode_order3"]
     pub.publish(fewer, "toy", (_TOY,), docs=docs)
     again = page.read_text()
     assert again.startswith("# Mine\n\nProse above.\n") and again.rstrip().endswith("Prose below.")
@@ -295,7 +298,7 @@ def test_publish_command_prints_the_tables(tmp_path, monkeypatch, capsys):
         results.append(r)
     assert cli.main(["publish", "--plan", "toy", "--results", str(results.path)]) == 0
     out = capsys.readouterr().out
-    assert "| TeRA default | library defaults | 2,500 | 0.1 |" in out and "trails LoRA r=8" in out
+    assert "| TeRA default | diag=mode, order=3 | 2,500 | 0.1 |" in out and "trails LoRA r=8" in out
     with pytest.raises(SystemExit):
         cli.main(["publish", "--plan", "toy", "--results", str(tmp_path / "missing.jsonl")])
     assert "does not exist" in capsys.readouterr().err
@@ -398,8 +401,8 @@ def _lm_records() -> list[dict]:
 
     add("none", "none", 0.0, 9.0, 9.0, 0)
     # validation prefers 0.1; the test split would prefer 0.3, which must not be chosen
-    add("tera_default", "tera", 0.1, 8.0, 8.2, 500)
-    add("tera_default", "tera", 0.3, 8.1, 7.0, 500)
+    add("tera_mode_order3", "tera", 0.1, 8.0, 8.2, 500, {"diag": "mode", "order": 3})
+    add("tera_mode_order3", "tera", 0.3, 8.1, 7.0, 500, {"diag": "mode", "order": 3})
     add("tera_both_order4", "tera", 0.1, 7.6, 7.8, 1_500, {"diag": "both", "order": 4})
     add("tera_both_order4", "tera", 0.3, 1.0, 1.0, 1_500, {"diag": "both", "order": 4}, diverged=True)
     add("lora_r8", "lora", 1e-2, 7.1, 7.0, 32_000, {"r": 8})
@@ -422,7 +425,7 @@ def test_generative_section_tabulates_and_states_from_the_numbers():
         "| `lora_r8` | lora, r=8 | 32,000 | 0.01 | 7.100 | 7.000 | 2 |",
         "| `tera_both_order4` | tera, diag=both, order=4 | 1,500 | 0.1 | 7.600 | 7.800 | 2 |",
         "| `vera_r256` | vera, r=256 | 6,000 | 0.1 | 7.200 | 8.000 | 2 |",
-        "| `tera_default` | tera | 500 | 0.1 | 8.000 | 8.200 | 2 |",
+        "| `tera_mode_order3` | tera, diag=mode, order=3 | 500 | 0.1 | 8.000 | 8.200 | 2 |",
         "| `none` | none | 0 | 0 | 9.000 | 9.000 | 2 |",
     ]
     assert "On `lm:speeches`, 169 training, 10 validation and 10 test documents:" in text
@@ -466,5 +469,5 @@ def test_status_reads_runs_as_publish_does(tmp_path, monkeypatch, capsys):
         results.append({**r, "plan": "another plan"})  # same keys, made by another plan: still counted
     assert cli.main(["status", "--plan", "toy", "--results", str(results.path)]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if "tera_default" in x)
+    line = next(x for x in out.splitlines() if "tera_mode_order3" in x)
     assert "lr 0.1 " in line and "params 2,500" in line and "done" in line, out

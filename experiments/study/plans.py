@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from experiments.datasets import HELD_OUT
 
-__all__ = ["Budget", "Contender", "PLANS", "Stage"]
+__all__ = ["Budget", "Contender", "PLANS", "Stage", "TERA_BASE", "resolved_adapter"]
 
 #: starting grids (half-decades); the runner extends them past any edge that wins
 LORA_LRS = (1e-3, 3e-3, 1e-2)
@@ -79,6 +79,18 @@ class Stage:
     @property
     def grid_seeds(self) -> tuple[int, ...]:
         return self.seeds if self.tune_seeds is None else self.tune_seeds
+
+
+#: what a TeRA contender's adapter arguments are stated against: the library's defaults when the study
+#: began (order 6, rank-side diagonals), so that ``tera_default`` and every ablation keep their meaning
+#: (and their run keys) after the study changed the library's defaults (to order 3, mode side:
+#: ``tera_mode_order3`` here)
+TERA_BASE: Mapping[str, Any] = {"order": 6, "diag": "rank"}
+
+
+def resolved_adapter(method: str, adapter: Mapping[str, Any]) -> dict[str, Any]:
+    """The PEFT config arguments a contender trains with: TeRA's on top of :data:`TERA_BASE`."""
+    return {**TERA_BASE, **adapter} if method == "tera" else dict(adapter)
 
 
 def _tera(name: str, **adapter: Any) -> Contender:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import tera_tn
 from experiments.datasets import DATASETS, HELD_OUT, TextSplits, load, split_examples
-from experiments.study.plans import Budget, Contender, Stage
+from experiments.study.plans import Budget, Contender, Stage, resolved_adapter
 from experiments.study.results import ResultsFile
 from tera_tn.finetune import FinetuneConfig, finetune, load_model
 
@@ -213,7 +213,8 @@ def _run_one(plan: str, key: str, dataset: str, stage: Stage, c: Contender, seed
              split: tuple[TextSplits, int], model, context: dict[str, Any]) -> dict[str, Any]:
     data, num_labels = split
     b = stage.budget
-    config = FinetuneConfig(method=c.method, adapter=dict(c.adapter), lr=lr, head_lr=b.head_lr, steps=b.steps,
+    config = FinetuneConfig(method=c.method, adapter=resolved_adapter(c.method, c.adapter), lr=lr,
+                            head_lr=b.head_lr, steps=b.steps,
                             batch_size=b.batch_size, eval_batch_size=b.eval_batch_size, max_length=b.max_length,
                             warmup_ratio=b.warmup_ratio, seed=seed)
     t0, c0 = time.perf_counter(), time.process_time()
