@@ -161,9 +161,9 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     # held-out dataset takes each contender's rate from the choice datasets: nothing is chosen on it.
     "confirm": (Stage(CHOICE, (0, 1, 2), CONFIRM + OTHERS, SHORT, tune_seeds=(0,)),
                 Stage((HELD_OUT,), (0, 1, 2), CONFIRM + OTHERS, SHORT, lr_from=CHOICE, tune_seeds=(0,))),
-    # the references and the candidate defaults at three times the steps, on one choice dataset with
-    # 3 seeds; each runs at the rate the short budget chose there (no second grid)
-    "long": (Stage(("rotten_tomatoes",), (0, 1, 2), REFERENCES + (_tera("tera_order3", order=3),), LONG,
+    # the references, the former and the new default at three times the steps, on one choice dataset
+    # with 3 seeds; each runs at the rate the short budget chose there (no second grid)
+    "long": (Stage(("rotten_tomatoes",), (0, 1, 2), REFERENCES + (_tera("tera_mode_order3", diag="mode", order=3),), LONG,
                    lr_from=("rotten_tomatoes",), tune_seeds=(0,), lr_budget=SHORT),),
     # the test suite's plan: a real model and data, a handful of steps
     "smoke": (Stage(("rotten_tomatoes",), (0,), (Contender("tera_smoke", "tera", (3e-2,), {"order": 4}),),
