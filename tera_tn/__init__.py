@@ -15,13 +15,15 @@ from .contract.contraction import ContractionPlan, apply, plan
 from .contract.costmodel import CostModel, calibrate
 from .core.factors import TeRAFactors, init_scales, random_factors
 from .core.network import delta_weight, theoretical_rank
-from .core.spec import TeRASpec
+from .core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 from .core.tensorize import matricize, tensorize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TeRASpec",
+    "DEFAULT_ORDER",
+    "DEFAULT_DIAG",
     "TeRAFactors",
     "random_factors",
     "init_scales",

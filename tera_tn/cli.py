@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+# Already loaded with the tera_tn package; the parser's defaults are the library's.
+from .core.spec import DEFAULT_DIAG, DEFAULT_ORDER
+
 __all__ = ["main", "build_parser", "DEFAULT_REPORT_DIR", "UsageError"]
 
 #: folder ``tera-tn report`` writes to when ``--out`` is not given (a timestamped sibling is used
@@ -125,11 +128,13 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight shape (PyTorch: out_features x in_features), e.g. 4096x4096")
     p.add_argument("--modes", type=_modes, metavar="ROWS:COLS",
                    help="explicit mode sizes instead of the automatic factorization, e.g. 16.16.16:16.16.16")
-    p.add_argument("--order", type=_order, default=6, help="number of modes N, or PxQ (default 6)")
+    p.add_argument("--order", type=_order, default=DEFAULT_ORDER,
+                   help=f"number of modes N, or PxQ (default {DEFAULT_ORDER})")
     p.add_argument("--ranks", type=_ranks, default="full",
                    help="Tucker ranks: full (default), a fraction, an int cap, or R1/R2/... per mode")
-    p.add_argument("--diag", choices=("rank", "mode", "identity", "both"), default="rank",
-                   help="where the trained diagonals sit (default rank: U_n diag(λ_n))")
+    p.add_argument("--diag", choices=("rank", "mode", "identity", "both"), default=DEFAULT_DIAG,
+                   help=f"where the trained diagonals sit: mode = diag(λ_n) U_n, rank = U_n diag(λ_n) "
+                        f"(default {DEFAULT_DIAG})")
 
 
 def _spec_from_args(args) -> Any:

@@ -124,7 +124,9 @@ def test_peft_layers_rechoose_their_strategy_after_a_new_cost_model():
     import tera_tn.contract.costmodel as costmodel
     from tera_tn import CostModel, TeRASpec
 
-    spec = TeRASpec.from_shape(64, 64, order=4)
+    # Rank side: it builds ΔW by a chain of mode products, so the two cost models choose differently
+    # (the mode side streams its cached P G Qᵀ and materializes under both).
+    spec = TeRASpec.from_shape(64, 64, order=4, diag="rank")
     layer = PeftLinear(nn.Linear(64, 64), "default", spec, FactorBank(0), TeraConfig()).eval()
     x = torch.randn(64, 64)
     saved = dict(costmodel._MODELS)

@@ -182,3 +182,24 @@ def test_imports_run_down_the_layers_only(layer, forbidden):
 def test_layer_check_sees_an_upward_import(tmp_path):
     assert "tera_tn.analysis.rank" in _imported_modules(PACKAGE_DIR / "cli.py")
     assert "tera_tn.core.spec" in _imported_modules(PACKAGE_DIR / "contract" / "contraction.py")
+
+
+def test_every_entry_point_takes_its_order_and_diag_defaults_from_the_spec():
+    """The defaults live in one place: changing DEFAULT_ORDER or DEFAULT_DIAG changes them all."""
+    from tera_tn import DEFAULT_DIAG, DEFAULT_ORDER
+    from tera_tn.analysis.accounting import method_totals
+    from tera_tn.analysis.report import Method
+    from tera_tn.cli import build_parser
+
+    pinned = (DEFAULT_ORDER, DEFAULT_DIAG)
+    assert pinned == (3, "mode")
+    m = Method("tera")
+    assert (m.order, m.diag) == pinned and m.label == f"TeRA order {DEFAULT_ORDER}"
+    assert method_totals("tera", [(384, 384)]) == method_totals("tera", [(384, 384)], order=3, diag="mode")
+    for command in ("rank", "plan"):
+        args = build_parser().parse_args([command, "64x64"] + (["-n", "1"] if command == "plan" else []))
+        assert (args.order, args.diag) == pinned
+    TeRAConfig = _module("tera_tn.torch").TeRAConfig
+    assert (TeRAConfig().order, TeRAConfig().diag) == pinned
+    TeraConfig = _module("tera_tn.peft").TeraConfig
+    assert (TeraConfig().order, TeraConfig().diag) == pinned

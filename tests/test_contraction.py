@@ -241,7 +241,9 @@ def test_installing_a_cost_model_changes_layer_choice(restore_cost_models):
     from tera_tn.torch import TeRALinear
     from tera_tn.torch.planning import layer_plan
 
-    spec = TeRASpec.from_shape(64, 64, order=4)
+    # Rank side: it builds ΔW by a chain of mode products, so the two cost models choose differently
+    # (the mode side streams its cached P G Qᵀ and materializes under both).
+    spec = TeRASpec.from_shape(64, 64, order=4, diag="rank")
     layer = TeRALinear(torch.nn.Linear(64, 64), spec).eval()
     x = torch.randn(64, 64)
     costmodel.set_cost_model(FLOP_BOUND, "torch", "cpu", "float32")

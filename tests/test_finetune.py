@@ -85,6 +85,11 @@ def test_recipe_learns_an_easy_task_and_is_deterministic(tmp_path, model):
     assert b.metrics["first_loss"] == c.metrics["first_loss"] and b.metrics["val_loss"] == c.metrics["val_loss"]
 
 
+def test_tera_default_learning_rate_is_the_adapter_studys_choice():
+    assert ft.FinetuneConfig().learning_rate == 3e-2
+    assert ft.FinetuneConfig(lr=1e-1).learning_rate == 1e-1
+
+
 # ------------------------------------------------------------------------------------- command
 
 

@@ -94,7 +94,8 @@ class _Tiny(nn.Module):
 def _torch_model() -> nn.Module:
     torch.manual_seed(0)
     m = _Tiny()
-    add_tera(m, TeRAConfig(order=3, alpha=2.0, seed=7, factor_dtype="float64"))
+    # The legacy adapters were written with rank-side diagonals, the default of their day.
+    add_tera(m, TeRAConfig(order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64"))
     return m
 
 
@@ -167,7 +168,7 @@ def _peft_model():
     from tera_tn.peft import TeraConfig
 
     torch.manual_seed(0)
-    cfg = TeraConfig(target_modules=["up", "down"], order=3, alpha=2.0, seed=7, factor_dtype="float64")
+    cfg = TeraConfig(target_modules=["up", "down"], order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64")
     return get_peft_model(_Tiny(), cfg)
 
 
@@ -223,3 +224,25 @@ def test_peft_adapter_records_the_recipe_and_refuses_another(tmp_path, monkeypat
     with pytest.raises(TeraAdapterMismatch, match="generator_version: checkpoint 1, model 2"):
         _peft_load(DATA / "legacy_peft")
 
+
+
+def test_changing_a_default_never_changes_an_adapter_saved_earlier(tmp_path):
+    """PEFT writes every config field, so the legacy adapter names its order and diag and loads to
+    its committed ΔW (above) whatever the defaults are now. A hand-edited config without them would
+    fall back to today's defaults; the saved signature holds every layer's spec, so that is refused
+    by name instead of loading λ into other factors."""
+    from tera_tn import DEFAULT_DIAG
+    from tera_tn.peft import TeraAdapterMismatch
+
+    config = json.loads((DATA / "legacy_peft" / "adapter_config.json").read_text())
+    saved_diag = config["diag"]
+    assert saved_diag != DEFAULT_DIAG, "the fixture must differ from the default for this test to mean anything"
+    edited = tmp_path / "edited"
+    shutil.copytree(DATA / "legacy_peft", edited)
+    del config["order"], config["diag"]
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    _peft_model()  # registers TeRA with PEFT
+    with pytest.raises(TeraAdapterMismatch) as err:
+        _peft_load(edited)
+    for layer in ("up", "down"):
+        assert f"{layer}: diag: checkpoint {saved_diag!r}, model {DEFAULT_DIAG!r}" in str(err.value)

@@ -244,7 +244,9 @@ def test_method_parsing():
     assert Method.parse("tera:4") == Method("tera", order=4)
     assert Method.parse("tera:order=3x3,ranks=2/2/2/2/2/2,diag=mode") == Method("tera", order=(3, 3), ranks=(2,) * 6, diag="mode")
     assert Method.parse("tera:ranks=0.5").ranks == 0.5 and Method.parse("tera:ranks=4").ranks == 4
-    assert Method.parse("tera:ranks=0.5").label == "TeRA order 6, ranks=0.5"
+    # Without an order the default one is used and named; a diag other than the default is named too.
+    assert Method.parse("tera:ranks=0.5").label == "TeRA order 3, ranks=0.5"
+    assert Method.parse("tera:order=6,diag=rank").label == "TeRA order 6, diag=rank"
     for bad in ("", "dora:8", "lora", "lora:r=x", "tera:r=4", "vera:order=3", "tera:foo=1"):
         with pytest.raises(ValueError):
             Method.parse(bad)

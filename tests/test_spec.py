@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import specs
-from tera_tn import TeRASpec
+from tera_tn import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 from tera_tn.core.factorize import balanced_factorization, imbalance, padded_factorization
 
 
@@ -101,6 +101,11 @@ def test_defaults():
     assert s.ranks == (16,) * 6 and s.diag == "rank" and s.shape == (4096, 4096)
     assert s.num_trainable == 96 and s.num_frozen == 16**6 + 6 * 256 and s.max_rank == 4096
     assert s.padding == (0, 0) and s.padding_overhead == 0.0
+    # from_shape takes the adapter study's choice, which explicit modes do not: those keep the paper's side.
+    assert (DEFAULT_ORDER, DEFAULT_DIAG) == (3, "mode")
+    auto = TeRASpec.from_shape(4096, 4096)
+    assert auto.order == DEFAULT_ORDER and auto.diag == DEFAULT_DIAG
+    assert auto == TeRASpec.from_shape(4096, 4096, order=3, diag="mode")
     m = TeRASpec((4, 3), (5,), diag="mode", ranks=(2, 1, 3))
     assert m.scale_sizes == (4, 3, 5) and m.num_trainable == 12 and m.max_rank == 2
     i = TeRASpec((4, 3), (5,), diag="identity")
@@ -135,7 +140,7 @@ def test_from_shape_balanced(d_out, d_in, order, rows, cols):
     assert s.shape == (d_out, d_in)
     assert sorted(s.row_modes) == sorted(rows) and sorted(s.col_modes) == sorted(cols)
     assert s.padding == (0, 0) and s.padding_overhead == 0.0
-    assert s.is_full_rank and s.diag == "rank"
+    assert s.is_full_rank and s.diag == DEFAULT_DIAG
 
 
 @pytest.mark.parametrize("d_out, d_in, order", [(997, 997, 6), (50257, 768, 6), (11008, 4096, 12), (11008, 11008, 12), (997, 997, 4)])

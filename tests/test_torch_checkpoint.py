@@ -75,7 +75,8 @@ def test_refuses_to_overwrite(tmp_path):
     [
         (TeRAConfig(order=4, seed=8), "seed: checkpoint 7, model 8"),
         (TeRAConfig(order=4, seed=7, ranks=0.5), r"ranks: checkpoint \[.*\], model \[.*\]"),
-        (TeRAConfig(order=4, seed=7, diag="mode"), "diag: checkpoint 'rank', model 'mode'"),
+        # The saved adapter has the default diagonal side, mode.
+        (TeRAConfig(order=4, seed=7, diag="rank"), "diag: checkpoint 'mode', model 'rank'"),
         (TeRAConfig(order=6, seed=7), "row_modes: checkpoint"),
         (TeRAConfig(order=4, seed=7, factor_init="gaussian"), "factor_init: checkpoint 'orthogonal', model 'gaussian'"),
         (TeRAConfig(order=4, seed=7, alpha=2.0), "alpha: checkpoint 1.0, model 2.0"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .._backend import check_size
-from ..core.spec import TeRASpec
+from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 
 __all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]
 
@@ -93,9 +93,9 @@ def method_totals(
     shapes: Sequence[tuple[int, int]],
     *,
     r: int | None = None,
-    order: int | tuple[int, int] = 6,
+    order: int | tuple[int, int] = DEFAULT_ORDER,
     ranks="full",
-    diag: str = "rank",
+    diag: str = DEFAULT_DIAG,
     specs: Iterable[TeRASpec] | None = None,
 ) -> MethodTotals:
     """Totals over the layers ``shapes`` (a list of ``(d_out, d_in)``, repeats allowed).
@@ -116,7 +116,7 @@ def method_totals(
         layers = tuple(layer_cost("tera", o, i, spec=s) for (o, i), s in zip(shapes, spec_list))
         frozen = sum(s.num_frozen for s in set(spec_list))
         ranks_label = "full" if ranks == "full" else f"ranks={ranks}"
-        label = f"TeRA order {order}, {ranks_label}" + ("" if diag == "rank" else f", diag={diag}")
+        label = f"TeRA order {order}, {ranks_label}" + ("" if diag == DEFAULT_DIAG else f", diag={diag}")
     else:
         layers = tuple(layer_cost(method, o, i, r=r) for o, i in shapes)
         frozen = 0

@@ -39,7 +39,7 @@ from ..core.network import theoretical_rank
 from ..core.signature import adapter_signature, signature_bytes
 from .rank import summarize_singular_values
 from .shapes import LayerShape, as_layer_shapes, linear_shapes, model_shapes
-from ..core.spec import TeRASpec
+from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 from .spectrum import tera_singular_values
 
 __all__ = [
@@ -81,14 +81,15 @@ class Method:
     Attributes:
         kind: ``"tera"``, ``"lora"``, ``"vera"`` or ``"hira"``.
         r: rank for LoRA/VeRA/HiRA.
-        order, ranks, diag: TeRA's :meth:`TeRASpec.from_shape` arguments.
+        order, ranks, diag: TeRA's :meth:`TeRASpec.from_shape` arguments (defaults ``DEFAULT_ORDER``,
+            ``"full"``, ``DEFAULT_DIAG``); the label names ``diag`` only when it is not the default.
     """
 
     kind: str
     r: Optional[int] = None
-    order: Union[int, tuple[int, int]] = 6
+    order: Union[int, tuple[int, int]] = DEFAULT_ORDER
     ranks: Any = "full"
-    diag: str = "rank"
+    diag: str = DEFAULT_DIAG
 
     def __post_init__(self) -> None:
         if self.kind not in METHODS:
@@ -145,7 +146,7 @@ class Method:
             return f"{dict(lora='LoRA', vera='VeRA', hira='HiRA')[self.kind]} r={self.r}"
         order = "×".join(map(str, self.order)) if isinstance(self.order, tuple) else str(self.order)
         ranks = "" if self.ranks == "full" else f", ranks={self.ranks}"
-        diag = "" if self.diag == "rank" else f", diag={self.diag}"
+        diag = "" if self.diag == DEFAULT_DIAG else f", diag={self.diag}"
         return f"TeRA order {order}{ranks}{diag}"
 
     def spec(self, d_out: int, d_in: int) -> TeRASpec:

@@ -28,10 +28,17 @@ import numpy as np
 from .._backend import check_real, check_size
 from .factorize import padded_factorization
 
-__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "BUDGET_FAMILIES", "check_spec"]
+__all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "DEFAULT_ORDER", "DEFAULT_DIAG", "BUDGET_FAMILIES", "check_spec"]
 
 Diag = Literal["rank", "mode", "identity", "both"]
 DIAG_PLACEMENTS: tuple[str, ...] = ("rank", "mode", "identity", "both")
+#: The defaults of :meth:`TeRASpec.from_shape` and of every config built on it, chosen by the adapter
+#: study (``experiments/study``): order 3 gives the largest trainable count that stays within VeRA
+#: r=256's on a transformer's square layers (lower orders train more numbers; order 2 exceeds it),
+#: and accuracy rose with the count; mode-side diagonals match the rank side's accuracy and train
+#: cheapest (the frozen ``P G Qᵀ`` is cached per shape group).
+DEFAULT_ORDER: int = 3
+DEFAULT_DIAG: Diag = "mode"
 RanksArg = Union[None, str, int, float, Sequence[int]]
 # from_shape factorizes by trial division: a dimension past this is no weight matrix that fits in
 # memory, and its search would run for hours. Explicit modes have no such limit.
@@ -83,7 +90,8 @@ class TeRASpec:
         col_modes: ``(J_1..J_Q)``, product ≥ ``d_in``.
         ranks: Tucker ranks ``(R_1..R_N)``, ``N = P + Q``, each ``1 ≤ R_n ≤ K_n``; ``None`` at
             construction means full ranks ``R_n = K_n``.
-        diag: where the trainable diagonal sits: ``"rank"`` (default, ``U_n Λ_n``), ``"mode"``
+        diag: where the trainable diagonal sits: ``"rank"`` (``U_n Λ_n``; the default when the modes
+            are given explicitly, while :meth:`from_shape` defaults to :data:`DEFAULT_DIAG`), ``"mode"``
             (``Λ_n U_n``), ``"identity"`` (``U_n = I``, full ranks only) or ``"both"``
             (``M_n U_n Λ_n``: ``K_n + R_n`` trainable numbers per mode instead of ``R_n``).
         d_out, d_in: the true weight shape; ``None`` means the mode products (no padding).
@@ -142,9 +150,9 @@ class TeRASpec:
         d_out: int,
         d_in: int,
         *,
-        order: int | tuple[int, int] = 6,
+        order: int | tuple[int, int] = DEFAULT_ORDER,
         ranks: RanksArg = "full",
-        diag: Diag = "rank",
+        diag: Diag = DEFAULT_DIAG,
         max_imbalance: float = 2.0,
         max_padding: float = 0.25,
     ) -> "TeRASpec":
@@ -153,10 +161,11 @@ class TeRASpec:
         Args:
             d_out, d_in: weight shape (PyTorch convention, ``y = W @ x``).
             order: total number of modes ``N``, split between rows and columns in proportion to
-                ``log d_out : log d_in``; or an explicit ``(P, Q)``.
+                ``log d_out : log d_in``; or an explicit ``(P, Q)``. Default :data:`DEFAULT_ORDER` (3).
             ranks: ``"full"`` (``R_n = K_n``), a fraction in (0, 1] (``R_n = ceil(f·K_n)``), an
                 int ``r`` (``R_n = min(r, K_n)``), or an explicit per-mode tuple.
-            diag: ``"rank"``, ``"mode"``, ``"identity"`` or ``"both"``.
+            diag: ``"rank"``, ``"mode"``, ``"identity"`` or ``"both"``; default :data:`DEFAULT_DIAG`
+                (``"mode"``).
             max_imbalance: a split is balanced when its largest mode is at most this many times
                 the geometric mean; otherwise the size is padded to the nearest one that is.
             max_padding: largest padding accepted, as a fraction of the size.

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..core.spec import TeRASpec
+from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 from ..torch.config import TeRAConfig
 
 __all__ = ["TeraConfig"]
@@ -40,17 +40,19 @@ class TeraConfig(PeftConfig):
 
     TeRA (arXiv 2509.03234) adapts a ``(d_out, d_in)`` weight by ``ΔW = α·reshape(G ×_1 U_1Λ_1 … ×_N U_NΛ_N)``:
     a frozen random core ``G`` and factors ``U_n`` shared by every layer of the same spec (regenerated
-    from ``seed``) and trainable vectors ``λ_n`` per layer (``Σ_n R_n`` numbers per layer).
+    from ``seed``) and trainable vectors ``λ_n`` per layer (``Σ_n R_n`` numbers per layer; with the
+    default ``diag="mode"`` the diagonals sit on the mode side, ``Λ_n U_n``, and train ``Σ_n K_n``).
 
     Args:
         target_modules: module names (suffix match) or a regex (full match), as in LoRA; ``"all-linear"``
             adapts every Linear except the output head. ``None`` uses PEFT's VeRA defaults per
             architecture (attention projections).
         exclude_modules: names or regex of modules never adapted.
-        order: modes per layer ``N`` (split between rows and columns) or ``[P, Q]``.
+        order: modes per layer ``N`` (split between rows and columns) or ``[P, Q]``; default
+            ``DEFAULT_ORDER`` (3).
         ranks: Tucker ranks: ``"full"``, a fraction in (0, 1], an int cap, or a per-mode list.
-        diag: ``"rank"`` (default), ``"mode"``, ``"identity"`` or ``"both"`` (see :class:`tera_tn.TeRASpec`;
-            ``"both"`` trains ``K_n + R_n`` numbers per mode).
+        diag: ``"mode"`` (default, ``DEFAULT_DIAG``), ``"rank"``, ``"identity"`` or ``"both"`` (see
+            :class:`tera_tn.TeRASpec`; ``"both"`` trains ``K_n + R_n`` numbers per mode).
         specs: explicit specs per weight shape, ``{"768x384": TeRASpec or its dict}`` (tuples
             ``(d_out, d_in)`` are accepted as keys); other shapes follow ``order``/``ranks``/``diag``.
         alpha: global scale α of ΔW.
@@ -82,9 +84,13 @@ class TeraConfig(PeftConfig):
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt"})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
-    order: Union[int, list[int]] = field(default=6, metadata={"help": "Modes per layer N, or [P, Q]"})
+    order: Union[int, list[int]] = field(
+        default=DEFAULT_ORDER, metadata={"help": f"Modes per layer N, or [P, Q] (default {DEFAULT_ORDER})"}
+    )
     ranks: Union[str, int, float, list[int]] = field(default="full", metadata={"help": "Tucker-rank policy"})
-    diag: str = field(default="rank", metadata={"help": "'rank', 'mode', 'identity' or 'both'"})
+    diag: str = field(
+        default=DEFAULT_DIAG, metadata={"help": f"'rank', 'mode', 'identity' or 'both' (default {DEFAULT_DIAG!r})"}
+    )
     specs: Optional[dict] = field(default=None, metadata={"help": "Explicit specs per 'd_outxd_in' shape"})
     alpha: float = field(default=1.0, metadata={"help": "Global scale of ΔW"})
     seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})

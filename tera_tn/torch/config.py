@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
 from ..core.factors import FACTOR_INITS, SCALE_INITS, _check_seed, check_scale_value
-from ..core.spec import DIAG_PLACEMENTS, TeRASpec, _check_modes
+from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, _check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
@@ -30,11 +30,11 @@ class TeRAConfig:
             entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``); a single string is a
             regular expression that must match the whole name; ``None`` adapts every Linear.
         order: modes per layer ``N`` (split between rows and columns by ``TeRASpec.from_shape``)
-            or an explicit ``(P, Q)``.
+            or an explicit ``(P, Q)``; default ``DEFAULT_ORDER`` (3).
         ranks: Tucker-rank policy for automatic specs: ``"full"``, a fraction in (0, 1], an int
             cap, or an explicit per-mode tuple (see ``TeRASpec.from_shape``).
-        diag: ``"rank"`` (default), ``"mode"``, ``"identity"`` or ``"both"`` (diagonals on both
-            sides of every factor: ``K_n + R_n`` trainable numbers per mode).
+        diag: ``"mode"`` (default, ``DEFAULT_DIAG``), ``"rank"``, ``"identity"`` or ``"both"``
+            (diagonals on both sides of every factor: ``K_n + R_n`` trainable numbers per mode).
         specs: explicit specs per weight shape, ``{(d_out, d_in): TeRASpec}``; shapes not listed
             use the ``order``/``ranks``/``diag`` policy. Stored as a tuple of pairs.
         alpha: global scale α of ΔW.
@@ -59,9 +59,9 @@ class TeRAConfig:
     """
 
     target_modules: Union[None, str, Sequence[str]] = None
-    order: Union[int, tuple[int, int]] = 6
+    order: Union[int, tuple[int, int]] = DEFAULT_ORDER
     ranks: Union[str, int, float, Sequence[int]] = "full"
-    diag: str = "rank"
+    diag: str = DEFAULT_DIAG
     specs: Union[Mapping[tuple[int, int], TeRASpec], tuple] = field(default=())
     alpha: float = 1.0
     seed: int = 0
