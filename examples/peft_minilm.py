@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=1e-1, help="AdamW learning rate of the λ vectors")
+    ap.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate of the λ vectors")
     ap.add_argument("--head-lr", type=float, default=2e-3, help="AdamW learning rate of the new classifier head")
     ap.add_argument("--order", type=int, default=4)
     ap.add_argument("--ranks", default=None, help="'full' (default), a fraction in (0, 1] or an int cap")

@@ -24,7 +24,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-1, help="AdamW learning rate of the λ vectors")
+    ap.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate of the λ vectors")
     ap.add_argument("--smoke", action="store_true", help="small settings")
     args = ap.parse_args(argv)
     width, steps = (64, 40) if args.smoke else (args.width, args.steps)
