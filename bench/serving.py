@@ -54,6 +54,8 @@ class ServingConfig:
     adapters: tuple[int, ...] = (1, 8, 64, 1024)
     lora_adapters: int = 64
     order: int = 4
+    #: rank side: what the published serving figures were measured with
+    diag: str = "rank"
     rounds: int = 7
     seed: int = 0
 
@@ -101,7 +103,7 @@ def timed(fns: dict, rounds: int) -> dict:
 def run(cfg: ServingConfig, log=print) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     tokens = torch.randint(0, 256, (cfg.batch, cfg.seq), generator=gen)
-    tera_cfg = TeraConfig(target_modules=TARGETS, order=cfg.order, seed=cfg.seed, scale_init="random")
+    tera_cfg = TeraConfig(target_modules=TARGETS, order=cfg.order, diag=cfg.diag, seed=cfg.seed, scale_init="random")
     model = get_peft_model(build_base(cfg), tera_cfg, adapter_name="default").eval()
     store = AdapterStore(model)
     layers = _tera_layers(model, "default")

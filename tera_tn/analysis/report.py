@@ -55,9 +55,10 @@ __all__ = [
 ]
 
 DEFAULT_METHODS = (
-    "tera:order=4",
+    "tera",  # the library's defaults
     "tera:order=6",
-    "tera:order=6,ranks=0.5",
+    # half ranks cut the trainable count only where the diagonals sit on the ranks
+    "tera:order=6,ranks=0.5,diag=rank",
     "lora:r=8",
     "lora:r=32",
     "vera:r=256",
@@ -377,7 +378,7 @@ class ModelReport:
             else:
                 table = Table(title=self._title())
                 for i, h in enumerate(self._HEADERS):
-                    table.add_column(h, justify="left" if i == 0 else "right")
+                    table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
                 for cells in self._cells():
                     table.add_row(*cells)
                 buf = io.StringIO()
