@@ -11,11 +11,13 @@ adapted, the classifier head trains for every method), a BERT-shaped classifier 
 causal LM built from ``transformers`` configs with random weights (every attention and MLP
 projection adapted).
 
-Methods: TeRA with PEFT ``TeraConfig()`` defaults (order 6, full ranks), with the diagonals on
-the rank side and on the mode side explicitly (one of them is the default), and with ranks
-ceil(K_n/2), PEFT LoRA r=8, VeRA r=256, HiRA r=32, full fine-tuning of the whole model, and full
-fine-tuning of the adapted layers only (their weights trained with AdamW, everything else frozen:
-the same GEMMs as the adapters, the floor proxy).
+Methods: TeRA with PEFT ``TeraConfig()`` defaults (``tera``: order 3, diagonals on the mode side,
+full ranks), the default order with the diagonals on the rank side (``tera_rank``: the paper's
+placement, the same trainable count), order 6 with rank-side diagonals (``tera_order6``: the
+defaults before tera_tn switched to order 3), and order 6 rank side with ranks ceil(K_n/2)
+(``tera_reduced``: the smallest TeRA member here), PEFT LoRA r=8, VeRA r=256, HiRA r=32, full
+fine-tuning of the whole model, and full fine-tuning of the adapted layers only (their weights
+trained with AdamW, everything else frozen: the same GEMMs as the adapters, the floor proxy).
 
 A step is forward + loss + backward + AdamW step. The methods of one model run alternately in one
 process (``bench._harness.time_round_robin``: one warm-up each, then rounds with a rotating order)
@@ -68,15 +70,16 @@ from torch import nn  # noqa: E402
 
 from bench import _harness as H  # noqa: E402
 from bench.suite import _loadavg, environment  # noqa: E402
+from tera_tn.core.spec import DEFAULT_DIAG, DEFAULT_ORDER  # noqa: E402
 
-METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_rank", "tera_mode", "tera_reduced", "lora_r8", "vera_r256", "hira_r32")
+METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_rank", "tera_order6", "tera_reduced", "lora_r8", "vera_r256", "hira_r32")
 LABELS = {
     "full_ft": "full fine-tuning (whole model)",
     "full_ft_adapted": "full fine-tuning (adapted layers only)",
-    "tera": "TeRA defaults (full ranks)",
-    "tera_rank": "TeRA rank-side diagonals (full ranks)",
-    "tera_mode": "TeRA mode-side diagonals (full ranks)",
-    "tera_reduced": "TeRA ranks ceil(K/2)",
+    "tera": f"TeRA defaults (order {DEFAULT_ORDER}, {DEFAULT_DIAG}-side diagonals, full ranks)",
+    "tera_rank": f"TeRA order {DEFAULT_ORDER}, rank-side diagonals, full ranks",
+    "tera_order6": "TeRA order 6, rank-side diagonals, full ranks (former defaults)",
+    "tera_reduced": "TeRA order 6, rank-side diagonals, ranks ceil(K/2)",
     "lora_r8": "PEFT LoRA r=8",
     "vera_r256": "PEFT VeRA r=256",
     "hira_r32": "PEFT HiRA r=32",
@@ -87,9 +90,9 @@ DECODERS = ("plain", "merged", "tera", "tera_reduced", "tera_cached", "lora_r8")
 DECODE_LABELS = {
     "plain": "plain model (no adapter)",
     "merged": "TeRA merged into W0",
-    "tera": "TeRA full ranks, unmerged (PEFT)",
-    "tera_reduced": "TeRA ranks ceil(K/2), unmerged (PEFT)",
-    "tera_cached": "TeRA full ranks, unmerged, ΔW cache (tera_tn.torch)",
+    "tera": f"TeRA defaults (order {DEFAULT_ORDER}, {DEFAULT_DIAG} side), unmerged (PEFT)",
+    "tera_reduced": "TeRA order 6, rank side, ranks ceil(K/2), unmerged (PEFT)",
+    "tera_cached": f"TeRA defaults (order {DEFAULT_ORDER}, {DEFAULT_DIAG} side), unmerged, ΔW cache (tera_tn.torch)",
     "lora_r8": "PEFT LoRA r=8, unmerged",
 }
 TARGETS = {
@@ -266,10 +269,14 @@ def _peft_config(method: str, case: ModelCase, **kw):
     targets = list(TARGETS[case.arch])
     if method == "tera":
         return TeraConfig(target_modules=targets, **kw)
-    if method in ("tera_rank", "tera_mode"):
-        return TeraConfig(target_modules=targets, diag=method.removeprefix("tera_"), **kw)
+    if method == "tera_rank":
+        return TeraConfig(target_modules=targets, diag="rank", **kw)
+    # order 6 on the rank side: the former defaults, and (ranks halved) the smallest member, since
+    # only rank-side λ shrink with the ranks
+    if method == "tera_order6":
+        return TeraConfig(target_modules=targets, order=6, diag="rank", **kw)
     if method == "tera_reduced":
-        return TeraConfig(target_modules=targets, ranks=0.5, **kw)
+        return TeraConfig(target_modules=targets, order=6, diag="rank", ranks=0.5, **kw)
     if method == "lora_r8":
         return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
     if method == "vera_r256":
@@ -318,7 +325,7 @@ def trainable_groups(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.\d+\.", ".*.", n) for n, p in model.named_parameters() if p.requires_grad})
 
 
-_LR = {"tera": "tera", "tera_rank": "tera", "tera_mode": "tera", "tera_reduced": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
+_LR = {"tera": "tera", "tera_rank": "tera", "tera_order6": "tera", "tera_reduced": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
        "full_ft": "full", "full_ft_adapted": "full"}
 
 

@@ -54,12 +54,17 @@ def test_every_method_trains_with_a_time_a_loss_and_ratios(smoke):
                 assert v == pytest.approx(rec["median_s"] / race["methods"][ref]["median_s"]), (arch, m, ref)
         t = race["methods"]
         assert t["full_ft"]["trainable"] > t["full_ft_adapted"]["trainable"] > t["tera"]["trainable"]
+        # mode-side λ (K_n each) and rank-side λ (R_n = K_n at full ranks) train the same count; halving
+        # the ranks shrinks only rank-side λ, so the order-6 reduced member is the smallest TeRA
+        assert t["tera"]["trainable"] == t["tera_rank"]["trainable"], arch
+        assert t["tera_order6"]["trainable"] > t["tera_reduced"]["trainable"], arch
+        assert min(t[m]["trainable"] for m in ("tera", "tera_rank", "tera_order6")) > t["tera_reduced"]["trainable"], arch
 
 
 def test_tera_trains_only_lambda_and_the_head(smoke):
     results, _ = smoke
     for arch, race in results["train"].items():
-        for m in ("tera", "tera_rank", "tera_mode", "tera_reduced"):
+        for m in ("tera", "tera_rank", "tera_order6", "tera_reduced"):
             groups = race["methods"][m]["trainable_groups"]
             lam = [g for g in groups if g.endswith("tera_lambda.default")]
             rest = [g for g in groups if g not in lam]
