@@ -386,6 +386,35 @@ def test_grid_on_tune_seeds_then_the_other_seeds_at_the_chosen_rate(tmp_path, mo
         Stage(("x",), (0, 1), (c,), budget, tune_seeds=(3,))
 
 
+def test_untuned_stage_runs_the_given_rate_on_every_seed_and_extends_nothing(tmp_path, monkeypatch):
+    # A documented default rate is measured, not tuned: one rate at the grid's edge (which a tuned
+    # stage would extend) runs on every seed, and publish reports it as finished.
+    from experiments.study import publish
+
+    budget = Budget(steps=4, train_size=64, val_size=32, test_size=32)
+    c = Contender("tera_x", "tera", (3e-2,), {"order": 4})
+    stage = Stage(("rotten_tomatoes",), (0, 1, 2), (c,), budget, tune_seeds=(0,), tune=False)
+    ran: list[tuple[int, float]] = []
+
+    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
+        ran.append((seed, lr))
+        return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
+                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
+                "split_seed": stage.split_seed,
+                "metrics": {"val_accuracy": 0.8, "test_accuracy": 0.7 + seed / 100, "trainable_params": 10,
+                            "diverged": False}}
+
+    monkeypatch.setattr(runner, "_run_one", fake_run)
+    monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
+    f = ResultsFile(tmp_path / "study.jsonl")
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 3
+    assert ran == [(0, 3e-2), (1, 3e-2), (2, 3e-2)]
+    (outcome,), _ = publish.collect(list(f.records()), "p", (stage,))
+    assert outcome.lr == 3e-2 and outcome.state == "done" and outcome.test == {0: 0.7, 1: 0.71, 2: 0.72}
+    with pytest.raises(ValueError, match="either takes its rates from other datasets"):
+        Stage(("x",), (0,), (c,), budget, lr_from=("y",), tune=False)
+
+
 # --------------------------------------------------------------------------------------------
 # publish: the generative proxy section
 # --------------------------------------------------------------------------------------------

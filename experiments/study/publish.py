@@ -38,7 +38,7 @@ __all__ = ["Outcome", "collect", "generative_section", "publish", "render", "wri
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 #: the study's stages in order; the page says how far along them the results are
-STAGES = ("screen", "confirm")
+STAGES = ("screen", "confirm", "defaults", "long")
 REFERENCES = {"lora_r8": "LoRA r=8", "vera_r256": "VeRA r=256"}
 #: the contender that trains with the library's defaults (order 3, mode-side diagonals, chosen by this
 #: study), which the targets are about
@@ -98,7 +98,7 @@ class Outcome:
     @property
     def grid_seeds(self) -> tuple[int, ...]:
         """The seeds a rate is chosen on (all seeds of a fixed-rate stage)."""
-        return self.stage.seeds if self.stage.lr_from else self.stage.grid_seeds
+        return self.stage.seeds if self.stage.fixed else self.stage.grid_seeds
 
     def _complete(self) -> list[float]:
         return sorted(lr for lr, at in self.runs.items() if set(self.grid_seeds) <= set(at))
@@ -126,7 +126,7 @@ class Outcome:
         self.val = math.fsum(at[s]["metrics"]["val_accuracy"] for s in self.stage.seeds) / len(self.stage.seeds)
         self.test = {s: at[s]["metrics"]["test_accuracy"] for s in sorted(at)}
         self.params = at[min(at)]["trainable_params"]
-        if self.stage.lr_from:  # one rate, fixed on other datasets: nothing to extend here
+        if self.stage.fixed:  # the rate was fixed on other datasets or given: nothing to extend here
             self.grid_done = True
             return
         scores = {lr: (self._val(lr), self._diverged(lr)) for lr in complete}

@@ -150,7 +150,7 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         log(f"    {c.name} on {dataset}: skipped until its rate is chosen on {', '.join(stage.lr_from)}")
                         continue
                     lrs = [chosen]
-                seeds = stage.seeds if stage.lr_from else stage.grid_seeds
+                seeds = stage.seeds if stage.fixed else stage.grid_seeds
 
                 def run(lr: float, seed: int) -> bool:
                     """Run (lr, seed) unless finished; False when ``limit`` stops the plan."""
@@ -188,8 +188,8 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         for seed in seeds:
                             if not run(lr, seed):
                                 return ran
-                    if stage.lr_from:
-                        break  # the rate was fixed elsewhere: no grid here
+                    if stage.fixed:
+                        break  # the rate was fixed elsewhere or given: no grid here
                     for lr in lrs:
                         recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in seeds]
                         scores[lr] = (sum(r["metrics"]["val_accuracy"] for r in recs) / len(recs),
