@@ -409,7 +409,13 @@ def test_untuned_stage_runs_the_given_rate_on_every_seed_and_extends_nothing(tmp
     f = ResultsFile(tmp_path / "study.jsonl")
     assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 3
     assert ran == [(0, 3e-2), (1, 3e-2), (2, 3e-2)]
-    (outcome,), _ = publish.collect(list(f.records()), "p", (stage,))
+    # a tuned stage's runs of the same contender at another rate (shared keys) do not count here
+    other = Contender("tera_x", "tera", (1e-1,), {"order": 4})
+    better = [fake_run("q", runner.run_key("rotten_tomatoes", 0, budget, other, s, 1e-1), "rotten_tomatoes", stage,
+                       other, s, 1e-1, None, None, None) for s in (0, 1, 2)]
+    for r in better:
+        r["metrics"]["val_accuracy"] = 0.9
+    (outcome,), _ = publish.collect(list(f.records()) + better, "p", (stage,))
     assert outcome.lr == 3e-2 and outcome.state == "done" and outcome.test == {0: 0.7, 1: 0.71, 2: 0.72}
     with pytest.raises(ValueError, match="either takes its rates from other datasets"):
         Stage(("x",), (0,), (c,), budget, lr_from=("y",), tune=False)

@@ -149,7 +149,8 @@ def collect(records: Iterable[Mapping[str, Any]], plan: str, stages: Sequence[St
         # the same key (the screen's seed-0 grid on Rotten Tomatoes) is this plan's run too.
         o = outcomes.get((r.get("dataset"), r.get("contender")))
         if o is None or r["key"] != run_key(o.dataset, o.stage.split_seed, o.stage.budget, o.contender,
-                                            r["seed"], r["lr"]) or r["seed"] not in o.stage.seeds:
+                                            r["seed"], r["lr"]) or r["seed"] not in o.stage.seeds \
+                or (not o.stage.tune and float(r["lr"]) not in o.contender.lrs):  # a given rate: no other counts
             stale += r.get("plan") == plan
             continue
         o.runs.setdefault(float(r["lr"]), {})[int(r["seed"])] = dict(r)
