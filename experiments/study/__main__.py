@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results = ResultsFile(args.results)
     if args.action == "publish":
-        from experiments.study.publish import DOCS, publish
+        from experiments.study.publish import DOCS, GENERATIVE_PLAN, publish
 
         if not args.results.exists():
             parser.error(f"--results {args.results} does not exist: nothing to publish")
         print(publish(list(results.records()), args.plan, PLANS[args.plan], all_plans=PLANS,
-                      docs=DOCS if args.docs else None), end="")
+                      docs=DOCS if args.docs else None, with_generative=args.plan == GENERATIVE_PLAN), end="")
         if args.docs:
             print(f"wrote {DOCS / 'choosing.md'} and its figures in {DOCS / 'results'}")
         return 0

@@ -39,6 +39,8 @@ __all__ = ["Outcome", "collect", "generative_section", "publish", "render", "wri
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 #: the study's stages in order; the page says how far along them the results are
 STAGES = ("screen", "confirm", "defaults", "long")
+#: the plan whose block of the docs page carries the generative proxy (once per page)
+GENERATIVE_PLAN = "confirm"
 REFERENCES = {"lora_r8": "LoRA r=8", "vera_r256": "VeRA r=256"}
 #: the contender that trains with the library's defaults (order 3, mode-side diagonals, chosen by this
 #: study), which the targets are about
@@ -525,13 +527,14 @@ def _figure_records(outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
 
 def publish(records: list[Mapping[str, Any]], plan: str, stages: Sequence[Stage], *,
             all_plans: Mapping[str, Sequence[Stage]] | None = None, docs: Path | None = None,
-            lm_results: Path = generative.RESULTS, lm_artifact: Path = generative.ARTIFACT) -> str:
-    """The plan's Markdown report, ending with the generative proxy read from ``lm_results`` (a
-    missing file reads as no runs) and the card of the base model in ``lm_artifact``. With ``docs``
-    (a docs folder), also draw the figures into ``docs/results/`` and write the report into
-    ``docs/choosing.md`` between the plan's markers."""
+            lm_results: Path = generative.RESULTS, lm_artifact: Path = generative.ARTIFACT,
+            with_generative: bool = True) -> str:
+    """The plan's Markdown report, ending (``with_generative``) with the generative proxy read from
+    ``lm_results`` (a missing file reads as no runs) and the card of the base model in
+    ``lm_artifact``. With ``docs`` (a docs folder), also draw the figures into ``docs/results/`` and
+    write the report into ``docs/choosing.md`` between the plan's markers."""
     card_path = Path(lm_artifact) / "card.json"
-    lm = {"lm_records": list(ResultsFile(lm_results).records()),
+    lm = {"lm_records": list(ResultsFile(lm_results).records()) if with_generative else None,
           "lm_card": json.loads(card_path.read_text()) if card_path.is_file() else None}
     if docs is None:
         return render(plan, stages, records, all_plans=all_plans, **lm)
