@@ -3,7 +3,7 @@
 Contenders are built with the builders of ``bench/bench_layer.py`` (same models as the
 single-layer targets there): a bias-free ``nn.Linear(d, d)``, PEFT adapters made by the real
 ``peft`` package around a one-Linear module, and :class:`tera_tn.torch.TeRALinear` with
-``TeRASpec.from_shape(d, d, order=6)`` (full ranks or ``ranks=0.5`` = ceil(K_n/2)), each with
+``TeRASpec.from_shape(d, d, order=6, diag="rank")`` (full ranks or ``ranks=0.5`` = ceil(K_n/2)), each with
 the strategy forced to ``materialize`` / ``dense`` / ``factored`` and with ``auto``.
 
 Every contender runs the same step: ``x.grad = None``, parameter grads ``None``, then
@@ -67,8 +67,9 @@ LABELS = {
 
 
 def spec_for(d: int, ranks: str) -> TeRASpec:
-    """The spec every TeRA contender of size ``d`` uses (order 6, full or half ranks)."""
-    return TeRASpec.from_shape(d, d, order=ORDER, ranks=TERA_RANKS[ranks])
+    """The spec every TeRA contender of size ``d`` uses (order 6, rank-side diagonals, full or half
+    ranks: the layer grid's published spec, pinned so that the library's defaults do not move it)."""
+    return TeRASpec.from_shape(d, d, order=ORDER, ranks=TERA_RANKS[ranks], diag="rank")
 
 
 def build(name: str, d: int, device: str = "cpu") -> nn.Module:

@@ -49,7 +49,7 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    spec = TeRASpec.from_shape(args.size, args.size, order=args.order, ranks=args.ranks)
+    spec = TeRASpec.from_shape(args.size, args.size, order=args.order, ranks=args.ranks, diag="rank")
     factors = random_factors(spec, args.seed, init=args.init)
     scales = init_scales(spec, "random", seed=args.seed + 1)
     r = theoretical_rank(spec, scales)

@@ -6,7 +6,7 @@ import numpy as np, torch, time, json
 from tera_tn import *
 from tera_tn.analysis.rank import numerical_rank
 from tera_tn.analysis.spectrum import tera_conditioning, tera_singular_values
-spec = TeRASpec.from_shape(4096, 4096, order=6)
+spec = TeRASpec.from_shape(4096, 4096, order=6, diag="rank")
 out = {}
 for init in ("gaussian", "orthogonal"):
     f = random_factors(spec, 0, init=init); s = init_scales(spec, "random", seed=1)
