@@ -139,7 +139,7 @@ def fmt(times: dict[str, float]) -> str:
 def target_a(rep: Report, reps: int, budget: float) -> None:
     d, n = 4096, 512
     print(f"\nA. full rank, d={d}, order 6, n={n}, forward+backward (planner: "
-          f"{layer_plan(TeRASpec.from_shape(d, d, order=6, diag="rank"), n, training=True).strategy})", flush=True)
+          f"{layer_plan(TeRASpec.from_shape(d, d, order=6, diag='rank'), n, training=True).strategy})", flush=True)
     torch.manual_seed(1)
     x = torch.randn(n, d, requires_grad=True)
     g = torch.randn(n, d)
