@@ -107,15 +107,16 @@ def claim_dir(path: PathLike, *, kind: str, overwrite: bool = False) -> Path:
                     shutil.rmtree(p)
                 else:
                     p.unlink()
-        # An empty folder is claimed by creating the marker exclusively: of two processes that
-        # both found it empty, only one gets the marker.
-        try:
-            fd = os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise OutputFolderError(
-                f"output folder {str(path)!r} was claimed by another run at the same time; choose another folder"
-            ) from None
-        os.close(fd)
+    # The folder is claimed by creating the marker exclusively, also by the call that created it:
+    # another caller can find the new folder still empty before its creator wrote anything, and of
+    # all callers that found it empty only one gets the marker.
+    try:
+        fd = os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise OutputFolderError(
+            f"output folder {str(path)!r} was claimed by another run at the same time; choose another folder"
+        ) from None
+    os.close(fd)
     _write_marker(path, kind)
     return path
 
