@@ -350,6 +350,21 @@ def test_publish_reports_a_held_out_contender_at_its_fixed_rate_as_finished():
     assert stale == 0 and outcome.lr == 0.1 and outcome.grid_done  # one fixed rate is a finished "grid"
 
 
+def _fake_run(budget, ran, *, val, test):
+    """A stand-in for ``runner._run_one`` that records (seed, lr) and scores ``val(seed, lr)``,
+    ``test(seed)``: the schedule tests check which runs happen, the smoke tests real training."""
+
+    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
+        ran.append((seed, lr))
+        return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
+                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
+                "split_seed": stage.split_seed,
+                "metrics": {"val_accuracy": val(seed, lr), "test_accuracy": test(seed), "trainable_params": 10,
+                            "diverged": False}}
+
+    return fake_run
+
+
 def test_grid_on_tune_seeds_then_the_other_seeds_at_the_chosen_rate(tmp_path, monkeypatch):
     # The grid runs on seed 0 only; seeds 1 and 2 then run once, at the rate seed 0 chose, and the
     # published outcome reports all three seeds there. Training is replaced by a validation curve
@@ -362,13 +377,7 @@ def test_grid_on_tune_seeds_then_the_other_seeds_at_the_chosen_rate(tmp_path, mo
     curve = {1e-2: 0.6, 3e-2: 0.8, 1e-1: 0.7}
     ran: list[tuple[int, float]] = []
 
-    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
-        ran.append((seed, lr))
-        return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
-                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
-                "split_seed": stage.split_seed,
-                "metrics": {"val_accuracy": curve[lr] + seed / 100, "test_accuracy": 0.5 + seed / 10,
-                            "trainable_params": 10, "diverged": False}}
+    fake_run = _fake_run(budget, ran, val=lambda seed, lr: curve[lr] + seed / 100, test=lambda seed: 0.5 + seed / 10)
 
     monkeypatch.setattr(runner, "_run_one", fake_run)
     monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
@@ -396,13 +405,7 @@ def test_untuned_stage_runs_the_given_rate_on_every_seed_and_extends_nothing(tmp
     stage = Stage(("rotten_tomatoes",), (0, 1, 2), (c,), budget, tune_seeds=(0,), tune=False)
     ran: list[tuple[int, float]] = []
 
-    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
-        ran.append((seed, lr))
-        return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
-                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
-                "split_seed": stage.split_seed,
-                "metrics": {"val_accuracy": 0.8, "test_accuracy": 0.7 + seed / 100, "trainable_params": 10,
-                            "diverged": False}}
+    fake_run = _fake_run(budget, ran, val=lambda seed, lr: 0.8, test=lambda seed: 0.7 + seed / 100)
 
     monkeypatch.setattr(runner, "_run_one", fake_run)
     monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
