@@ -583,7 +583,7 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
 # tera-tn finetune
 # --------------------------------------------------------------------------------------------
 def _add_finetune(sub) -> None:
-    from .finetune import DEFAULT_LR
+    from .finetune import DEFAULT_LR, FinetuneConfig
 
     p = sub.add_parser(
         "finetune", help="fine-tune a local model on your labelled text with TeRA, LoRA or VeRA",
@@ -606,6 +606,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--lr", type=_positive_float, metavar="LR",
                    help="learning rate of the adapter (default: " +
                    ", ".join(f"{m} {DEFAULT_LR[m]:g}" for m in ("tera", "lora", "vera")) + ")")
+    p.add_argument("--head-lr", type=_positive_float, default=FinetuneConfig.head_lr, metavar="LR",
+                   help="learning rate of the classification head (default %(default)g); on many-class data "
+                        "a larger one can matter more than the adapter's")
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training data (default 3)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
@@ -670,7 +673,8 @@ def _cmd_finetune(args) -> int:
         raise UsageError(f"--model {args.model!r} is not a model folder (no config.json); expected a local "
                          "Hugging Face model folder")
     try:
-        configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, epochs=args.epochs,
+        configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, head_lr=args.head_lr,
+                                     epochs=args.epochs,
                                      steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                                      seed=s) for s in args.seeds]
         examples, names = ft.read_examples(args.data_path, args.text_column, args.label_column)

@@ -249,7 +249,8 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
     net.train()
     head, body = list(net.head.parameters()), [p for p in net.encoder.parameters() if p.requires_grad]
     lr = config.learning_rate
-    groups = [{"params": head, "lr": lr if config.method == "head" else config.head_lr}]
+    head_lr = lr if config.method == "head" else config.head_lr
+    groups = [{"params": head, "lr": head_lr}]
     opt = torch.optim.AdamW(groups + ([{"params": body, "lr": lr}] if body else []), weight_decay=config.weight_decay)
     batches = _batches(data["train"], config, torch.Generator().manual_seed(config.seed))
     total, warm = len(batches), int(round(config.warmup_ratio * len(batches)))
@@ -280,7 +281,7 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
         metrics["test_accuracy"], metrics["test_loss"] = _evaluate(net, data["test"], config.eval_batch_size, pad_id)
     n_head, n_body = sum(p.numel() for p in head), sum(p.numel() for p in body)
     metrics.update(trainable_params=n_head + n_body, adapter_params=n_body, head_params=n_head,
-                   num_labels=k, train_time_s=wall, train_cpu_s=cpu,
+                   head_lr=head_lr, num_labels=k, train_time_s=wall, train_cpu_s=cpu,
                    first_loss=losses[0], last_loss=sum(losses[-q:]) / q)
     return FinetuneResult(metrics=metrics, model=net)
 

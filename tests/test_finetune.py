@@ -104,13 +104,14 @@ def test_finetune_command_trains_saves_and_prints_a_table(tmp_path, capsys):
     data = _write_csv(tmp_path / "d.csv", n=2)
     out = tmp_path / "run"
     rc = main(["finetune", "--data-path", str(data), "--steps", "3", "--batch-size", "8", "--max-length", "16",
-               "--seeds", "0,1", "--adapter", "order=4", "--threads", "1", "-o", str(out), "--no-progress"])
+               "--seeds", "0,1", "--adapter", "order=4", "--head-lr", "0.05", "--threads", "1", "-o", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "val acc" in text and f"results written to {out.resolve()}/" in text
     res = json.loads((out / "results.json").read_text())
     assert [r["seed"] for r in res["runs"]] == [0, 1] and res["labels"] == ["neg", "pos"]
     assert res["adapter"] == {"order": 4}
+    assert [r["head_lr"] for r in res["runs"]] == [0.05, 0.05]
     for seed in (0, 1):
         assert (out / f"seed{seed}" / "head.safetensors").is_file()
         assert (out / f"seed{seed}" / "adapter_config.json").is_file()
@@ -140,6 +141,7 @@ def _no_model(*args, **kwargs):
     (["--seeds", "0,0"], "distinct"),
     (["--epochs", "-1"], "'-1'"),
     (["--lr", "nan"], "'nan'"),
+    (["--head-lr", "0"], "'0'"),
     (["--data-path", "/nonexistent"], "/nonexistent"),
     (["-o", "/proc/x"], "/proc/x"),
     (["--label-column", "stars"], "'stars'"),
