@@ -674,9 +674,8 @@ def _cmd_finetune(args) -> int:
                          "Hugging Face model folder")
     try:
         configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, head_lr=args.head_lr,
-                                     epochs=args.epochs,
-                                     steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                                     seed=s) for s in args.seeds]
+                                     epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                                     max_length=args.max_length, seed=s) for s in args.seeds]
         examples, names = ft.read_examples(args.data_path, args.text_column, args.label_column)
         parts = {"validation": args.validation_path, "test": args.test_path}
         extra = {k: _examples_as(ft.read_examples(p, args.text_column, args.label_column), names, p)

@@ -104,7 +104,8 @@ def test_finetune_command_trains_saves_and_prints_a_table(tmp_path, capsys):
     data = _write_csv(tmp_path / "d.csv", n=2)
     out = tmp_path / "run"
     rc = main(["finetune", "--data-path", str(data), "--steps", "3", "--batch-size", "8", "--max-length", "16",
-               "--seeds", "0,1", "--adapter", "order=4", "--head-lr", "0.05", "--threads", "1", "-o", str(out), "--no-progress"])
+               "--seeds", "0,1", "--adapter", "order=4", "--head-lr", "0.05", "--threads", "1", "-o", str(out),
+               "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "val acc" in text and f"results written to {out.resolve()}/" in text
