@@ -50,6 +50,9 @@ CONFIG_CASES = [
     Case("head-with-adapter", lambda: ft.FinetuneConfig(method="head", adapter={"r": 8}), ValueError,
          ("'head'", "no adapter")),
     Case("warmup", lambda: ft.FinetuneConfig(warmup_ratio=1.5), ValueError, ("warmup_ratio", "1.5")),
+    Case("dropout", lambda: ft.FinetuneConfig(dropout=2.0), ValueError, ("dropout", "2.0", "[0, 1)")),
+    Case("weight-decay", lambda: ft.FinetuneConfig(weight_decay=-1), ValueError, ("weight_decay", "-1", ">= 0")),
+    Case("grad-norm", lambda: ft.FinetuneConfig(max_grad_norm=0.0), ValueError, ("max_grad_norm", "0.0", "positive")),
 ]
 
 
@@ -157,3 +160,37 @@ def test_finetune_argument_errors_are_one_line_before_any_model(tmp_path, capsys
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "error:" in lines[0] and needle in lines[0], err
     assert "Traceback" not in err
+
+
+def test_collapsed_catches_a_classifier_stuck_on_one_class():
+    balanced = [0, 1] * 50
+    assert ft.collapsed([1] * 100, balanced)
+    assert ft.collapsed([1] * 80 + [0] * 20, balanced)  # 80 % "positive" on a 50/50 task
+    assert not ft.collapsed(balanced, balanced) and not ft.collapsed([1] * 70 + [0] * 30, balanced)
+    imbalanced = [0] * 80 + [1] * 20
+    assert ft.collapsed([0] * 100, imbalanced)  # every prediction the majority class
+    assert not ft.collapsed([0] * 90 + [1] * 10, imbalanced)
+    assert not ft.collapsed([1] * 10, [1] * 10)  # a one-class evaluation set is not a collapse
+    with pytest.raises(ValueError, match="one prediction per label, got 2 and 3"):
+        ft.collapsed([0, 1], [0, 1, 1])
+
+
+def test_one_step_run_is_not_diverged_and_clipping_reaches_every_step(tmp_path, model, monkeypatch):
+    import torch
+
+    ex, _ = ft.read_examples(_write_csv(tmp_path / "d.csv", n=1))
+    clipped: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *a, **k):
+        clipped.append(max_norm)
+        return real(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    one = ft.finetune(ft.FinetuneConfig(method="head", steps=1, batch_size=4, max_length=8, max_grad_norm=0.5),
+                      ex, ex, ex, model=model)
+    assert one.metrics["steps"] == 1 and not one.metrics["diverged"] and clipped == [0.5]
+    assert one.metrics["max_grad_norm"] == 0.5
+    assert len(one.predictions["test"]) == len(ex) and len(one.predictions["validation"]) == len(ex)
+    acc = sum(p == y for p, (_, y) in zip(one.predictions["test"], ex)) / len(ex)
+    assert acc == one.metrics["test_accuracy"]

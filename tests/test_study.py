@@ -354,10 +354,11 @@ def _fake_run(budget, ran, *, val, test):
     """A stand-in for ``runner._run_one`` that records (seed, lr) and scores ``val(seed, lr)``,
     ``test(seed)``: the schedule tests check which runs happen, the smoke tests real training."""
 
-    def fake_run(plan, key, dataset, stage, c, seed, lr, split, model, context):
-        ran.append((seed, lr))
+    def fake_run(plan, key, dataset, stage, b, c, seed, lr, split, model, context, adapters):
+        assert b.head_lr is not None or c.method == "head", "a run must know its head rate"
+        ran.append((seed, lr) if stage.head_lr_from is None else (c.name, seed, lr, b.head_lr))
         return {"key": key, "plan": plan, "contender": c.name, "method": c.method, "dataset": dataset,
-                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": budget.to_dict(),
+                "seed": seed, "lr": lr, "trainable_params": 10, "wall_s": 0.0, "budget": b.to_dict(),
                 "split_seed": stage.split_seed,
                 "metrics": {"val_accuracy": val(seed, lr), "test_accuracy": test(seed), "trainable_params": 10,
                             "diverged": False}}
@@ -415,7 +416,7 @@ def test_untuned_stage_runs_the_given_rate_on_every_seed_and_extends_nothing(tmp
     # a tuned stage's runs of the same contender at another rate (shared keys) do not count here
     other = Contender("tera_x", "tera", (1e-1,), {"order": 4})
     better = [fake_run("q", runner.run_key("rotten_tomatoes", 0, budget, other, s, 1e-1), "rotten_tomatoes", stage,
-                       other, s, 1e-1, None, None, None) for s in (0, 1, 2)]
+                       budget, other, s, 1e-1, None, None, None, None) for s in (0, 1, 2)]
     for r in better:
         r["metrics"]["val_accuracy"] = 0.9
     (outcome,), _ = publish.collect(list(f.records()) + better, "p", (stage,))
@@ -509,3 +510,73 @@ def test_status_reads_runs_as_publish_does(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "tera_mode_order3" in x)
     assert "lr 0.1 " in line and "params 2,500" in line and "done" in line, out
+
+
+def test_protocol_2_confirms_two_rates_on_every_seed_and_takes_the_head_rate_from_head_only(tmp_path, monkeypatch):
+    # Seed 0 ranks 3e-2 first and 1e-2 second; both run on seeds 1 and 2, where 1e-2 is better, so
+    # the 3-seed validation mean chooses 1e-2. Every other contender then trains its head at that
+    # rate, which its run key holds; publish reads the same choices back.
+    from experiments.study import publish
+
+    budget = Budget(steps=4, train_size=64, val_size=32, test_size=32, head_lr=None, max_grad_norm=1.0, protocol=2)
+    head = Contender("head_only", "head", (1e-2, 3e-2, 1e-1))
+    c = Contender("tera_x", "tera", (1e-2, 3e-2, 1e-1), {"order": 4})
+    stage = Stage(("rotten_tomatoes",), (0, 1, 2), (head, c), budget, tune_seeds=(0,), confirm_top=2,
+                  head_lr_from="head_only")
+    seed0 = {1e-2: 0.70, 3e-2: 0.72, 1e-1: 0.60}
+    ran: list[tuple] = []
+    fake_run = _fake_run(budget, ran, val=lambda seed, lr: seed0[lr] if seed == 0 else (0.8 if lr == 1e-2 else 0.7),
+                         test=lambda seed: 0.5)
+    monkeypatch.setattr(runner, "_run_one", fake_run)
+    monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
+    f = ResultsFile(tmp_path / "study.jsonl")
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 14
+    grid = [(0, 1e-2), (0, 3e-2), (0, 1e-1), (1, 3e-2), (2, 3e-2), (1, 1e-2), (2, 1e-2)]
+    assert ran == [("head_only", s, lr, None) for s, lr in grid] + [("tera_x", s, lr, 1e-2) for s, lr in grid]
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None) == 0
+    outcomes, stale = publish.collect(list(f.records()), "p", (stage,))
+    assert stale == 0 and [(o.name, o.lr, o.state) for o in outcomes] == [("head_only", 1e-2, "done"),
+                                                                         ("tera_x", 1e-2, "done")]
+    with pytest.raises(ValueError, match="head rate either from the budget or from head_lr_from"):
+        Stage(("x",), (0,), (head, c), Budget(), head_lr_from="head_only")
+    with pytest.raises(ValueError, match="must name the stage's first contender"):
+        Stage(("x",), (0,), (c, head), budget, head_lr_from="head_only")
+
+
+def test_choose_rate_prefers_a_rate_where_no_seed_diverged():
+    def rec(val, diverged=False):
+        return {"metrics": {"val_accuracy": val, "diverged": diverged}}
+
+    runs = {1e-2: {0: rec(0.70), 1: rec(0.70), 2: rec(0.70)},
+            3e-2: {0: rec(0.75), 1: rec(0.90), 2: rec(0.30, diverged=True)}}
+    assert runner.choose_rate(runs, (0,), (0, 1, 2), top=2) == ([3e-2, 1e-2], 1e-2)
+    assert runner.choose_rate(runs, (0,), (0, 1, 2), top=1) == ([3e-2], 3e-2)  # protocol 1 as before
+    del runs[1e-2][2]
+    assert runner.choose_rate(runs, (0,), (0, 1, 2), top=2) == ([3e-2, 1e-2], None)  # still running
+
+
+def test_protocol_1_keys_are_unchanged_by_the_protocol_2_fields():
+    # every line of the results file was keyed before these fields existed
+    assert set(Budget().to_dict()) == {"steps", "batch_size", "max_length", "train_size", "val_size", "test_size",
+                                       "eval_batch_size", "head_lr", "warmup_ratio", "threads"}
+    assert {"protocol", "max_grad_norm"} <= set(PLANS["v2"][0].budget.to_dict())
+
+
+@pytest.mark.slow
+def test_protocol_2_smoke_plan_stores_predictions_and_the_trained_adapter(tmp_path):
+    from experiments.study.runner import decode_labels
+
+    f = ResultsFile(tmp_path / "study.jsonl")
+    ran = runner.run_plan("smoke2", PLANS["smoke2"], f, log=lambda s: None)
+    records = list(f.records())
+    assert ran == len(records) >= 8 and runner.run_plan("smoke2", PLANS["smoke2"], f, log=lambda s: None) == 0
+    for r in records:
+        preds, labels = decode_labels(r["test_predictions"]), decode_labels(r["test_labels"])
+        assert len(preds) == len(labels) == r["split_sizes"]["test"]
+        correct = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+        assert abs(correct - r["metrics"]["test_accuracy"]) < 1e-12
+        assert r["config"]["max_grad_norm"] == 1.0 and "collapsed" in r["metrics"]
+        if r["method"] == "tera":
+            folder = f.path.parent / r["adapter_dir"]
+            assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
+            assert r["budget"]["head_lr"] == r["config"]["head_lr"]

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from experiments.datasets import HELD_OUT
 
-__all__ = ["Budget", "Contender", "PLANS", "Stage", "TERA_BASE", "resolved_adapter"]
+__all__ = ["Budget", "Contender", "PLANS", "PROTOCOL_2", "Stage", "TERA_BASE", "resolved_adapter"]
 
 #: starting grids (half-decades); the runner extends them past any edge that wins
 LORA_LRS = (1e-3, 3e-3, 1e-2)
@@ -35,13 +35,27 @@ class Budget:
     val_size: int = 1000
     test_size: int = 2000
     eval_batch_size: int = 128
-    head_lr: float = 3e-3
+    #: the classification head's rate; None: taken per dataset from the stage's ``head_lr_from``
+    #: contender (protocol 2), and the resolved rate is what a run's key and record hold
+    head_lr: float | None = 3e-3
     warmup_ratio: float = 0.1
     #: on a shared 2-core machine one thread ran 6x faster than two (0.85 s against 5 s per LoRA step)
     threads: int = 1
+    #: protocol 2 clips the global gradient norm of everything that trains (None: no clipping)
+    max_grad_norm: float | None = None
+    #: 1: the study's first protocol; 2: head rate from head-only, clipping, rates confirmed on 3 seeds,
+    #: the collapse rule and per-example predictions (see ``PROTOCOL_2``). Runs of the two never share a table.
+    protocol: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The budget as run keys and records hold it; protocol 1's keys predate the last two
+        fields, so those are left out at their protocol-1 values and every earlier key still holds."""
+        d = asdict(self)
+        if d["max_grad_norm"] is None:
+            del d["max_grad_norm"]
+        if d["protocol"] == 1:
+            del d["protocol"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,12 @@ class Stage:
     #: False: each contender runs at its listed rates on every seed and nothing is tuned or extended
     #: (a stage that measures a given rate, such as the library's documented default)
     tune: bool = True
+    #: how many of the best grid-seed rates run on the remaining seeds; the rate is then chosen by the
+    #: validation mean over all seeds among them (1: the best grid-seed rate is the choice)
+    confirm_top: int = 1
+    #: the contender whose chosen rate on a dataset is every other contender's head rate there (it
+    #: runs first); requires ``budget.head_lr`` None
+    head_lr_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.tune_seeds is not None and (not self.tune_seeds or not set(self.tune_seeds) <= set(self.seeds)):
@@ -81,6 +101,14 @@ class Stage:
         if self.lr_from and not self.tune:
             raise ValueError("a stage either takes its rates from other datasets (lr_from) or runs the listed ones "
                              "(tune=False), not both")
+        if self.confirm_top < 1:
+            raise ValueError(f"confirm_top must be at least 1, got {self.confirm_top}")
+        if (self.head_lr_from is None) != (self.budget.head_lr is not None):
+            raise ValueError("a stage takes its head rate either from the budget or from head_lr_from, exactly one; "
+                             f"got head_lr={self.budget.head_lr}, head_lr_from={self.head_lr_from!r}")
+        if self.head_lr_from is not None and (not self.contenders or self.contenders[0].name != self.head_lr_from
+                                              or self.contenders[0].method != "head"):
+            raise ValueError(f"head_lr_from {self.head_lr_from!r} must name the stage's first contender, a 'head' run")
 
     @property
     def fixed(self) -> bool:
@@ -165,6 +193,23 @@ CONFIRM = REFERENCES + (_tera("tera_diag_mode", diag="mode"), _tera("tera_order3
 #: the longer budget: three times the steps over the same 3,200 training examples (three epochs)
 LONG = Budget(steps=300, test_size=1000)
 
+#: protocol 2 (every method the same treatment; issue-driven fixes of protocol 1's confounds): the head's
+#: rate per dataset is head-only's validation choice, gradients clipped at norm 1.0, a run whose
+#: validation predictions collapse onto one class counts as diverged, the two best seed-0 rates run on
+#: seeds 1 and 2 and the 3-seed validation mean chooses between them, 2,000 test items (election tweets:
+#: 1,514 training examples are left, so its 100 steps wrap the epoch), per-example test predictions kept
+PROTOCOL_2 = Budget(test_size=2000, head_lr=None, max_grad_norm=1.0, protocol=2)
+#: head-only's own grid: its best rates under protocol 1 were 3e-2 to 1e-1
+HEAD_LRS = (1e-2, 3e-2, 1e-1)
+BASELINES_2 = (
+    Contender("head_only", "head", HEAD_LRS),
+    _tera("tera_mode_order3", **DEFAULTS),
+    Contender("vera_r256", "vera", VECTOR_LRS, {"r": 256}),
+    Contender("lora_r8", "lora", LORA_LRS, {"r": 8, "lora_alpha": 16}),
+    # exactly order 2's 41,472 adapter numbers on MiniLM's q/k/v/dense: the equal-count LoRA row
+    Contender("lora_r1", "lora", LORA_LRS, {"r": 1, "lora_alpha": 2}),
+)
+
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
     "screen": (Stage(("rotten_tomatoes",), (0,), REFERENCES + TERA_ABLATIONS + TERA_VARIANTS + OTHERS, SHORT),),
@@ -184,8 +229,19 @@ PLANS: dict[str, tuple[Stage, ...]] = {
                        (Contender("tera_mode_order3", "tera", (3e-2,), DEFAULTS),
                         Contender("tera_order3", "tera", (3e-2,), {"order": 3})),
                        SHORT, tune=False),),
+    # protocol 2's baselines: the choice datasets tune (grid on seed 0, its two best rates on seeds 1-2);
+    # the held-out dataset takes every rate, the head's included, from them (blind)
+    "v2": (Stage(CHOICE, (0, 1, 2), BASELINES_2, PROTOCOL_2, tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),
+           Stage((HELD_OUT,), (0, 1, 2), BASELINES_2, PROTOCOL_2, lr_from=CHOICE, tune_seeds=(0,),
+                 head_lr_from="head_only")),
     # the test suite's plan: a real model and data, a handful of steps
     "smoke": (Stage(("rotten_tomatoes",), (0,), (Contender("tera_smoke", "tera", (3e-2,), {"order": 4}),),
                     Budget(steps=4, batch_size=8, max_length=24, train_size=64, val_size=32, test_size=32,
                            eval_batch_size=64, threads=1)),),
+    # the suite's protocol-2 plan: two contenders (the head rate's source first), two rates, two seeds
+    "smoke2": (Stage(("rotten_tomatoes",), (0, 1), (Contender("head_only", "head", (1e-2, 3e-2)),
+                                                    Contender("tera_smoke", "tera", (3e-2, 1e-1), {"order": 4})),
+                     Budget(steps=4, batch_size=8, max_length=24, train_size=64, val_size=32, test_size=32,
+                            eval_batch_size=64, threads=1, head_lr=None, max_grad_norm=1.0, protocol=2),
+                     tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),),
 }

@@ -31,7 +31,7 @@ from experiments import generative
 from experiments.datasets import HELD_OUT
 from experiments.study.plans import TERA_BASE, Contender, Stage
 from experiments.study.results import ResultsFile
-from experiments.study.runner import MAX_EXTENSIONS, extend_grid, run_key
+from experiments.study.runner import MAX_EXTENSIONS, choose_rate, extend_grid, run_key, stage_budget
 from tera_tn.analysis.plot import mean_interval
 
 __all__ = ["Outcome", "collect", "generative_section", "publish", "render", "write_page"]
@@ -114,13 +114,16 @@ class Outcome:
         return math.fsum(r["metrics"]["val_accuracy"] for r in at) / len(at)
 
     def choose(self) -> None:
-        """Pick the learning rate on validation (grid seeds) among the rates they all finished;
-        the outcome is reported once every seed has run at that rate."""
+        """Pick the learning rate on validation as the runner does (:func:`choose_rate`); the outcome
+        is reported once every seed has run at that rate."""
         complete = self._complete()
-        ok = [lr for lr in complete if not self._diverged(lr)]
-        if not ok:
+        if self.stage.fixed:
+            candidates = [lr for lr in complete if not self._diverged(lr)]
+            best = max(candidates, key=lambda lr: (self._val(lr), -lr)) if candidates else None
+        else:
+            _, best = choose_rate(self.runs, self.grid_seeds, self.stage.seeds, self.stage.confirm_top)
+        if best is None:
             return
-        best = max(ok, key=lambda lr: (self._val(lr), -lr))
         at = self.runs[best]
         if not set(self.stage.seeds) <= set(at):
             return  # the remaining seeds have not run at the chosen rate yet
@@ -146,18 +149,28 @@ def collect(records: Iterable[Mapping[str, Any]], plan: str, stages: Sequence[St
             for c in stage.contenders:
                 outcomes[(dataset, c.name)] = Outcome(dataset, c, stage)
     stale = 0
-    for r in records:
-        # A run's key holds everything that decides its outcome, so a run another plan made with
-        # the same key (the screen's seed-0 grid on Rotten Tomatoes) is this plan's run too.
-        o = outcomes.get((r.get("dataset"), r.get("contender")))
-        if o is None or r["key"] != run_key(o.dataset, o.stage.split_seed, o.stage.budget, o.contender,
-                                            r["seed"], r["lr"]) or r["seed"] not in o.stage.seeds \
-                or (not o.stage.tune and float(r["lr"]) not in o.contender.lrs):  # a given rate: no other counts
-            stale += r.get("plan") == plan
-            continue
-        o.runs.setdefault(float(r["lr"]), {})[int(r["seed"])] = dict(r)
-    for o in outcomes.values():
+    records = list(records)
+    # the head-rate sources first: every other contender's runs are keyed by the rate they chose
+    sources = sorted(outcomes.values(), key=lambda o: o.name != o.stage.head_lr_from)
+    claimed: set[int] = set()
+    for o in sources:
+        head = outcomes.get((o.dataset, o.stage.head_lr_from)) if o.stage.head_lr_from else None
+        if head is not None and head is not o and head.lr is None:
+            continue  # no head rate yet: none of this contender's runs can be matched
+        budget = stage_budget(o.stage, head.lr if head is not None and head is not o else None)
+        for i, r in enumerate(records):
+            if (r.get("dataset"), r.get("contender")) != (o.dataset, o.name):
+                continue
+            # A run's key holds everything that decides its outcome, so a run another plan made with
+            # the same key (the screen's seed-0 grid on Rotten Tomatoes) is this plan's run too.
+            if r["key"] != run_key(o.dataset, o.stage.split_seed, budget, o.contender, r["seed"], r["lr"]) \
+                    or r["seed"] not in o.stage.seeds \
+                    or (not o.stage.tune and float(r["lr"]) not in o.contender.lrs):  # a given rate: no other counts
+                continue
+            claimed.add(i)
+            o.runs.setdefault(float(r["lr"]), {})[int(r["seed"])] = dict(r)
         o.choose()
+    stale = sum(r.get("plan") == plan for i, r in enumerate(records) if i not in claimed)
     return list(outcomes.values()), stale
 
 

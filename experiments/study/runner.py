@@ -9,6 +9,7 @@ mean validation accuracy over the stage's seeds) sits on it; a diverged point is
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -26,11 +27,15 @@ from experiments.study.plans import Budget, Contender, Stage, resolved_adapter
 from experiments.study.results import ResultsFile
 from tera_tn.finetune import FinetuneConfig, finetune, load_model
 
-__all__ = ["MAX_EXTENSIONS", "code_version", "extend_grid", "fixed_lr", "run_key", "run_plan"]
+__all__ = ["ADAPTERS", "MAX_EXTENSIONS", "choose_rate", "code_version", "extend_grid", "fixed_lr", "run_key", "run_plan",
+           "stage_budget"]
 
 #: how far a grid may grow past its starting points (each step is a factor of about 3)
 MAX_EXTENSIONS = 4
 _ROOT = Path(__file__).resolve().parents[2]
+#: the folder beside the results file where protocol-2 TeRA runs keep their trained adapter and head
+#: (``<key>/``), so that exports can be evaluated later without training again
+ADAPTERS = "adapters"
 
 
 def _half_decade(lr: float, up: bool) -> float:
@@ -63,6 +68,42 @@ def extend_grid(scores: Mapping[float, tuple[float, bool]]) -> float | None:
     return None
 
 
+def choose_rate(runs: Mapping[float, Mapping[int, Mapping[str, Any]]], grid_seeds: Iterable[int],
+                seeds: Iterable[int], top: int = 1) -> tuple[list[float], float | None]:
+    """``(rates the remaining seeds run at, the chosen rate or None while unfinished)``.
+
+    ``runs`` maps each tried rate to ``{seed: record}``. Among the rates every grid seed finished
+    without diverging, the ``top`` best by mean grid-seed validation accuracy (ties: the smaller
+    rate) run on every seed. With ``top`` 1 that rate is the choice; otherwise the choice is the
+    best of them by validation mean over all seeds, preferring rates where no seed diverged.
+    """
+    grid_seeds, seeds = tuple(grid_seeds), tuple(seeds)
+
+    def val(lr: float, over: tuple[int, ...]) -> float:
+        return math.fsum(runs[lr][s]["metrics"]["val_accuracy"] for s in over) / len(over)
+
+    def diverged(lr: float, over: tuple[int, ...]) -> bool:
+        return any(runs[lr][s]["metrics"]["diverged"] for s in over)
+
+    ok = [lr for lr, at in runs.items() if set(grid_seeds) <= set(at) and not diverged(lr, grid_seeds)]
+    best = sorted(ok, key=lambda lr: (-val(lr, grid_seeds), lr))[:top]
+    if not best:
+        return [], None
+    if top == 1:
+        return best, best[0]
+    if not all(set(seeds) <= set(runs[lr]) for lr in best):
+        return best, None
+    return best, max(best, key=lambda lr: (not diverged(lr, seeds), val(lr, seeds), -lr))
+
+
+def stage_budget(stage: Stage, head_lr: float | None) -> Budget:
+    """The budget a stage's run trains with once its head rate is known (protocol 2 takes it per
+    dataset from the head-only contender; otherwise the budget's own)."""
+    if stage.head_lr_from is None:
+        return stage.budget
+    return replace(stage.budget, head_lr=head_lr)
+
+
 def fixed_lr(records: Iterable[Mapping[str, Any]], stage: Stage, contender: Contender) -> float | None:
     """The rate ``contender`` runs at on a ``stage`` with ``lr_from``: among the rates finished for
     every (dataset in ``lr_from``, grid seed of the stage) at the stage's ``lr_budget`` (default: its
@@ -71,10 +112,17 @@ def fixed_lr(records: Iterable[Mapping[str, Any]], stage: Stage, contender: Cont
     no rate is finished everywhere."""
     need = {(d, s) for d in stage.lr_from for s in stage.grid_seeds}
     budget = (stage.lr_budget or stage.budget).to_dict()
+
+    def same_budget(other: Mapping[str, Any] | None) -> bool:
+        # with a per-dataset head rate, the choice datasets' runs differ from each other in it
+        if stage.head_lr_from is None or other is None:
+            return other == budget
+        return {k: v for k, v in other.items() if k != "head_lr"} == {k: v for k, v in budget.items() if k != "head_lr"}
+
     by_lr: dict[float, dict[tuple, Mapping[str, Any]]] = {}
     for r in records:
         if (r.get("contender") == contender.name and (r.get("dataset"), r.get("seed")) in need
-                and r.get("budget") == budget and r.get("split_seed") == stage.split_seed):
+                and same_budget(r.get("budget")) and r.get("split_seed") == stage.split_seed):
             by_lr.setdefault(r["lr"], {})[(r["dataset"], r["seed"])] = r
     scores = {lr: sum(r["metrics"]["val_accuracy"] for r in runs.values()) / len(runs)
               for lr, runs in by_lr.items()
@@ -139,8 +187,16 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
         torch.set_num_threads(stage.budget.threads)
         context["versions"]["threads"] = stage.budget.threads
         for dataset in stage.datasets:
+            head_lr = None  # the head rate of this dataset, once its source contender has chosen it
             for position, c in enumerate(stage.contenders):
-                if position % count != index or (only is not None and c.name not in only):
+                if stage.head_lr_from is not None and c.name != stage.head_lr_from and head_lr is None:
+                    log(f"    {c.name} on {dataset}: skipped until {stage.head_lr_from} has chosen the head's rate")
+                    continue
+                budget = stage_budget(stage, head_lr)
+                # the head-rate source runs in every shard (its runs are shared through the results
+                # file), since every other contender waits for its choice
+                mine = position % count == index or c.name == stage.head_lr_from
+                if not mine or (only is not None and c.name not in only and c.name != stage.head_lr_from):
                     continue
                 lrs = list(c.lrs)
                 if stage.lr_from:
@@ -152,10 +208,13 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                     lrs = [chosen]
                 seeds = stage.seeds if stage.fixed else stage.grid_seeds
 
+                def key_of(lr: float, seed: int) -> str:
+                    return run_key(dataset, stage.split_seed, budget, c, seed, lr)
+
                 def run(lr: float, seed: int) -> bool:
                     """Run (lr, seed) unless finished; False when ``limit`` stops the plan."""
                     nonlocal model, ran
-                    key = run_key(dataset, stage.split_seed, stage.budget, c, seed, lr)
+                    key = key_of(lr, seed)
                     if key not in done:
                         done.update((r["key"], r) for r in results.records())
                     if key in done:
@@ -164,15 +223,13 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         return False
                     if model is None:
                         model = load_model(model_dir)
-                    sk = (dataset, stage.split_seed, stage.budget.train_size, stage.budget.val_size,
-                          stage.budget.test_size)
+                    sk = (dataset, stage.split_seed, budget.train_size, budget.val_size, budget.test_size)
                     if sk not in splits:
                         examples, names = load(dataset)
-                        splits[sk] = (split_examples(examples, train_size=stage.budget.train_size,
-                                                     val_size=stage.budget.val_size,
-                                                     test_size=stage.budget.test_size,
-                                                     seed=stage.split_seed), len(names))
-                    rec = _run_one(plan, key, dataset, stage, c, seed, lr, splits[sk], model, context)
+                        splits[sk] = (split_examples(examples, train_size=budget.train_size, val_size=budget.val_size,
+                                                     test_size=budget.test_size, seed=stage.split_seed), len(names))
+                    rec = _run_one(plan, key, dataset, stage, budget, c, seed, lr, splits[sk], model, context,
+                                   results.path.parent / ADAPTERS)
                     results.append(rec)
                     done[key] = rec
                     ran += 1
@@ -182,7 +239,9 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                         f"{'DIVERGED ' if m['diverged'] else ''}({rec['wall_s']:.0f} s)")
                     return True
 
-                scores: dict[float, tuple[float, bool]] = {}
+                def runs_at(rates: Iterable[float], over: Iterable[int]) -> dict[float, dict[int, Mapping]]:
+                    return {lr: {s: done[key_of(lr, s)] for s in over if key_of(lr, s) in done} for lr in rates}
+
                 for _ in range(MAX_EXTENSIONS + 1):
                     for lr in lrs:
                         for seed in seeds:
@@ -190,38 +249,60 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                                 return ran
                     if stage.fixed:
                         break  # the rate was fixed elsewhere or given: no grid here
-                    for lr in lrs:
-                        recs = [done[run_key(dataset, stage.split_seed, stage.budget, c, s, lr)] for s in seeds]
-                        scores[lr] = (sum(r["metrics"]["val_accuracy"] for r in recs) / len(recs),
-                                      any(r["metrics"]["diverged"] for r in recs))
+                    at = runs_at(lrs, seeds)
+                    scores = {lr: (math.fsum(r["metrics"]["val_accuracy"] for r in at[lr].values()) / len(seeds),
+                                   any(r["metrics"]["diverged"] for r in at[lr].values())) for lr in lrs}
                     nxt = extend_grid(scores)
                     if nxt is None:
                         break
                     log(f"    {c.name}: best learning rate at the grid's edge; extending to {nxt:g}")
                     lrs.append(nxt)
-                rest = [s for s in stage.seeds if s not in seeds]
-                ok = [lr for lr, (_, diverged) in scores.items() if not diverged]
-                if rest and ok:
-                    chosen = max(ok, key=lambda lr: (scores[lr][0], -lr))
-                    for seed in rest:
-                        if not run(chosen, seed):
-                            return ran
+                if stage.fixed:
+                    chosen_lr = lrs[0] if len(lrs) == 1 else None
+                else:
+                    confirm, _ = choose_rate(runs_at(lrs, seeds), seeds, stage.seeds, stage.confirm_top)
+                    for lr in confirm:
+                        for seed in stage.seeds:
+                            if not run(lr, seed):
+                                return ran
+                    _, chosen_lr = choose_rate(runs_at(lrs, stage.seeds), seeds, stage.seeds, stage.confirm_top)
+                if c.name == stage.head_lr_from:
+                    head_lr = chosen_lr
     return ran
 
 
-def _run_one(plan: str, key: str, dataset: str, stage: Stage, c: Contender, seed: int, lr: float,
-             split: tuple[TextSplits, int], model, context: dict[str, Any]) -> dict[str, Any]:
+def _encode_labels(values: Iterable[int]) -> str:
+    """Labels as base64 of one byte each (every study dataset has at most 20 classes)."""
+    return base64.b64encode(bytes(values)).decode()
+
+
+def decode_labels(text: str) -> list[int]:
+    """The inverse of the record's compact label encoding."""
+    return list(base64.b64decode(text))
+
+
+def _run_one(plan: str, key: str, dataset: str, stage: Stage, b: Budget, c: Contender, seed: int, lr: float,
+             split: tuple[TextSplits, int], model, context: dict[str, Any], adapters: Path) -> dict[str, Any]:
     data, num_labels = split
-    b = stage.budget
     config = FinetuneConfig(method=c.method, adapter=resolved_adapter(c.method, c.adapter), lr=lr,
-                            head_lr=b.head_lr, steps=b.steps,
+                            head_lr=lr if b.head_lr is None else b.head_lr, steps=b.steps,
                             batch_size=b.batch_size, eval_batch_size=b.eval_batch_size, max_length=b.max_length,
-                            warmup_ratio=b.warmup_ratio, seed=seed)
+                            warmup_ratio=b.warmup_ratio, seed=seed, max_grad_norm=b.max_grad_norm)
     t0, c0 = time.perf_counter(), time.process_time()
     result = finetune(config, data.train, data.validation, data.test, model=model, num_labels=num_labels)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     m = result.metrics
-    return {
+    extra: dict[str, Any] = {}
+    if b.protocol >= 2:
+        # per-example test predictions (and labels, in split order) for item-level paired intervals
+        extra["test_predictions"] = _encode_labels(result.predictions["test"])
+        extra["test_labels"] = _encode_labels(y for _, y in data.test)
+        if c.method == "tera":
+            from tera_tn.finetune import save_adapter
+
+            save_adapter(result, adapters / key)
+            extra["adapter_dir"] = f"{ADAPTERS}/{key}"  # relative to the results file's folder
+    return {**extra,
         "key": key, "plan": plan, "contender": c.name, "method": c.method, "adapter": dict(c.adapter),
         "dataset": dataset, "held_out": dataset == HELD_OUT, "dataset_source": DATASETS[dataset].source,
         "split_seed": stage.split_seed, "split_sizes": data.sizes(), "seed": seed, "lr": lr, "steps": m["steps"],
