@@ -105,14 +105,6 @@ def _runs():
     return rows
 
 
-def test_t_interval_matches_tables_and_a_hand_computation():
-    assert [round(plot._t975(df), 3) for df in (1, 2, 3, 4, 9, 30)] == [12.706, 4.303, 3.182, 2.776, 2.262, 2.042]
-    mean, half = plot.mean_interval([0.70, 0.74, 0.75])
-    sd = np.std([0.70, 0.74, 0.75], ddof=1)
-    assert mean == pytest.approx(0.73) and half == pytest.approx(4.303 * sd / np.sqrt(3), rel=1e-4)
-    assert plot.mean_interval([0.5]) == (0.5, None)
-
-
 def test_frontier_has_one_panel_per_dataset_and_one_series_per_contender():
     d = plot.frontier_data(_runs())
     assert [p["dataset"] for p in d["datasets"]] == ["sst", "news"]

@@ -580,3 +580,35 @@ def test_protocol_2_smoke_plan_stores_predictions_and_the_trained_adapter(tmp_pa
             folder = f.path.parent / r["adapter_dir"]
             assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
             assert r["budget"]["head_lr"] == r["config"]["head_lr"]
+
+
+def test_protocol_2_tables_show_item_level_intervals_beside_the_seed_only_ones(tmp_path, monkeypatch):
+    # Two contenders whose runs kept their test predictions: the Δ cell against LoRA r=8 carries the
+    # bootstrap over items and seeds, and it is the difference of the stored predictions.
+    import base64
+
+    from experiments.study import publish
+
+    budget = Budget(steps=4, train_size=64, val_size=32, test_size=32, head_lr=None, max_grad_norm=1.0, protocol=2)
+    head = Contender("head_only", "head", (1e-2,))
+    lora = Contender("lora_r8", "lora", (1e-2,), {"r": 8})
+    stage = Stage(("rotten_tomatoes",), (0, 1), (head, lora), budget, tune=False, head_lr_from="head_only")
+    labels = [0, 1] * 20
+    right = {"head_only": 30, "lora_r8": 36}  # items answered correctly, the same ones for every seed
+
+    def rec(c, seed):
+        b = runner.stage_budget(stage, None if c is head else 1e-2)
+        preds = [y if i < right[c.name] else 1 - y for i, y in enumerate(labels)]
+        enc = lambda v: base64.b64encode(bytes(v)).decode()  # noqa: E731
+        return {"key": runner.run_key("rotten_tomatoes", 0, b, c, seed, 1e-2), "plan": "p", "contender": c.name,
+                "method": c.method, "dataset": "rotten_tomatoes", "seed": seed, "lr": 1e-2, "trainable_params": 10,
+                "budget": b.to_dict(), "split_seed": 0, "test_predictions": enc(preds), "test_labels": enc(labels),
+                "metrics": {"val_accuracy": 0.7, "test_accuracy": right[c.name] / 40, "diverged": False}}
+
+    records = [rec(c, s) for c in (head, lora) for s in (0, 1)]
+    (h, lo), stale = publish.collect(records, "p", (stage,))
+    assert stale == 0 and h.lr == lo.lr == 1e-2
+    d = publish.item_paired(h, lo)
+    assert d.mean == pytest.approx(-6 / 40) and d.low < d.mean < d.high and d.seed_half == pytest.approx(0.0)
+    text = publish.render("p", (stage,), records)
+    assert f"; items {d}" in text and "items bootstrap interval" in text

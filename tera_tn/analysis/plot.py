@@ -31,7 +31,6 @@ matplotlib is imported lazily (``pip install tera_tn[plot]``).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -43,6 +42,7 @@ from ..core.factors import init_scales, random_factors
 from .rank import summarize_singular_values
 from ..core.spec import TeRASpec
 from .spectrum import tera_singular_values
+from .stats import mean_interval
 
 __all__ = [
     "TRADEOFF_ORDERS",
@@ -53,7 +53,6 @@ __all__ = [
     "spectra_figure",
     "planner_data",
     "planner_figure",
-    "mean_interval",
     "frontier_data",
     "frontier_figure",
     "lr_curves_data",
@@ -481,53 +480,6 @@ _RECORD_KEYS = ("dataset", "contender", "method", "params", "seed", "lr", "value
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 _METHOD_COLORS = {"lora": _COLORS["lora"], "vera": _COLORS["vera"], "hira": _COLORS["hira"],
                   "head": "#999999", "full": "#000000"}
-
-
-@lru_cache(maxsize=None)
-def _t975(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom.
-
-    The CDF has a closed form for integer ``df`` (a finite series in cos θ, θ = atan(t/√df));
-    bisection inverts it, so intervals need no statistics package.
-    """
-    def coverage(t: float) -> float:  # P(|T| <= t)
-        theta = math.atan(t / math.sqrt(df))
-        c2 = math.cos(theta) ** 2
-        if df % 2:
-            term, series = 1.0, 1.0
-            for k in range(1, (df - 1) // 2):
-                term *= 2 * k / (2 * k + 1) * c2
-                series += term
-            inner = math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0
-            return 2 / math.pi * (theta + inner)
-        term, series = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c2
-            series += term
-        return math.sin(theta) * series
-
-    lo, hi = 0.0, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if coverage(mid) < 0.95 else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean of ``values`` and the half-width of its 95 % Student-t interval (None for one value).
-
-    Used for accuracies over seeds and for seed-paired differences between methods.
-    """
-    xs = [float(v) for v in values]
-    if not xs:
-        raise ValueError("mean_interval needs at least one value, got none")
-    if not all(math.isfinite(v) for v in xs):
-        raise ValueError(f"mean_interval needs finite values, got {xs}")
-    mean = math.fsum(xs) / len(xs)
-    if len(xs) == 1:
-        return mean, None
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in xs) / (len(xs) - 1))
-    return mean, _t975(len(xs) - 1) * sd / math.sqrt(len(xs))
 
 
 def _check_records(records: Iterable[Mapping[str, Any]], fn: str, *, allow_diverged: bool) -> list[dict]:
