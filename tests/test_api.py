@@ -1,4 +1,4 @@
-"""The public API stays small, is listed on one docs page, and renamed names still resolve (with a warning)."""
+"""The public API stays small, is listed on one docs page, and carries no pre-release aliases."""
 
 from __future__ import annotations
 
@@ -12,30 +12,16 @@ import pytest
 PACKAGES = ("tera_tn", "tera_tn.torch", "tera_tn.peft")
 API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api" / "index.md"
 
-DEPRECATED = {
-    "tera_tn": {
-        "tera_singular_values": "tera_tn.singular_values",
-        "tera_conditioning": "tera_tn.conditioning",
-        "scaled_factors": "tera_tn.core.network.scaled_factors",
-        "StrategyCost": "tera_tn.contract.contraction.StrategyCost",
-        "LayerCost": "tera_tn.analysis.accounting.LayerCost",
-        "MethodTotals": "tera_tn.analysis.accounting.MethodTotals",
-        "layer_cost": "tera_tn.analysis.accounting.layer_cost",
-        "method_totals": "tera_tn.analysis.accounting.method_totals",
-    },
-    "tera_tn.torch": {
-        "FrozenNetwork": "tera_tn.torch.autograd.FrozenNetwork",
-        "TeRALinearFunction": "tera_tn.torch.autograd.TeRALinearFunction",
-        "ddp_ignore_factor_bank": "tera_tn.torch.model.ddp_ignore_factor_bank",
-        "LayerSummary": "tera_tn.torch.model.LayerSummary",
-        "LayerPlan": "tera_tn.torch.planning.LayerPlan",
-        "layer_plan": "tera_tn.torch.planning.layer_plan",
-    },
-    "tera_tn.peft": {
-        "SUPPORTED_PEFT": "tera_tn.peft._compat.SUPPORTED_PEFT",
-        "TESTED_PEFT_VERSIONS": "tera_tn.peft._compat.TESTED_PEFT_VERSIONS",
-    },
+#: names the pre-release layout had; 0.1.0 was never released, so they are gone rather than aliased
+REMOVED = {
+    "tera_tn": ("tera_singular_values", "tera_conditioning", "scaled_factors", "StrategyCost", "LayerCost",
+                "MethodTotals", "layer_cost", "method_totals", "spec", "rank", "plot"),
+    "tera_tn.torch": ("FrozenNetwork", "TeRALinearFunction", "ddp_ignore_factor_bank", "LayerSummary", "LayerPlan",
+                      "layer_plan"),
+    "tera_tn.peft": ("SUPPORTED_PEFT", "TESTED_PEFT_VERSIONS"),
 }
+OLD_MODULE_PATHS = ("tera_tn.spec", "tera_tn.factors", "tera_tn.network", "tera_tn.costmodel", "tera_tn.rank",
+                    "tera_tn.plot")
 
 
 def _module(name: str):
@@ -67,14 +53,25 @@ def test_no_public_name_repeats_the_package_prefix():
     assert [n for n in tera_tn.__all__ if n.startswith("tera_")] == []
 
 
-@pytest.mark.parametrize("pkg, old", [(p, o) for p, olds in DEPRECATED.items() for o in olds])
-def test_deprecated_alias_warns_and_resolves_to_the_new_object(pkg, old):
+@pytest.mark.parametrize("pkg, old", [(p, o) for p, olds in REMOVED.items() for o in olds])
+def test_pre_release_names_are_gone_without_an_alias(pkg, old):
     module = _module(pkg)
     assert old not in module.__all__
-    with pytest.warns(DeprecationWarning, match=rf"{re.escape(pkg)}\.{old} is deprecated.*use {re.escape(DEPRECATED[pkg][old])}"):
-        got = getattr(module, old)
-    assert got is _resolve(DEPRECATED[pkg][old])
-    assert old in API_PAGE.read_text(encoding="utf-8")
+    if pkg == "tera_tn" and old in ("spec", "rank", "plot"):
+        # a submodule imported elsewhere would be an attribute of its package; these never were
+        assert old not in vars(module)
+        return
+    with pytest.raises(AttributeError):
+        getattr(module, old)
+
+
+@pytest.mark.parametrize("old", OLD_MODULE_PATHS)
+def test_old_module_paths_do_not_import(old):
+    import sys
+
+    assert old not in sys.modules
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
 
 
 def test_unknown_names_still_raise_attribute_error_without_warning():
@@ -90,54 +87,6 @@ def test_unknown_names_still_raise_attribute_error_without_warning():
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "tera_tn"
-MOVED_MODULES = {
-    "tera_tn.spec": "tera_tn.core.spec",
-    "tera_tn.factorize": "tera_tn.core.factorize",
-    "tera_tn.tensorize": "tera_tn.core.tensorize",
-    "tera_tn.factors": "tera_tn.core.factors",
-    "tera_tn.network": "tera_tn.core.network",
-    "tera_tn.modeproduct": "tera_tn.core.modeproduct",
-    "tera_tn.costmodel": "tera_tn.contract.costmodel",
-    "tera_tn.contraction": "tera_tn.contract.contraction",
-    "tera_tn.rank": "tera_tn.analysis.rank",
-    "tera_tn.spectrum": "tera_tn.analysis.spectrum",
-    "tera_tn.accounting": "tera_tn.analysis.accounting",
-    "tera_tn.shapes": "tera_tn.analysis.shapes",
-    "tera_tn.report": "tera_tn.analysis.report",
-    "tera_tn.plot": "tera_tn.analysis.plot",
-}
-
-
-@pytest.mark.parametrize("old, new", sorted(MOVED_MODULES.items()))
-def test_old_module_path_imports_with_a_warning_as_the_same_module(old, new, monkeypatch):
-    import sys
-
-    import tera_tn
-
-    function = tera_tn.tensorize
-    monkeypatch.delitem(sys.modules, old, raising=False)  # a fresh import through the alias
-    with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} is deprecated.*use {re.escape(new)}$"):
-        got = importlib.import_module(old)
-    assert got is importlib.import_module(new) is sys.modules[old] is sys.modules[new]
-    assert got.__name__ == got.__spec__.name == new
-    assert tera_tn.tensorize is function  # an old module path does not hide the function of that name
-
-    # patching through the old path patches the new one (tera_tn.tensorize the name is the function)
-    attr = next(n for n, v in vars(got).items() if getattr(v, "__module__", None) == new and callable(v))
-    if old == "tera_tn.tensorize":
-        monkeypatch.setattr(sys.modules[old], attr, "patched")
-    else:
-        with pytest.warns(DeprecationWarning, match=re.escape(new)):  # resolved through the package
-            monkeypatch.setattr(f"{old}.{attr}", "patched")
-    assert getattr(importlib.import_module(new), attr) == "patched"
-
-
-def test_old_module_attribute_of_the_package_warns_and_is_the_new_module():
-    import tera_tn
-
-    with pytest.warns(DeprecationWarning, match=r"tera_tn\.rank is deprecated.*use tera_tn\.analysis\.rank"):
-        got = tera_tn.rank
-    assert got is importlib.import_module("tera_tn.analysis.rank")
 
 
 def _imported_modules(path: Path) -> set[str]:

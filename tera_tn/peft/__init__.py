@@ -20,7 +20,6 @@ the installed and the supported versions. See ``docs/peft.md``.
 
 from __future__ import annotations
 
-from .._deprecated import moved_names
 from ._compat import IncompatiblePeftError, check_peft, extend_peft_type, peft_version
 
 check_peft()
@@ -70,9 +69,3 @@ __all__ = [
     "read_adapter_signature",
     "IncompatiblePeftError",
 ]
-
-# The compatibility checks are internal; they stay importable from tera_tn.peft._compat.
-__getattr__ = moved_names(
-    "tera_tn.peft",
-    {name: f"tera_tn.peft._compat.{name}" for name in ("SUPPORTED_PEFT", "TESTED_PEFT_VERSIONS")},
-)

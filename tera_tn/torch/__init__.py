@@ -17,7 +17,6 @@ modules.
 See ``docs/torch.md``.
 """
 
-from .._deprecated import moved_names
 from .autograd import tera_linear
 from .bank import FactorBank
 from .checkpoint import CheckpointMismatch, load_tera, read_tera_metadata, save_tera
@@ -40,15 +39,3 @@ __all__ = [
     "read_tera_metadata",
     "CheckpointMismatch",
 ]
-
-__getattr__ = moved_names(
-    "tera_tn.torch",
-    {
-        "FrozenNetwork": "tera_tn.torch.autograd.FrozenNetwork",
-        "TeRALinearFunction": "tera_tn.torch.autograd.TeRALinearFunction",
-        "ddp_ignore_factor_bank": "tera_tn.torch.model.ddp_ignore_factor_bank",
-        "LayerSummary": "tera_tn.torch.model.LayerSummary",
-        "LayerPlan": "tera_tn.torch.planning.LayerPlan",
-        "layer_plan": "tera_tn.torch.planning.layer_plan",
-    },
-)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,7 +18,6 @@ __all__ = [
     "tera_layers",
     "tera_summary",
     "merge_and_unload",
-    "ddp_ignore_factor_bank",
     "TeRASummary",
     "LayerSummary",
 ]
@@ -184,18 +182,3 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             layer.merge()
         _set_child(model, name, layer.base_layer)
     return model
-
-
-def ddp_ignore_factor_bank(model: nn.Module) -> list[str]:
-    """Deprecated no-op, kept for old scripts: returns ``[]``.
-
-    The frozen factors are no longer buffers, so ``DistributedDataParallel`` (and FSDP,
-    accelerate, the Trainer) never see them and there is nothing left to exclude.
-    """
-    warnings.warn(
-        "ddp_ignore_factor_bank is no longer needed: the shared factors are not module buffers, so DDP never "
-        "broadcasts them; drop the call",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return []
