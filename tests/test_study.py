@@ -612,3 +612,24 @@ def test_protocol_2_tables_show_item_level_intervals_beside_the_seed_only_ones(t
     assert d.mean == pytest.approx(-6 / 40) and d.low < d.mean < d.high and d.seed_half == pytest.approx(0.0)
     text = publish.render("p", (stage,), records)
     assert f"; items {d}" in text and "items bootstrap interval" in text
+
+
+def test_a_worker_restricted_to_datasets_runs_only_those(tmp_path, monkeypatch):
+    budget = Budget(steps=4, train_size=64, val_size=32, test_size=32)
+    c = Contender("tera_x", "tera", (3e-2,), {"order": 4})
+    stage = Stage(("rotten_tomatoes", "reuters_r8"), (0,), (c,), budget, tune=False)
+    ran: list[tuple[int, float]] = []
+    seen: list[str] = []
+    fake = _fake_run(budget, ran, val=lambda seed, lr: 0.8, test=lambda seed: 0.7)
+
+    def recording(plan, key, dataset, *rest):
+        seen.append(dataset)
+        return fake(plan, key, dataset, *rest)
+
+    monkeypatch.setattr(runner, "_run_one", recording)
+    monkeypatch.setattr(runner, "load_model", lambda model_dir: object())
+    monkeypatch.setattr(runner, "split_examples", lambda examples, **kw: None)
+    monkeypatch.setattr(runner, "load", lambda name: ([], ("a", "b")))
+    f = ResultsFile(tmp_path / "study.jsonl")
+    assert runner.run_plan("p", (stage,), f, log=lambda s: None, datasets=frozenset({"reuters_r8"})) == 1
+    assert seen == ["reuters_r8"]

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only contenders I, I+N, I+2N, ... of each stage (N workers, one results file)")
     parser.add_argument("--only", default=None, metavar="NAMES",
                         help="run only these contenders (comma-separated names from the plan)")
+    parser.add_argument("--datasets", default=None, metavar="NAMES",
+                        help="run only these datasets (comma-separated; workers on different datasets never "
+                             "share a contender's grid, so they can run side by side)")
     parser.add_argument("--docs", action="store_true",
                         help="publish: also write the figures to docs/results/ and the page docs/choosing.md")
     args = parser.parse_args(argv)
@@ -42,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(only - known)
         if unknown or not only:
             parser.error(f"--only names {unknown or args.only!r}, not contenders of plan {args.plan!r}; "
+                         f"expected some of: {', '.join(sorted(known))}")
+    datasets = None
+    if args.datasets is not None:
+        datasets = frozenset(n.strip() for n in args.datasets.split(",") if n.strip())
+        known = {d for stage in PLANS[args.plan] for d in stage.datasets}
+        unknown = sorted(datasets - known)
+        if unknown or not datasets:
+            parser.error(f"--datasets names {unknown or args.datasets!r}, not datasets of plan {args.plan!r}; "
                          f"expected some of: {', '.join(sorted(known))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tera_tn from {tera_tn.__file__}; commit {version['commit']}{' (dirty)' if version['dirty'] else ''}; "
           f"results -> {args.results}", flush=True)
     ran = run_plan(args.plan, PLANS[args.plan], results, limit=args.limit, model_dir=args.model,
-                   log=lambda s: print(s, flush=True), shard=shard, only=only)
+                   log=lambda s: print(s, flush=True), shard=shard, only=only, datasets=datasets)
     finished = args.limit is None or ran < args.limit
     print(f"{ran} new runs; plan {args.plan!r} {'complete' if finished else 'not finished'}", flush=True)
     return 0

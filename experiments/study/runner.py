@@ -163,7 +163,7 @@ def _versions() -> dict[str, Any]:
 
 def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log: Callable[[str], None] = print,
              limit: int | None = None, model_dir: str | None = None, shard: tuple[int, int] = (0, 1),
-             only: frozenset[str] | None = None) -> int:
+             only: frozenset[str] | None = None, datasets: frozenset[str] | None = None) -> int:
     """Run every missing run of ``stages``; returns how many ran. ``limit`` stops after that many.
 
     ``shard=(i, n)`` runs only the contenders whose position in their stage is ``i`` modulo ``n``,
@@ -171,7 +171,8 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
     contender's learning-rate grid extension depends on its own earlier runs, so it stays whole).
     The finished runs are re-read before every run: a worker also skips what another worker has
     appended since it started. ``only`` restricts the run to the contenders of those names (a
-    sitting can start with the contenders whose code is not about to change).
+    sitting can start with the contenders whose code is not about to change); ``datasets`` to those
+    datasets (workers on different datasets share nothing but the results file).
     """
     import torch
 
@@ -187,6 +188,8 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
         torch.set_num_threads(stage.budget.threads)
         context["versions"]["threads"] = stage.budget.threads
         for dataset in stage.datasets:
+            if datasets is not None and dataset not in datasets:
+                continue
             head_lr = None  # the head rate of this dataset, once its source contender has chosen it
             for position, c in enumerate(stage.contenders):
                 if stage.head_lr_from is not None and c.name != stage.head_lr_from and head_lr is None:
