@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 import tera_tn as tt
-from tera_tn.analysis.plot import lora_update, vera_update
+from tera_tn.analysis.peers import lora_update, vera_update
 from tera_tn.analysis.rank import rank_summary
 from tera_tn.analysis.spectrum import tera_rank_summary
 

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 from tera_tn import TeRASpec  # noqa: E402
 from tera_tn.analysis import plot
+from tera_tn.analysis.figures import save_figure
 
 
 def main(argv=None):
@@ -38,11 +39,11 @@ def main(argv=None):
     for s in data["series"]:
         best = max(s["points"], key=lambda p: p["max_rank"] / p["trainable"])
         print(f"{s['label']:<14} e.g. {best['config']}: {best['trainable']:,} trained, max rank {best['max_rank']}")
-    written = plot.save_figure(plot.tradeoff_figure(model, data=data), out / f"tradeoff-{model}", formats)
-    written += plot.save_figure(plot.spectra_figure(*shape), out / "spectra", formats)
+    written = save_figure(plot.tradeoff_figure(model, data=data), out / f"tradeoff-{model}", formats)
+    written += save_figure(plot.spectra_figure(*shape), out / "spectra", formats)
     spec = TeRASpec.from_shape(1024, 1024, order=6) if args.smoke else None
     pdata = plot.planner_data(spec)
-    written += plot.save_figure(plot.planner_figure(data=pdata), out / "planner", formats)
+    written += save_figure(plot.planner_figure(data=pdata), out / "planner", formats)
     (out / "tradeoff.json").write_text(json.dumps(data, indent=2))
     for p in written:
         print(f"wrote {p}")

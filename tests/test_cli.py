@@ -139,13 +139,13 @@ def test_report_checks_out_before_computing(tmp_path, monkeypatch, capsys):
 
 
 def test_failed_report_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    from tera_tn.analysis import plot
+    from tera_tn.analysis import figures
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(plot, "save_figure", disk_full)
+    monkeypatch.setattr(figures, "save_figure", disk_full)
     assert main(["report", "--no-progress", "-q", "--models", "minilm", "--formats", "png"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "tera-tn report: error: [Errno 28] No space left on device"

@@ -1,4 +1,4 @@
-"""tera_tn.analysis.plot: figures, their data, determinism."""
+"""tera_tn.analysis.plot, .measured, .figures, .peers: figures, their data, determinism."""
 
 import hashlib
 
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import tera_tn as tt
-from tera_tn.analysis import plot
+from tera_tn.analysis import figures, measured, peers, plot
 from tests.bad_inputs.teach import Case, assert_teaches, params
 
 
@@ -38,7 +38,7 @@ def test_spectra_data_ranks():
     assert ranks == [3, 5, 48, spec.max_rank]
     for s in d["series"]:
         assert len(s["sv"]) == 48 and s["sv"] == sorted(s["sv"], reverse=True)
-    dw = plot.vera_update(48, 64, 5, seed=1)
+    dw = peers.vera_update(48, 64, 5, seed=1)
     assert np.linalg.matrix_rank(dw) == 5
 
 
@@ -80,12 +80,12 @@ def test_save_figure_is_deterministic(tmp_path):
     digests = []
     for k in range(2):
         fig = plot.spectra_figure(32, 32, seed=0)
-        paths = plot.save_figure(fig, tmp_path / f"s{k}", ("png", "svg"))
+        paths = figures.save_figure(fig, tmp_path / f"s{k}", ("png", "svg"))
         assert [p.suffix for p in paths] == [".png", ".svg"]
         digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in paths])
     assert digests[0] == digests[1]
     with pytest.raises(ValueError):
-        plot.save_figure(fig, tmp_path / "x", ("gif",))
+        figures.save_figure(fig, tmp_path / "x", ("gif",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,14 +106,17 @@ def _runs():
 
 
 def test_frontier_has_one_panel_per_dataset_and_one_series_per_contender():
-    d = plot.frontier_data(_runs())
+    d = measured.frontier_data(_runs())
     assert [p["dataset"] for p in d["datasets"]] == ["sst", "news"]
     lora = d["datasets"][0]["series"][0]
     assert lora["mean"] == pytest.approx(0.81) and lora["half"] == pytest.approx(4.303 * 0.01 / np.sqrt(3), rel=1e-4)
     assert d["datasets"][0]["series"][3]["half"] is None  # one seed: a plain point
+    wide = [{**r, "value": v} for r, v in zip(_runs()[:3], (99.0, 100.0, 90.0))]
+    (series,) = measured.frontier_data(wide, value_range=(0.0, 100.0))["datasets"][0]["series"]
+    assert series["mean"] + series["half"] > 100.0 and series["high"] == 100.0 and series["low"] == series["mean"] - series["half"]
     assert len(set(d["styles"].values())) == 4  # every contender its own colour/marker
 
-    fig = plot.frontier_figure(_runs())
+    fig = measured.frontier_figure(_runs())
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert len(panels) == 2
     for ax in panels:
@@ -129,12 +132,12 @@ def test_lr_curves_mark_diverged_rates():
             for lr in (0.03, 0.1)]
     rows += [dict(r, lr=0.3, value=float("nan"), diverged=True) for r in _runs()
              if r["dataset"] == "sst" and r["contender"] == "tera_default"]
-    d = plot.lr_curves_data(rows)
+    d = measured.lr_curves_data(rows)
     (panel,) = d["datasets"]
     tera = [s for s in panel["series"] if s["contender"] == "tera_default"][0]
     assert [(p["lr"], p["diverged"], p["n"]) for p in tera["points"]] == [(0.03, False, 3), (0.1, False, 3), (0.3, True, 3)]
     assert np.isnan(tera["points"][2]["mean"])
-    fig = plot.lr_curves_figure(rows)
+    fig = measured.lr_curves_figure(rows)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_legend_handles_labels()[1] == ["lora_r8", "vera_r256", "tera_default", "tera_order4"]
     crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
@@ -145,8 +148,8 @@ def test_lr_curves_mark_diverged_rates():
 def test_measured_figures_save_identical_bytes(tmp_path):
     digests = []
     for k in range(2):
-        paths = plot.save_figure(plot.frontier_figure(_runs(), title="frontier"), tmp_path / f"f{k}", ("png", "svg"))
-        paths += plot.save_figure(plot.lr_curves_figure(_runs()), tmp_path / f"l{k}", ("png",))
+        paths = figures.save_figure(measured.frontier_figure(_runs(), title="frontier"), tmp_path / f"f{k}", ("png", "svg"))
+        paths += figures.save_figure(measured.lr_curves_figure(_runs()), tmp_path / f"l{k}", ("png",))
         digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in paths])
         assert all(p.stat().st_size > 1000 for p in paths)
     assert digests[0] == digests[1]
@@ -158,7 +161,7 @@ def _bad(**change):
 
 
 def _frontier(records):
-    return lambda: plot.frontier_data(records)
+    return lambda: measured.frontier_data(records)
 
 
 _BAD_RECORDS = [
@@ -178,9 +181,9 @@ _BAD_RECORDS = [
          ("parameter counts [7, 330000]", "one count per dataset")),
     Case("two rates of one seed", _frontier(_runs()[:1] + [dict(_runs()[0], lr=0.3)]), ValueError,
          ("seeds [0, 0]", "one learning rate")),
-    Case("inf that did not diverge", lambda: plot.lr_curves_data(_bad(value=float("inf"))), ValueError,
+    Case("inf that did not diverge", lambda: measured.lr_curves_data(_bad(value=float("inf"))), ValueError,
          ("non-finite only when diverged", "inf")),
-    Case("same run twice", lambda: plot.lr_curves_data(_runs()[:1] * 2), ValueError,
+    Case("same run twice", lambda: measured.lr_curves_data(_runs()[:1] * 2), ValueError,
          ("at lr 0.1 has seeds [0, 0]",)),
 ]
 

@@ -8,7 +8,7 @@ seed (paired differences with their own intervals). Only the runs the plan would
 a line whose key the current plan does not produce (an older budget, a renamed contender) is left
 out and counted.
 
-``--docs`` writes ``docs/results/choosing_<plan>_{frontier,lr}.png`` (drawn by :mod:`tera_tn.analysis.plot`)
+``--docs`` writes ``docs/results/choosing_<plan>_{frontier,lr}.png`` (drawn by :mod:`tera_tn.analysis.measured`)
 and replaces the part of ``docs/choosing.md`` between the plan's two markers, so prose written
 around it stays; a page without the markers gets the generated part appended.
 
@@ -205,7 +205,7 @@ def paired(a: Outcome, b: Outcome) -> list[float]:
     return [a.test[s] - b.test[s] for s in sorted(set(a.test) & set(b.test))]
 
 
-def correctness(o: Outcome, seeds: Sequence[int]) -> "np.ndarray | None":
+def correctness(o: Outcome, seeds: Sequence[int]) -> Any:
     """``(seeds, items)`` 0/1 correctness of ``o``'s test predictions at its chosen rate, or None
     when its runs kept no predictions (protocol 1)."""
     import numpy as np
@@ -562,7 +562,8 @@ def _figure_records(outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
     """(runs at each chosen rate with test accuracy, every run with validation accuracy) in percent."""
     chosen, curves = [], []
     for o in outcomes:
-        base = {"dataset": o.dataset, "contender": o.name, "method": o.contender.method}
+        # the legend shows what a reader knows the contender as, not its run key
+        base = {"dataset": o.dataset, "contender": _label(o.name).strip("`"), "method": o.contender.method}
         for lr, at in sorted(o.runs.items()):
             for seed, r in sorted(at.items()):
                 m = r["metrics"]
@@ -586,17 +587,19 @@ def publish(records: list[Mapping[str, Any]], plan: str, stages: Sequence[Stage]
           "lm_card": json.loads(card_path.read_text()) if card_path.is_file() else None}
     if docs is None:
         return render(plan, stages, records, all_plans=all_plans, **lm)
-    from tera_tn.analysis import plot
+    from tera_tn.analysis import measured
+    from tera_tn.analysis.figures import save_figure
 
     outcomes, _ = collect(records, plan, stages)
     chosen, curves = _figure_records(outcomes)
     links = {}
     (docs / "results").mkdir(parents=True, exist_ok=True)
-    for kind, recs, draw in (("frontier", chosen, plot.frontier_figure), ("lr", curves, plot.lr_curves_figure)):
+    for kind, recs, draw in (("frontier", chosen, measured.frontier_figure), ("lr", curves, measured.lr_curves_figure)):
         target = docs / "results" / f"choosing_{plan}_{kind}.png"
         if recs:
             ylabel = "test accuracy %" if kind == "frontier" else "validation accuracy %"
-            plot.save_figure(draw(recs, ylabel=ylabel), target, ("png",))
+            extra = {"value_range": (0.0, 100.0)} if kind == "frontier" else {}
+            save_figure(draw(recs, ylabel=ylabel, **extra), target, ("png",))
             links[kind] = f"results/{target.name}"
     body = render(plan, stages, records, all_plans=all_plans, figures=links if len(links) == 2 else None, **lm)
     write_page(docs / "choosing.md", plan, body)

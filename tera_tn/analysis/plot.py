@@ -4,8 +4,7 @@ Every ``*_figure`` function returns a :class:`matplotlib.figure.Figure` built wi
 ``pyplot``: nothing is shown, no global figure state is touched and no GUI backend is needed
 (PNG/SVG are written by the Agg/SVG canvases). Every ``*_data`` function returns the numbers
 behind the figure as plain Python objects (what ``tera-tn report`` stores in its JSON file).
-Output is deterministic: the same arguments give the same figure, and :func:`save_figure`
-writes byte-identical files (no dates, fixed SVG ids).
+Output is deterministic: the same arguments give the same figure.
 
 * :func:`tradeoff_figure` — maximum rank of ΔW against trainable parameters (log–log) for TeRA
   at several orders and Tucker ranks, LoRA, VeRA and HiRA, over the layers of one model shape
@@ -17,13 +16,8 @@ writes byte-identical files (no dates, fixed SVG ids).
 * :func:`planner_figure` — the planner's predicted time of both contraction strategies
   against the token count (:func:`tera_tn.plan`), with the token counts where its choice
   switches marked.
-* :func:`frontier_figure` — measured accuracy against trainable parameters, one panel per
-  dataset, mean over seeds with a 95 % t-interval, one marker/colour per contender.
-* :func:`lr_curves_figure` — validation accuracy against the learning rate per contender, with
-  diverged rates marked.
-
-The two measured figures take plain records (dicts with ``dataset``, ``contender``, ``method``,
-``params``, ``seed``, ``lr``, ``value`` and optionally ``diverged``), so any study can draw them.
+Measured accuracy figures are in :mod:`tera_tn.analysis.measured`; the palette, style and
+:func:`~tera_tn.analysis.figures.save_figure` in :mod:`tera_tn.analysis.figures`.
 
 matplotlib is imported lazily (``pip install tera_tn[plot]``).
 """
@@ -31,8 +25,7 @@ matplotlib is imported lazily (``pip install tera_tn[plot]``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,7 +35,8 @@ from ..core.factors import init_scales, random_factors
 from .rank import summarize_singular_values
 from ..core.spec import TeRASpec
 from .spectrum import tera_singular_values
-from .stats import mean_interval
+from .figures import COLORS, new_figure, style
+from .peers import lora_update, vera_update
 
 __all__ = [
     "TRADEOFF_ORDERS",
@@ -53,11 +47,6 @@ __all__ = [
     "spectra_figure",
     "planner_data",
     "planner_figure",
-    "frontier_data",
-    "frontier_figure",
-    "lr_curves_data",
-    "lr_curves_figure",
-    "save_figure",
 ]
 
 #: TeRA orders drawn by :func:`tradeoff_figure` (orders a layer cannot take are skipped)
@@ -65,51 +54,12 @@ TRADEOFF_ORDERS = (3, 4, 6, 8)
 #: Tucker-rank fractions per TeRA order (``ranks=f`` in :meth:`TeRASpec.from_shape`)
 TRADEOFF_RANK_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 
-# Colour-blind-safe palette (Okabe–Ito) in a fixed order, so colours never depend on state.
-_COLORS = {
-    "lora": "#E69F00",
-    "vera": "#009E73",
-    "hira": "#CC79A7",
-    "tera": ("#0072B2", "#56B4E9", "#D55E00", "#332288", "#882255", "#117733"),
-    "ref": "#555555",
-}
-_RC = {
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "legend.fontsize": 8.5,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "svg.hashsalt": "tera_tn",
-    "svg.fonttype": "path",
-}
-
 Layers = Union[str, Sequence[Any]]
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _figure(width: float, height: float, ncols: int = 1):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("tera_tn.analysis.plot needs matplotlib: pip install 'tera_tn[plot]'") from err
-    import matplotlib
-
-    with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=(width, height), layout="constrained")
-        axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, list(axes)
-
-
-def _rc():
-    import matplotlib
-
-    return matplotlib.rc_context(_RC)
-
-
 def _layer_counts(layers: Layers, target_modules=None) -> tuple[str, dict[tuple[int, int], int]]:
     """(label, {(d_out, d_in): count}) of a built-in model name or a list of layers/shapes."""
     from .shapes import as_layer_shapes, model_config, model_shapes, shape_counts
@@ -221,29 +171,29 @@ def tradeoff_figure(layers: Layers, *, data: Optional[dict] = None, title: Optio
     fine-tuning. ``kwargs`` go to :func:`tradeoff_data`; pass ``data`` to reuse its result.
     """
     d = data if data is not None else tradeoff_data(layers, **kwargs)
-    fig, (ax,) = _figure(7.2, 4.6)
-    with _rc():
+    fig, (ax,) = new_figure(7.2, 4.6)
+    with style():
         tera_i = 0
         for s in d["series"]:
             xs = [p["trainable"] for p in s["points"]]
             ys = [p["max_rank"] for p in s["points"]]
             if s["method"] == "tera":
-                color = _COLORS["tera"][tera_i % len(_COLORS["tera"])]
+                color = COLORS["tera"][tera_i % len(COLORS["tera"])]
                 tera_i += 1
                 ax.plot(xs, ys, "-o", color=color, ms=4.5, lw=1.6, mfc="white", label=s["label"] + " (R_n = f·K_n)")
                 full_pts = [(p["trainable"], p["max_rank"]) for p in s["points"] if p["config"]["ranks"] == "full"]
                 if full_pts:
                     ax.plot(*zip(*full_pts), "o", color=color, ms=6.5)
             else:
-                style = {"lora": "-s", "vera": "-^", "hira": "-D"}[s["method"]]
-                ax.plot(xs, ys, style, color=_COLORS[s["method"]], ms=4, lw=1.3, label=s["label"] + " (r = 1, 2, 4, …)"
+                line_style = {"lora": "-s", "vera": "-^", "hira": "-D"}[s["method"]]
+                ax.plot(xs, ys, line_style, color=COLORS[s["method"]], ms=4, lw=1.3, label=s["label"] + " (r = 1, 2, 4, …)"
                         if s["method"] != "hira" else "HiRA (r = " + ", ".join(str(p["config"]["r"]) for p in s["points"]) + ")")
-        ax.axhline(d["full_rank"], color=_COLORS["ref"], ls="--", lw=1)
+        ax.axhline(d["full_rank"], color=COLORS["ref"], ls="--", lw=1)
         ax.annotate(f"full rank {d['full_rank']}", (0.01, d["full_rank"]), xycoords=("axes fraction", "data"),
-                    xytext=(0, 3), textcoords="offset points", fontsize=8, color=_COLORS["ref"])
-        ax.axvline(d["dense"], color=_COLORS["ref"], ls=":", lw=1)
+                    xytext=(0, 3), textcoords="offset points", fontsize=8, color=COLORS["ref"])
+        ax.axvline(d["dense"], color=COLORS["ref"], ls=":", lw=1)
         ax.annotate(f"full fine-tuning\n{_fmt_count(d['dense'])}", (d["dense"], 0.86), xycoords=("data", "axes fraction"),
-                    xytext=(-3, 0), textcoords="offset points", ha="right", va="top", fontsize=8, color=_COLORS["ref"])
+                    xytext=(-3, 0), textcoords="offset points", ha="right", va="top", fontsize=8, color=COLORS["ref"])
         ax.set_xscale("log")
         ax.set_yscale("log", base=2)
         ax.set_xlabel("trainable parameters (count, all adapted layers)")
@@ -257,33 +207,6 @@ def tradeoff_figure(layers: Layers, *, data: Optional[dict] = None, title: Optio
 # --------------------------------------------------------------------------------------------
 # spectra of constructed updates
 # --------------------------------------------------------------------------------------------
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), *name.encode()])
-
-
-def _signed_uniform(gen: np.random.Generator, size: int) -> np.ndarray:
-    """|v| uniform in [0.5, 2] with random signs: the generic point TeRA's analysis uses."""
-    return gen.uniform(0.5, 2.0, size) * gen.choice([-1.0, 1.0], size)
-
-
-def lora_update(d_out: int, d_in: int, r: int, seed: int = 0) -> np.ndarray:
-    """A random LoRA update ``ΔW = B A`` with Gaussian ``B (d_out×r)``, ``A (r×d_in)``."""
-    g = _rng(seed, "lora")
-    b = g.standard_normal((d_out, r)) / math.sqrt(r)
-    a = g.standard_normal((r, d_in)) / math.sqrt(d_in)
-    return b @ a
-
-
-def vera_update(d_out: int, d_in: int, r: int, seed: int = 0) -> np.ndarray:
-    """A random VeRA update ``ΔW = diag(b) B diag(d) A``: frozen Gaussian ``B (d_out×r)`` and
-    ``A (r×d_in)``, trainable ``b`` and ``d`` at a generic point (|·| in [0.5, 2])."""
-    g = _rng(seed, "vera")
-    bmat = g.standard_normal((d_out, r)) / math.sqrt(r)
-    amat = g.standard_normal((r, d_in)) / math.sqrt(d_in)
-    b, d = _signed_uniform(g, d_out), _signed_uniform(g, r)
-    return (b[:, None] * bmat) @ (d[:, None] * amat)
-
-
 def _default_spectra_methods(d_out: int, d_in: int) -> list[str]:
     budget = d_out + d_in  # LoRA r=1
     methods = ["lora:r=1", f"vera:r={max(1, min(budget - d_out, d_out, d_in))}", "tera:order=2"]
@@ -356,8 +279,8 @@ def spectra_figure(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence
     :func:`spectra_data`). Values below ``floor`` (exact zeros) are drawn at ``floor``."""
     d = data if data is not None else spectra_data(d_out, d_in, methods, seed=seed)
     d_out, d_in = d["shape"]
-    fig, (ax,) = _figure(7.2, 4.6)
-    with _rc():
+    fig, (ax,) = new_figure(7.2, 4.6)
+    with style():
         tera_i = 0
         budgets = set()
         for s in d["series"]:
@@ -365,10 +288,10 @@ def spectra_figure(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence
             y = np.maximum(sv / sv[0] if sv[0] > 0 else sv, floor)
             x = np.arange(1, sv.size + 1)
             if s["method"] == "tera":
-                color = _COLORS["tera"][tera_i % len(_COLORS["tera"])]
+                color = COLORS["tera"][tera_i % len(COLORS["tera"])]
                 tera_i += 1
             else:
-                color = _COLORS[s["method"]]
+                color = COLORS[s["method"]]
             sm = s["summary"]
             label = (f"{s['label']}: {s['trainable']:,} trained, rank {sm['numerical_rank']}, "
                      f"eff. rank {sm['effective_rank']:.0f}")
@@ -439,28 +362,28 @@ def planner_figure(spec: Optional[TeRASpec] = None, n_tokens: Optional[Sequence[
     ns = np.asarray(d["n_tokens"], dtype=float)
     mat = np.asarray(d["materialize_s"]) * 1e3
     fac = np.asarray(d["factored_s"]) * 1e3
-    fig, (ax,) = _figure(7.2, 4.6)
-    with _rc():
-        ax.plot(ns, mat, "-o", color=_COLORS["lora"], ms=4, lw=1.6, label="materialize (form ΔW, then one GEMM)")
-        ax.plot(ns, fac, "--s", color=_COLORS["tera"][0], ms=3.5, lw=1.6, label="factored (contract x through the network)")
+    fig, (ax,) = new_figure(7.2, 4.6)
+    with style():
+        ax.plot(ns, mat, "-o", color=COLORS["lora"], ms=4, lw=1.6, label="materialize (form ΔW, then one GEMM)")
+        ax.plot(ns, fac, "--s", color=COLORS["tera"][0], ms=3.5, lw=1.6, label="factored (contract x through the network)")
         chosen_y = np.minimum(mat, fac)
-        for strategy, color in (("materialize", _COLORS["lora"]), ("factored", _COLORS["tera"][0])):
+        for strategy, color in (("materialize", COLORS["lora"]), ("factored", COLORS["tera"][0])):
             mask = np.array([c == strategy for c in d["chosen"]])
             if mask.any():
                 ax.plot(ns[mask], chosen_y[mask], "o", ms=9, mfc="none", mec=color, mew=1.2)
-        ax.plot([], [], "o", ms=9, mfc="none", mec=_COLORS["ref"], label="planner's choice")
+        ax.plot([], [], "o", ms=9, mfc="none", mec=COLORS["ref"], label="planner's choice")
         for sw in d["switches"]:
-            ax.axvline(sw["n_tokens"], color=_COLORS["ref"], ls=":", lw=1.2)
+            ax.axvline(sw["n_tokens"], color=COLORS["ref"], ls=":", lw=1.2)
             ax.annotate(f"switch to {sw['to']}\nat n = {sw['n_tokens']:,}", (sw["n_tokens"], 0.97),
                         xycoords=("data", "axes fraction"), xytext=(4, 0), textcoords="offset points",
-                        va="top", fontsize=8, color=_COLORS["ref"])
+                        va="top", fontsize=8, color=COLORS["ref"])
         if d.get("tie_from"):
             ax.annotate(f"predictions agree from n = {d['tie_from']:,}", (d["tie_from"], 0.03),
                         xycoords=("data", "axes fraction"), xytext=(-4, 0), textcoords="offset points",
-                        ha="right", fontsize=8, color=_COLORS["ref"])
+                        ha="right", fontsize=8, color=COLORS["ref"])
         if not d["switches"]:
             ax.annotate(f"{d['chosen'][0]} chosen for every n shown", (0.02, 0.97), xycoords="axes fraction",
-                        va="top", fontsize=8, color=_COLORS["ref"])
+                        va="top", fontsize=8, color=COLORS["ref"])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens per call n = batch × sequence")
@@ -471,248 +394,3 @@ def planner_figure(spec: Optional[TeRASpec] = None, n_tokens: Optional[Sequence[
                      f"{cm['bandwidth'] / 1e9:.0f} GB/s)")
         ax.legend(loc="lower right", frameon=True, framealpha=0.9)
     return fig
-
-
-# --------------------------------------------------------------------------------------------
-# measured accuracy: the accuracy-parameter frontier and learning-rate curves
-# --------------------------------------------------------------------------------------------
-_RECORD_KEYS = ("dataset", "contender", "method", "params", "seed", "lr", "value")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
-_METHOD_COLORS = {"lora": _COLORS["lora"], "vera": _COLORS["vera"], "hira": _COLORS["hira"],
-                  "head": "#999999", "full": "#000000"}
-
-
-def _check_records(records: Iterable[Mapping[str, Any]], fn: str, *, allow_diverged: bool) -> list[dict]:
-    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
-        raise TypeError(f"{fn}: records must be a list of dicts with keys {', '.join(_RECORD_KEYS)}, "
-                        f"got {type(records).__name__}")
-    out = []
-    for i, r in enumerate(records):
-        if not isinstance(r, Mapping):
-            raise TypeError(f"{fn}: record {i} must be a dict, got {type(r).__name__}: {r!r}")
-        missing = [k for k in _RECORD_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"{fn}: record {i} lacks {', '.join(map(repr, missing))}; "
-                             f"expected keys {', '.join(_RECORD_KEYS)} (and optionally 'diverged')")
-        for k in ("dataset", "contender", "method"):
-            if not isinstance(r[k], str) or not r[k]:
-                raise ValueError(f"{fn}: record {i} field {k!r} must be a non-empty string, got {r[k]!r}")
-        params, seed, lr, value = r["params"], r["seed"], r["lr"], r["value"]
-        if isinstance(params, bool) or not isinstance(params, (int, np.integer)) or params < 1:
-            raise ValueError(f"{fn}: record {i} field 'params' must be a positive integer "
-                             f"(trainable parameters), got {params!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"{fn}: record {i} field 'seed' must be an integer, got {seed!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.number)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{fn}: record {i} field 'lr' must be a positive finite number, got {lr!r}")
-        diverged = bool(r.get("diverged", False))
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or (
-                not math.isfinite(value) and not (allow_diverged and diverged)):
-            raise ValueError(f"{fn}: record {i} field 'value' must be a finite number"
-                             f"{' (non-finite only when diverged)' if allow_diverged else ''}, got {value!r}")
-        out.append({"dataset": r["dataset"], "contender": r["contender"], "method": r["method"],
-                    "params": int(params), "seed": int(seed), "lr": float(lr), "value": float(value),
-                    "diverged": diverged})
-    if not out:
-        raise ValueError(f"{fn}: no records to plot")
-    methods: dict[str, str] = {}
-    for r in out:
-        if methods.setdefault(r["contender"], r["method"]) != r["method"]:
-            raise ValueError(f"{fn}: contender {r['contender']!r} has methods {methods[r['contender']]!r} and "
-                             f"{r['method']!r}; a contender is one method")
-    return out
-
-
-def _grouped(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return groups
-
-
-def _styles(rows: list[dict]) -> dict[str, tuple[str, str]]:
-    """(colour, marker) per contender in order of first appearance: colour by method (TeRA
-    variants cycle through their own palette), marker by position within that colour."""
-    styles: dict[str, tuple[str, str]] = {}
-    used: dict[str, int] = {}
-    tera = 0
-    for r in rows:
-        c = r["contender"]
-        if c in styles:
-            continue
-        if r["method"] == "tera":
-            palette = _COLORS["tera"]
-            styles[c] = (palette[tera % len(palette)], _MARKERS[(tera // len(palette)) % len(_MARKERS)])
-            tera += 1
-        else:
-            color = _METHOD_COLORS.get(r["method"], _COLORS["ref"])
-            k = used.get(color, 0)
-            used[color] = k + 1
-            styles[c] = (color, _MARKERS[k % len(_MARKERS)])
-    return styles
-
-
-def frontier_data(records: Iterable[Mapping[str, Any]]) -> dict:
-    """Mean and 95 % interval over seeds of each contender's ``value`` on each dataset.
-
-    ``records`` hold one run each (``dataset``, ``contender``, ``method``, ``params`` trainable
-    parameters, ``seed``, ``lr``, ``value``); pass the runs at each contender's chosen learning
-    rate. A contender has one parameter count per dataset and one run per seed.
-
-    Returns:
-        ``{"datasets": [{"dataset", "series": [{"contender", "method", "params", "seeds",
-        "values", "mean", "half"}]}]}`` in order of first appearance; ``half`` is the half-width of
-        the 95 % t-interval, None with one seed.
-    """
-    rows = _check_records(records, "frontier", allow_diverged=False)
-    datasets: dict[str, list] = {}
-    for (dataset, contender), runs in _grouped(rows, "dataset", "contender").items():
-        params = sorted({r["params"] for r in runs})
-        if len(params) > 1:
-            raise ValueError(f"frontier: contender {contender!r} on {dataset!r} has parameter counts {params}; "
-                             "expected one count per dataset")
-        seeds = [r["seed"] for r in runs]
-        if len(set(seeds)) < len(seeds):
-            raise ValueError(f"frontier: contender {contender!r} on {dataset!r} has seeds {seeds}; expected one run "
-                             "per seed (pick one learning rate per contender first)")
-        mean, half = mean_interval([r["value"] for r in runs])
-        datasets.setdefault(dataset, []).append({
-            "contender": contender, "method": runs[0]["method"], "params": params[0], "seeds": seeds,
-            "values": [r["value"] for r in runs], "mean": mean, "half": half})
-    return {"datasets": [{"dataset": d, "series": s} for d, s in datasets.items()], "styles": _styles(rows)}
-
-
-def lr_curves_data(records: Iterable[Mapping[str, Any]]) -> dict:
-    """Mean ``value`` over seeds at each learning rate of each contender on each dataset.
-
-    ``records`` as in :func:`frontier_data`, every tried learning rate included, with an optional
-    ``diverged`` flag (a diverged run may have a non-finite value). A rate counts as diverged when
-    any of its seeds did; its mean is taken over the finite values (NaN when there are none).
-
-    Returns:
-        ``{"datasets": [{"dataset", "series": [{"contender", "method", "points": [{"lr", "mean",
-        "n", "diverged"}]}]}]}``, points sorted by learning rate.
-    """
-    rows = _check_records(records, "lr_curves", allow_diverged=True)
-    datasets: dict[str, list] = {}
-    for (dataset, contender), runs in _grouped(rows, "dataset", "contender").items():
-        points = []
-        for (lr,), at in sorted(_grouped(runs, "lr").items()):
-            seeds = [r["seed"] for r in at]
-            if len(set(seeds)) < len(seeds):
-                raise ValueError(f"lr_curves: contender {contender!r} on {dataset!r} at lr {lr:g} has seeds {seeds}; "
-                                 "expected one run per seed and learning rate")
-            finite = [r["value"] for r in at if math.isfinite(r["value"])]
-            points.append({"lr": lr, "mean": math.fsum(finite) / len(finite) if finite else math.nan,
-                           "n": len(at), "diverged": any(r["diverged"] for r in at)})
-        datasets.setdefault(dataset, []).append({"contender": contender, "method": runs[0]["method"],
-                                                 "points": points})
-    return {"datasets": [{"dataset": d, "series": s} for d, s in datasets.items()], "styles": _styles(rows)}
-
-
-def _panels(d: dict, height: float):
-    n = len(d["datasets"])
-    fig, axes = _figure(max(6.0, 4.0 * n), height, ncols=n)
-    return fig, axes
-
-
-def _figure_legend(fig, axes, order: Iterable[str], extra=()) -> None:
-    """One legend for all panels, contenders in ``order`` (matplotlib lists error bars last)."""
-    found: dict[str, Any] = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            found.setdefault(label, h)
-    handles = {label: found[label] for label in order if label in found}
-    for h in extra:
-        handles.setdefault(h.get_label(), h)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-               ncols=min(4, max(1, len(handles))), frameon=False)
-
-
-def frontier_figure(records: Optional[Iterable[Mapping[str, Any]]] = None, *, data: Optional[dict] = None,
-                    title: Optional[str] = None, ylabel: str = "test accuracy"):
-    """Accuracy against trainable parameters (log x), one panel per dataset, one series per
-    contender: the mean over seeds with its 95 % t-interval as error bar (a plain point with one
-    seed). Colours follow the method, every TeRA variant gets its own colour/marker, and a
-    contender keeps its style across panels. See :func:`frontier_data` for ``records``."""
-    d = data if data is not None else frontier_data(records if records is not None else [])
-    fig, axes = _panels(d, 5.6)
-    with _rc():
-        for ax, panel in zip(axes, d["datasets"]):
-            for s in panel["series"]:
-                color, marker = d["styles"][s["contender"]]
-                if s["half"] is None:
-                    ax.plot([s["params"]], [s["mean"]], marker, color=color, ms=6, ls="none", label=s["contender"])
-                else:
-                    ax.errorbar([s["params"]], [s["mean"]], yerr=[s["half"]], fmt=marker, color=color, ms=6,
-                                capsize=3, lw=1.2, label=s["contender"])
-            seeds = sorted({len(s["seeds"]) for s in panel["series"]})
-            ax.set_xscale("log")
-            ax.set_title(f"{panel['dataset']} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})")
-            ax.set_xlabel("trainable parameters (log scale)")
-        axes[0].set_ylabel(ylabel + (" (mean, 95 % interval)" if any(
-            s["half"] is not None for p in d["datasets"] for s in p["series"]) else ""))
-        if title:
-            fig.suptitle(title)
-        _figure_legend(fig, axes, d["styles"])
-    return fig
-
-
-def lr_curves_figure(records: Optional[Iterable[Mapping[str, Any]]] = None, *, data: Optional[dict] = None,
-                     title: Optional[str] = None, ylabel: str = "validation accuracy"):
-    """Mean ``value`` over seeds against the learning rate (log x), one panel per dataset, one
-    line per contender through its non-diverged rates; a diverged rate is a cross in the
-    contender's colour (at the bottom of the panel when it has no finite value). See
-    :func:`lr_curves_data` for ``records``."""
-    from matplotlib.lines import Line2D
-
-    d = data if data is not None else lr_curves_data(records if records is not None else [])
-    fig, axes = _panels(d, 5.6)
-    extra = []
-    with _rc():
-        for ax, panel in zip(axes, d["datasets"]):
-            for s in panel["series"]:
-                color, marker = d["styles"][s["contender"]]
-                ok = [p for p in s["points"] if not p["diverged"]]
-                ax.plot([p["lr"] for p in ok], [p["mean"] for p in ok], "-" + marker, color=color, ms=4.5, lw=1.2,
-                        label=s["contender"])
-                for p in s["points"]:
-                    if not p["diverged"]:
-                        continue
-                    if math.isfinite(p["mean"]):
-                        ax.plot([p["lr"]], [p["mean"]], "x", color=color, ms=8, mew=2, label="_diverged")
-                    else:
-                        ax.plot([p["lr"]], [0.02], "x", color=color, ms=8, mew=2, label="_diverged",
-                                transform=ax.get_xaxis_transform())
-                    if not extra:
-                        extra.append(Line2D([], [], ls="none", marker="x", color=_COLORS["ref"], ms=8, mew=2,
-                                            label="diverged"))
-            ax.set_xscale("log")
-            ax.set_title(panel["dataset"])
-            ax.set_xlabel("learning rate (log scale)")
-        axes[0].set_ylabel(ylabel + " (mean over seeds)")
-        if title:
-            fig.suptitle(title)
-        _figure_legend(fig, axes, d["styles"], extra)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------
-# saving
-# --------------------------------------------------------------------------------------------
-def save_figure(fig, path: Union[str, Path], formats: Sequence[str] = ("png", "svg"), *, dpi: int = 150) -> list[Path]:
-    """Write ``fig`` as ``path`` with each suffix in ``formats`` (``path``'s own suffix is
-    replaced); reproducible bytes (no timestamps, fixed SVG ids). Returns the written paths."""
-    path = Path(path)
-    out = []
-    for fmt in formats:
-        fmt = fmt.lower().lstrip(".")
-        if fmt not in ("png", "svg", "pdf"):
-            raise ValueError(f"figure format must be png, svg or pdf, got {fmt!r}")
-        target = path.with_suffix("." + fmt)
-        meta = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
-                "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}}[fmt]
-        with _rc():
-            fig.savefig(target, format=fmt, dpi=dpi, metadata=meta)
-        out.append(target)
-    return out
