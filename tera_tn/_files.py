@@ -4,7 +4,10 @@ Two processes that both check "does the folder exist?" and then create it can bo
 own it (the report race). ``os.mkdir`` is the atomic claim: exactly one caller succeeds. A folder
 that a command wrote carries a marker file naming the command; ``overwrite=True`` only ever
 replaces a folder that holds that marker, so a user folder (say, a Hugging Face model folder) is
-never emptied by a mistyped ``--out``.
+never emptied by a mistyped ``--out``. The marker also names its owner (host, process id and the
+process's start time): ``overwrite=True`` refuses a folder whose owner still runs on this host, so
+a second run cannot empty the folder of a run in progress (a recycled process id is told apart by
+its start time).
 
 Every temporary file or folder is created beside its destination (so the final ``os.replace`` is
 atomic) under a name that embeds this host and process id: ``.NAME.tera-tmp-HOST-PID-XXXXXXXX``.
@@ -26,12 +29,13 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 __all__ = [
     "OutputFolderError",
     "MARKER",
     "claim_dir",
+    "release_dir",
     "is_ours",
     "unique_sibling",
     "temp_path_in",
@@ -50,17 +54,81 @@ class OutputFolderError(FileExistsError):
     """The requested output folder cannot be claimed; the message says why and what to do."""
 
 
+def _read_marker_file(file: PathLike) -> dict:
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_marker(path: PathLike) -> dict:
+    return _read_marker_file(Path(path) / MARKER)
+
+
 def is_ours(path: PathLike, kind: str) -> bool:
     """True when ``path`` holds the marker written by :func:`claim_dir` for ``kind``."""
+    return _read_marker(path).get("kind") == kind
+
+
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """Fields 3… of ``/proc/PID/stat`` (state first), or None where it cannot be read (not Linux)."""
     try:
-        data = json.loads((Path(path) / MARKER).read_text())
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        # the command name (field 2) may hold spaces and parentheses: count fields after its last ')'
+        return stat[stat.rindex(")") + 2 :].split()
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == kind
+        return None
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """Start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None where it
+    cannot be read: with the host and the pid it names one process, also after the pid is reused."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None  # field 22, starttime
+    except (ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _write_marker(path: Path, kind: str) -> None:
-    (path / MARKER).write_text(json.dumps({"kind": kind, "pid": os.getpid()}) + "\n")
+    pid = os.getpid()
+    owner = {"kind": kind, "pid": pid, "host": _host_id(), "boot": _boot_id(), "start": _process_start(pid)}
+    (path / MARKER).write_text(json.dumps(owner) + "\n")
+
+
+def _live_owner(marker: dict) -> Optional[int]:
+    """The process id of the marker's owner when that process still runs on this host, else None.
+
+    Unknown means not running: a marker of another host (a network file system: its process table
+    cannot be seen from here), an older marker without a host, or Windows (where probing a pid
+    could end it). The calling process itself is no other owner (it claims again after a run)."""
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return None
+    if os.name == "nt" or marker.get("host") != _host_id():
+        return None
+    boot = _boot_id()
+    if marker.get("boot") is not None and boot is not None and marker["boot"] != boot:
+        return None  # written before this machine restarted
+    if not _pid_alive(pid):
+        return None
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent
+        return None
+    start = _process_start(pid)
+    if marker.get("start") is not None and start is not None and marker["start"] != start:
+        return None  # the pid now belongs to another process
+    return pid
 
 
 def _not_a_folder(path: Path) -> NotADirectoryError:
@@ -75,7 +143,8 @@ def claim_dir(path: PathLike, *, kind: str, overwrite: bool = False) -> Path:
     * ``path`` exists and is empty: claimed only if no other process claims it first (the marker is
       created with ``O_EXCL``).
     * ``path`` exists, is not empty: refused unless ``overwrite`` and the folder holds this kind's
-      marker; then its contents are replaced. A folder without the marker is never deleted.
+      marker and the run that wrote it no longer runs on this host; then its contents are replaced.
+      A folder without the marker is never deleted.
 
     Raises :class:`OutputFolderError` (a ``FileExistsError``) naming the folder and the way out,
     ``NotADirectoryError`` when the path is a file, or the ``OSError`` of a folder that cannot be
@@ -97,12 +166,34 @@ def claim_dir(path: PathLike, *, kind: str, overwrite: bool = False) -> Path:
                     f"output folder {str(path)!r} already exists and is not empty; choose another "
                     f"folder, or pass --force/--overwrite (overwrite=True) to replace an earlier {kind} run"
                 ) from None
-            if not is_ours(path, kind):
+            marker = _read_marker(path)
+            if marker.get("kind") != kind:
                 raise OutputFolderError(
                     f"output folder {str(path)!r} is not empty and was not written by a tera-tn {kind} "
                     f"run (no {MARKER} marker); refusing to delete it even with overwrite"
                 ) from None
-            for p in contents:
+            owner = _live_owner(marker)
+            if owner is not None:
+                raise OutputFolderError(
+                    f"output folder {str(path)!r} belongs to a tera-tn {kind} run that is still running "
+                    f"(process {owner}); refusing to overwrite it: wait for that run to end, stop it, or "
+                    "choose another folder"
+                ) from None
+            # Take the folder over atomically: of several overwriting runs only one renames the marker.
+            taken = path / f"{MARKER}.taken-{_host_id()}-{os.getpid()}"
+            try:
+                os.rename(path / MARKER, taken)
+            except FileNotFoundError:
+                taken = None
+            if taken is not None and _read_marker_file(taken) != marker:  # a newer run's marker
+                with contextlib.suppress(OSError):
+                    os.rename(taken, path / MARKER)
+                taken = None
+            if taken is None:
+                raise OutputFolderError(
+                    f"output folder {str(path)!r} was claimed by another run at the same time; choose another folder"
+                ) from None
+            for p in list(path.iterdir()):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
@@ -119,6 +210,18 @@ def claim_dir(path: PathLike, *, kind: str, overwrite: bool = False) -> Path:
     os.close(fd)
     _write_marker(path, kind)
     return path
+
+
+def release_dir(path: PathLike, *, created: bool) -> None:
+    """Undo :func:`claim_dir` for a run that failed before writing anything: remove the folder
+    when the claim ``created`` it (it then holds only the marker), else only the marker. Errors are
+    ignored (the run is failing already)."""
+    path = Path(path)
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            (path / MARKER).unlink()
 
 
 def unique_sibling(base: PathLike, stamp: str, *, kind: str) -> Path:
@@ -157,6 +260,20 @@ def _temp_prefix(name: str) -> str:
     return f".{name}.tera-tmp-{_host_id()}-{os.getpid()}-"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_path_in(folder: PathLike, name: str) -> str:
     """A fresh, empty temporary file beside ``folder/name`` (same file system, so ``os.replace``
     is atomic), named so that :func:`sweep_stale_temps` can tell whose it is."""
@@ -171,6 +288,8 @@ def staging_dir(folder: PathLike, name: str) -> Iterator[Path]:
     error). Point libraries with their own temporary names here; move finished files out with
     :func:`publish`."""
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=_temp_prefix(name)))
+    with contextlib.suppress(OSError):  # mkdtemp makes it private (0700); published, it is a normal folder
+        os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     finally:
@@ -210,6 +329,8 @@ def write_atomic(path: PathLike, data: bytes, *, overwrite: bool) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the bytes do
+        with contextlib.suppress(OSError):  # mkstemp makes it private (0600); the file gets the usual mode
+            os.chmod(tmp, 0o666 & ~_umask())
         publish(tmp, path, overwrite=overwrite)
     finally:
         with contextlib.suppress(FileNotFoundError):

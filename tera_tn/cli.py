@@ -591,12 +591,16 @@ def _add_finetune(sub) -> None:
         "classifier on your own labelled data (CSV or JSON lines) with TeRA, LoRA or VeRA, one run per seed; "
         "writes the adapters, heads and a results table into a new folder.")
     p.add_argument("--data-path", required=True, metavar="FILE",
-                   help="training data: .csv (with a header) or .jsonl (one JSON object per line)")
+                   help="training data: .csv (with a header), .jsonl (one JSON object per line) or .json (one array "
+                        "of objects)")
     p.add_argument("--validation-path", metavar="FILE",
                    help="validation data (default: --val-fraction of --data-path, split by seed)")
     p.add_argument("--test-path", metavar="FILE", help="test data, evaluated once per seed (optional)")
     p.add_argument("--text-column", default="text", help="column holding the text (default text)")
     p.add_argument("--label-column", default="label", help="column holding the label (default label)")
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the data files (default utf-8, with or without a byte-order mark; e.g. "
+                        "cp1252 or latin-1 for CSV from older Excel versions)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
                    help="share of --data-path held out for validation when no --validation-path (default 0.1)")
     p.add_argument("--method", choices=("tera", "lora", "vera"), default="tera", help="adapter (default tera)")
@@ -612,9 +616,11 @@ def _add_finetune(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training data (default 3)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
-    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--max-length", type=_positive_int, default=128,
+                   help="tokens per text (default 128; at most the model's positions, 512 for the default model)")
     p.add_argument("--seeds", type=_seed_list, default=(0,), metavar="S,...", help="seeds, one run each (default 0)")
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=_nonneg_int, default=0,
+                   help="torch CPU threads (default 0: torch's choice; at most the CPUs this process may use)")
     p.add_argument("--out", "-o", default="tera-tn-finetune", metavar="DIR",
                    help="new output folder (default ./tera-tn-finetune)")
     p.add_argument("--overwrite", "--force", action="store_true",
@@ -660,9 +666,26 @@ def _adapter_options(text: str) -> dict:
     return out
 
 
+def _available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _strict_metrics(row: dict) -> dict:
+    """``row`` as strict JSON: a non-finite number becomes null, is named under ``nonfinite`` and
+    flags the run ``diverged`` (NaN/Infinity are not JSON; a loss that blew up is a divergence)."""
+    bad = {k: repr(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return row
+    return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad, "diverged": True}
+
+
 def _cmd_finetune(args) -> int:
     from . import finetune as ft
-    from ._files import claim_dir
+    from ._files import OutputFolderError, claim_dir, release_dir, staging_dir, write_atomic
 
     # every argument is checked here, before the model (seconds) or any training (minutes)
     for flag in ("data_path", "validation_path", "test_path"):
@@ -673,53 +696,90 @@ def _cmd_finetune(args) -> int:
         raise UsageError(f"--model {args.model!r} is not a model folder (no config.json); expected a local "
                          "Hugging Face model folder")
     try:
-        configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, head_lr=args.head_lr,
-                                     epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                                     max_length=args.max_length, seed=s) for s in args.seeds]
-        examples, names = ft.read_examples(args.data_path, args.text_column, args.label_column)
+        model_dir = Path(args.model) if args.model is not None else ft.default_model_dir()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    cpus = _available_cpus()
+    if args.threads > cpus:
+        raise UsageError(f"--threads {args.threads} exceeds the {cpus} CPUs this process may use; expected 0 "
+                         f"(torch's choice) to {cpus}")
+    limit = ft.max_positions(model_dir)
+    if limit is not None and args.max_length > limit:
+        raise UsageError(f"--max-length {args.max_length} exceeds the {limit} token positions of the model in "
+                         f"{str(model_dir)!r}; expected at most {limit}")
+    # adapter arguments are checked against the method's PEFT config here (a ValueError: exit 2)
+    configs = [ft.FinetuneConfig(method=args.method, adapter=args.adapter, lr=args.lr, head_lr=args.head_lr,
+                                 epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                                 max_length=args.max_length, seed=s) for s in args.seeds]
+
+    def read(path: str, min_classes: int = 2):
+        return ft.read_examples(path, args.text_column, args.label_column, encoding=args.encoding,
+                                min_classes=min_classes)
+
+    try:
+        examples, names = read(args.data_path)
+        # a validation or test file may hold a single class: only training needs two
         parts = {"validation": args.validation_path, "test": args.test_path}
-        extra = {k: _examples_as(ft.read_examples(p, args.text_column, args.label_column), names, p)
-                 for k, p in parts.items() if p is not None}
-    except (OSError, UnicodeDecodeError) as err:
+        extra = {k: _examples_as(read(p, min_classes=1), names, p) for k, p in parts.items() if p is not None}
+    except OSError as err:
         raise UsageError(f"cannot read the data: {err}") from None
+    created = not os.path.lexists(args.out)
     try:
         out = claim_dir(args.out, kind="finetune", overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise UsageError(str(err)) from None
+    except (OutputFolderError, NotADirectoryError) as err:
+        raise UsageError(f"--out: {err}") from None
     except OSError as err:
         raise UsageError(f"cannot create output folder {args.out!r}: {err.strerror or err}; expected a writable "
                          "folder path") from None
 
-    import random
+    rows: list[dict] = []
+    record = {"labels": list(names), "method": args.method, "adapter": args.adapter, "model": str(model_dir.resolve()),
+              "data": {"train": args.data_path, "validation": args.validation_path, "test": args.test_path},
+              "text_column": args.text_column, "label_column": args.label_column, "seeds": list(args.seeds),
+              "complete": False, "runs": rows}
+    published = False
+    try:
+        import random
 
-    import torch
-    from tqdm.auto import tqdm
+        import torch
+        from tqdm.auto import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = ft.load_model(args.model)
-    rows = []
-    for config in configs:
-        train, validation = examples, extra.get("validation")
-        if validation is None:
-            shuffled = list(examples)
-            random.Random(config.seed).shuffle(shuffled)
-            n_val = max(1, round(args.val_fraction * len(shuffled)))
-            validation, train = shuffled[:n_val], shuffled[n_val:]
-        bar = tqdm(desc=f"{args.method} seed {config.seed}", unit="step", disable=args.no_progress, leave=False)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = ft.load_model(model_dir)
+        for config in configs:
+            train, validation = examples, extra.get("validation")
+            if validation is None:
+                shuffled = list(examples)
+                random.Random(config.seed).shuffle(shuffled)
+                n_val = max(1, round(args.val_fraction * len(shuffled)))
+                validation, train = shuffled[:n_val], shuffled[n_val:]
+            bar = tqdm(desc=f"{args.method} seed {config.seed}", unit="step", disable=args.no_progress, leave=False)
 
-        def step(i: int, total: int, loss: float) -> None:
-            bar.total = total
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            def step(i: int, total: int, loss: float) -> None:
+                bar.total = total
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
 
-        result = ft.finetune(config, train, validation, extra.get("test"), model=model, num_labels=len(names),
-                             on_step=step)
-        bar.close()
-        ft.save_adapter(result, out / f"seed{config.seed}")
-        rows.append({"seed": config.seed, **result.metrics})
-    (out / "results.json").write_text(json.dumps({"labels": list(names), "method": args.method,
-                                                  "adapter": args.adapter, "runs": rows}, indent=2) + "\n")
+            result = ft.finetune(config, train, validation, extra.get("test"), model=model, num_labels=len(names),
+                                 on_step=step)
+            bar.close()
+            # each seed's folder appears whole (written aside, then renamed), then results.json is
+            # rewritten atomically: a run killed at any point leaves every finished seed recorded
+            name = f"seed{config.seed}"
+            with staging_dir(out, name) as tmp:
+                ft.save_adapter(result, tmp, labels=names, model_dir=model_dir, text_column=args.text_column,
+                                label_column=args.label_column)
+                os.rename(tmp, out / name)
+            published = True
+            rows.append(_strict_metrics({"seed": config.seed, **result.metrics}))
+            record["complete"] = len(rows) == len(configs)
+            write_atomic(out / "results.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode(),
+                         overwrite=True)
+    except BaseException:
+        if not published:  # nothing of this run was written: the folder is not left claimed
+            release_dir(out, created=created)
+        raise
     print(f"{'seed':>4}  {'val acc':>7}  {'test acc':>8}  {'trainable':>10}  {'lr':>7}  {'train s':>7}")
     for r in rows:
         test = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "-"
@@ -736,7 +796,8 @@ def _examples_as(read: tuple, names: tuple, path: str) -> list:
     if unknown:
         raise UsageError(f"{path!r} has labels {unknown[:5]} that the training data lacks; expected labels "
                          f"among {list(names)[:20]}")
-    return [(t, names.index(their[y])) for t, y in examples]
+    index = {n: i for i, n in enumerate(names)}
+    return [(t, index[their[y]]) for t, y in examples]
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,6 +887,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --------------------------------------------------------------------------------------------
+# known, harmless messages of third-party libraries
+# --------------------------------------------------------------------------------------------
+# Each is hidden only while a ``tera-tn`` command runs (never by the library, whose users see all
+# of them) and only by its exact origin: the logger that emits it and the words it says.
+_ANSI = None
+
+
+def _plain(text: str) -> str:
+    import re
+
+    global _ANSI
+    _ANSI = _ANSI or re.compile(r"\x1b\[[0-9;]*m")
+    return _ANSI.sub("", text)
+
+
+def _only_pooler_unexpected(message: str) -> bool:
+    """A transformers LOAD REPORT whose only rows are the BERT pooler's weights, UNEXPECTED because
+    the recipe loads sentence encoders without their pooler (``add_pooling_layer=False``)."""
+    if "LOAD REPORT" not in message:
+        return False
+    rows = [[c.strip() for c in line.split("|")] for line in _plain(message).splitlines() if "|" in line]
+    rows = [r for r in rows if r and r[0] and r[0] != "Key"]
+    return bool(rows) and all(r[0].startswith("pooler.") and len(r) > 1 and r[1] == "UNEXPECTED" for r in rows)
+
+
+#: logger name -> test of a record's message: True hides it
+_KNOWN_NOISE = {
+    # torchao (imported by PEFT and transformers) tries its CUDA/other-Python kernels on every import
+    "torchao": lambda m: m.startswith("Failed to load ") and "torchao" in m and ".so" in m,
+    # torchao registers enums with torch's pytree, which torch 2.x now deprecates
+    "torch.utils._pytree": lambda m: "is an Enum subclass and is now natively supported by torch.compile" in m,
+    # bitsandbytes asks the kernel hub for a CPU 4-bit kernel (offline: the trust check is skipped, the load fails)
+    "bitsandbytes.backends.cpu.ops": lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"),
+    "kernels._internals.hf_hub": lambda m: (m.startswith("Skipping publisher trust check for")
+                                            and "kernels-community/quantization-bitsandbytes" in m),
+    "transformers.modeling_utils": _only_pooler_unexpected,
+}
+#: (warning category, regex the message starts with, module regex): PEFT still reads a property
+#: transformers deprecated
+_KNOWN_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\."),)
+
+
+class _KnownNoiseFilter:
+    def __init__(self, test) -> None:
+        self.test = test
+
+    def filter(self, record) -> bool:
+        try:
+            return not self.test(record.getMessage())
+        except Exception:  # a message that cannot be formatted is not one of ours to judge
+            return True
+
+
+@contextlib.contextmanager
+def _known_noise_hidden():
+    """Hide the known, harmless third-party messages while a command runs; restore everything after
+    (loggers, warning filters, environment), so a program calling :func:`main` keeps its own."""
+    import logging
+    import warnings
+
+    added = []
+    for name, test in _KNOWN_NOISE.items():
+        logger, f = logging.getLogger(name), _KnownNoiseFilter(test)
+        logger.addFilter(f)
+        added.append((logger, f))
+    # transformers' "Loading weights" progress bar: the environment variable is read when
+    # huggingface_hub is first imported; after that only transformers' own switch works
+    env_set = "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ and "huggingface_hub" not in sys.modules
+    if env_set:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    bars_were_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bars_were_on:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for category, message, module in _KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category, module=module)
+            yield
+    finally:
+        for logger, f in added:
+            logger.removeFilter(f)
+        if env_set:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tera-tn`` console script; returns the exit status."""
     try:
@@ -853,7 +1003,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args._argv = argv[1:]
     prog = f"tera-tn {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with _known_noise_hidden():
+            return int(args.func(args) or 0)
     except (UsageError, ValueError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -8,20 +8,28 @@ mean-pooling linear head; the method decides what else trains (``tera``, ``lora`
 for a given seed on a given machine and thread count.
 
 ``tera-tn finetune`` is a command over this recipe; studies that compare methods build on it.
+:func:`read_examples` reads its data files, :func:`save_adapter` writes a trained classifier
+(adapter plus a self-describing ``head.safetensors``) and :func:`load_classifier` rebuilds it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
+import operator
 import os
+import re
 import time
 from dataclasses import dataclass, field
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["DEFAULT_LR", "METHODS", "FinetuneConfig", "FinetuneResult", "collapsed", "default_model_dir", "finetune",
-           "load_model", "read_examples", "save_adapter"]
+__all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "collapsed",
+           "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "read_examples",
+           "read_head_metadata", "save_adapter"]
 
 METHODS = ("tera", "lora", "vera", "hira", "full", "head")
 #: learning rate of the adapted part per method when none is given; for ``head`` it is the head's
@@ -89,6 +97,10 @@ class FinetuneConfig:
         v = self.max_grad_norm
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {v!r}")
+        if not isinstance(self.adapter, Mapping) or not all(isinstance(k, str) for k in self.adapter):
+            raise ValueError(f"adapter must map option names (strings) to values, got {self.adapter!r}")
+        if self.adapter:
+            _check_adapter(self)  # before any model is loaded: a typo must not cost a model load
 
     @property
     def learning_rate(self) -> float:
@@ -104,6 +116,8 @@ class FinetuneResult:
     metrics: dict[str, Any]
     model: Any = field(repr=False)
     predictions: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    #: the run's configuration (recorded in the head file by :func:`save_adapter`)
+    config: FinetuneConfig | None = field(default=None, repr=False)
 
 
 def collapsed(predictions: Sequence[int], labels: Sequence[int]) -> bool:
@@ -134,7 +148,12 @@ def default_model_dir() -> Path:
 
 
 def load_model(model_dir: str | os.PathLike | None = None):
-    """``(encoder, tokenizer)`` from a local folder, offline (no hub access)."""
+    """``(encoder, tokenizer)`` from a local folder, offline (no hub access).
+
+    Sentence encoders such as all-MiniLM-L6-v2 are trained mean-pooled; their BERT pooler is not
+    part of the trained model and is left out, so transformers reports the checkpoint's pooler
+    weights as UNEXPECTED (harmless). The library leaves transformers' messages alone; the
+    ``tera-tn`` command hides that one."""
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model folder {str(model_dir)!r} holds no config.json; expected a local "
@@ -142,18 +161,33 @@ def load_model(model_dir: str | os.PathLike | None = None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        # Sentence encoders such as all-MiniLM-L6-v2 are trained mean-pooled; their BERT pooler is
-        # not part of the trained model, so it is left out.
-        enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
     return enc, tok
+
+
+def max_positions(model_dir: str | os.PathLike | None = None) -> int | None:
+    """Most tokens per text the model in ``model_dir`` takes, read from its files without loading
+    it: ``max_position_embeddings`` of ``config.json``, or the tokenizer's ``model_max_length``
+    when smaller (RoBERTa-style models reserve positions); None when neither is recorded."""
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    limits = []
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        try:
+            value = json.loads((model_dir / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**6:  # 1e30 = "no limit"
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def _encoder_positions(encoder, tok) -> int | None:
+    limits = [getattr(getattr(encoder, "config", None), "max_position_embeddings", None),
+              getattr(tok, "model_max_length", None)]
+    limits = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6]
+    return min(limits) if limits else None
 
 
 def _classifier(encoder, num_labels: int, dropout: float):
@@ -174,6 +208,101 @@ def _classifier(encoder, num_labels: int, dropout: float):
     return MeanPoolClassifier()
 
 
+def _peft_config_args(config: FinetuneConfig) -> tuple[type, dict[str, Any]]:
+    """The PEFT config class of ``config.method`` and the keyword arguments the recipe passes it."""
+    import peft
+
+    kwargs = {"target_modules": list(config.target_modules), **_PEFT_DEFAULTS[config.method], **config.adapter}
+    if config.method == "tera":
+        from tera_tn.peft import TeraConfig
+
+        kwargs.setdefault("seed", config.seed)
+        return TeraConfig, kwargs
+    if config.method == "vera":
+        kwargs.setdefault("projection_prng_key", config.seed)
+        return peft.VeraConfig, kwargs
+    return {"lora": peft.LoraConfig, "hira": peft.HiraConfig}[config.method], kwargs
+
+
+def _type_fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` can be meant for a field annotated ``hint`` (only plain types are judged)."""
+    import typing
+
+    if hint is Any or hint is None:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_type_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    return True
+
+
+_SHAPE_KEY = re.compile(r"\s*\d+\s*[xX]\s*\d+\s*")
+
+
+def _check_adapter(config: FinetuneConfig) -> None:
+    """Refuse adapter arguments the method's PEFT config does not take, or values of the wrong
+    type, naming the argument and the expected options: at configuration time, not after a model
+    load deep inside PEFT."""
+    import typing
+
+    cls, kwargs = _peft_config_args(config)
+    name = cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    import peft
+
+    base = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    own = sorted(n for n in fields if n not in base)
+    for key in config.adapter:
+        if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, own, n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise ValueError(f"adapter argument {key!r} is not an option of {name} (method {config.method!r}); "
+                             f"{hint}expected one of: {', '.join(own)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot resolve: leave the types to the config
+        hints = {}
+    for key, value in config.adapter.items():
+        if key in hints and not _type_fits(value, hints[key]):
+            expected = re.sub(r"\btyping\.", "", str(hints[key]).replace("<class '", "").replace("'>", ""))
+            raise ValueError(f"adapter argument {key}={value!r} has the wrong type for {name}.{key}: "
+                             f"got {type(value).__name__}, expected {expected}")
+    if config.method in ("lora", "vera", "hira") and "r" in config.adapter:
+        r = config.adapter["r"]
+        if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+            raise ValueError(f"adapter argument r={r!r} must be a positive integer (the rank of {name})")
+    specs = config.adapter.get("specs") if config.method == "tera" else None
+    if isinstance(specs, Mapping):
+        for key in specs:
+            if isinstance(key, (tuple, list)):
+                ok = len(key) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in key)
+            else:
+                ok = isinstance(key, str) and bool(_SHAPE_KEY.fullmatch(key))
+            if not ok:
+                raise ValueError(f"adapter argument specs has the key {key!r}, which is not a weight shape; "
+                                 "expected 'D_OUTxD_IN' such as '384x384' (or a (d_out, d_in) pair)")
+    try:
+        cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adapter arguments {dict(config.adapter)} are not valid for {name}: {err}") from None
+
+
 def _adapt(encoder, config: FinetuneConfig):
     """Freeze the encoder, then let ``config.method`` decide what trains in it."""
     for p in encoder.parameters():
@@ -182,18 +311,8 @@ def _adapt(encoder, config: FinetuneConfig):
         return encoder
     import peft
 
-    kwargs = {"target_modules": list(config.target_modules), **_PEFT_DEFAULTS[config.method], **config.adapter}
-    if config.method == "tera":
-        from tera_tn.peft import TeraConfig
-
-        kwargs.setdefault("seed", config.seed)
-        pcfg = TeraConfig(**kwargs)
-    elif config.method == "vera":
-        kwargs.setdefault("projection_prng_key", config.seed)
-        pcfg = peft.VeraConfig(**kwargs)
-    else:
-        pcfg = {"lora": peft.LoraConfig, "hira": peft.HiraConfig}[config.method](**kwargs)
-    return peft.get_peft_model(encoder, pcfg)
+    cls, kwargs = _peft_config_args(config)
+    return peft.get_peft_model(encoder, cls(**kwargs))
 
 
 def _encode(tok, examples: Sequence[Example], max_length: int) -> list[tuple[list[int], int]]:
@@ -269,13 +388,28 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
     import torch
     import torch.nn.functional as F
 
+    if not isinstance(config, FinetuneConfig):
+        raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    parts = {"train": _checked_examples("train", train), "validation": _checked_examples("validation", validation)}
+    if test is not None:
+        parts["test"] = _checked_examples("test", test)
+    train, validation, test = parts["train"], parts["validation"], parts.get("test")
     if not train or not validation:
         raise ValueError(f"need training and validation examples, got {len(train)} and {len(validation)}")
-    labels = {int(y) for part in (train, validation, test or ()) for _, y in part}
+    if num_labels is not None and not (isinstance(num_labels, int) and not isinstance(num_labels, bool)
+                                       and num_labels >= 2):
+        raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    labels = {y for part in parts.values() for _, y in part}
     k = num_labels if num_labels is not None else max(labels) + 1
     if min(labels) < 0 or max(labels) >= k or k < 2:
         raise ValueError(f"labels must be integers in 0..{k - 1} with at least 2 classes, got {sorted(labels)[:10]}")
+    if len({y for _, y in train}) < 2:
+        raise ValueError(f"the training examples all have label {train[0][1]}; training needs at least 2 classes")
     encoder, tok = model if model is not None else load_model(model_dir)
+    limit = _encoder_positions(encoder, tok)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(f"max_length {config.max_length} exceeds the model's {limit} positions; expected at most "
+                         f"{limit}")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     data = {name: _encode(tok, part, config.max_length)
             for name, part in (("train", train), ("validation", validation), ("test", test)) if part}
@@ -327,49 +461,386 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
     metrics.update(trainable_params=n_head + n_body, adapter_params=n_body, head_params=n_head,
                    head_lr=head_lr, num_labels=k, train_time_s=wall, train_cpu_s=cpu,
                    first_loss=losses[0], last_loss=sum(losses[-q:]) / q, max_grad_norm=config.max_grad_norm)
-    return FinetuneResult(metrics=metrics, model=net, predictions=predictions)
+    return FinetuneResult(metrics=metrics, model=net, predictions=predictions, config=config)
 
 
-def read_examples(path: str | os.PathLike, text_column: str = "text",
-                  label_column: str = "label") -> tuple[list[Example], tuple[str, ...]]:
-    """``(examples, label_names)`` from a CSV file or a JSON-lines file (``.jsonl``/``.json``);
-    labels become indices into the sorted label names (numerically sorted when all are numbers)."""
-    import csv
-    import json
+def _checked_examples(name: str, part: Sequence[Example]) -> list[Example]:
+    """``part`` as a list of ``(str, int)`` pairs, or a ValueError naming the first bad example."""
+    if isinstance(part, (str, bytes, Mapping)) or not hasattr(part, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of (text, label) pairs, got {type(part).__name__}")
+    out: list[Example] = []
+    for i, example in enumerate(part):
+        if isinstance(example, (str, bytes)) or not hasattr(example, "__len__") or len(example) != 2:
+            raise ValueError(f"{name} example {i} is {example!r:.80}; expected a (text, label) pair")
+        text, label = example
+        if not isinstance(text, str):
+            raise ValueError(f"{name} example {i} has text {text!r:.80} ({type(text).__name__}); expected a string")
+        try:
+            index = operator.index(label)
+        except TypeError:
+            index = None
+        if index is None or isinstance(label, bool):
+            raise ValueError(f"{name} example {i} has label {label!r:.80} ({type(label).__name__}); expected an "
+                             "integer class index 0..K-1 (read_examples turns label names into indices)")
+        out.append((text, int(index)))
+    return out
 
-    path = Path(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{str(path)!r} holds no examples")
-    for i, row in enumerate(rows, 1):
-        missing = [c for c in (text_column, label_column) if not isinstance(row, dict) or c not in row]
-        if missing:
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{str(path)!r} record {i} has no column {missing[0]!r}; expected columns "
-                             f"{text_column!r} and {label_column!r}, found {have}")
-    raw = [str(r[label_column]).strip() for r in rows]
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+#: a label that reads as a decimal number (``1``, ``-2``, ``1.0``, ``.5``, ``1e3``) is a number;
+#: ``inf``, ``nan``, ``1_000`` or ``0x1f`` are text
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+class _Label:
+    """One label value: a number (compared by value: 1, 1.0 and "01" are equal) or a text."""
+
+    __slots__ = ("number", "text", "where")
+
+    def __init__(self, number: Decimal | None, text: str | None, where: str) -> None:
+        self.number, self.text, self.where = number, text, where
+
+    @property
+    def key(self) -> Decimal | str:
+        return self.number if self.number is not None else self.text  # type: ignore[return-value]
+
+
+def _number_name(d: Decimal) -> str:
+    """The class name of a numeric label: the shortest plain decimal (``1.0`` → ``"1"``,
+    ``0.50`` → ``"0.5"``, ``1e3`` → ``"1000"``); scientific beyond 30 digits."""
+    if d == 0:
+        return "0"
+    d = d.normalize(Context(prec=max(1, len(d.as_tuple().digits))))  # exact: no digit is rounded away
+    return format(d, "f") if -30 < d.adjusted() < 30 else str(d)
+
+
+def _label(value: Any, where: str, column: str) -> _Label:
+    if value is None:
+        raise ValueError(f"{where} has no {column!r} value (null); every example needs a label")
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        kind = "a JSON boolean" if isinstance(value, bool) else f"a JSON {'array' if isinstance(value, list) else 'object'}"
+        raise ValueError(f"{where} has {kind} {json.dumps(value)[:60]} as its {column!r}; expected a label: a string "
+                         "or a number")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} has the non-finite number {value!r} as its {column!r}; expected a finite "
+                             "number or a string")
+        return _Label(Decimal(value) if isinstance(value, int) else Decimal(repr(value)), None, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where} has {value!r:.60} ({type(value).__name__}) as its {column!r}; expected a string "
+                         "or a number")
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{where} has an empty {column!r}; every example needs a label")
+    return _Label(Decimal(text), None, where) if _NUMBER.fullmatch(text) else _Label(None, text, where)
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if value is None:
+        raise ValueError(f"{where} has no {column!r} value (null); every example needs a text")
+    if not isinstance(value, str):
+        raise ValueError(f"{where} has {json.dumps(value, default=str)[:60]} ({type(value).__name__}) as its "
+                         f"{column!r}; expected a string")
+    if not value.strip():
+        raise ValueError(f"{where} has an empty {column!r}; every example needs a text")
+    return value
+
+
+def _decode(path: Path, data: bytes, encoding: str) -> str:
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
-        names = tuple(sorted(set(raw), key=float))
-    except ValueError:
-        names = tuple(sorted(set(raw)))
-    if len(names) < 2:
-        raise ValueError(f"{str(path)!r} has a single label {names[0]!r} in column {label_column!r}; "
-                         "classification needs at least 2")
-    index = {n: i for i, n in enumerate(names)}
-    return [(str(r[text_column]), index[y]) for r, y in zip(rows, raw)], names
+        return data.decode(codec)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} for {str(path)!r}; expected a Python codec name "
+                         "such as utf-8, latin-1 or cp1252") from None
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            guess, codec = "it starts like UTF-16 text: give that encoding", "utf-16"
+        else:
+            guess, codec = ("if it was saved as latin-1 or Windows cp1252 (as older Excel versions save CSV), give "
+                            "that encoding"), "cp1252"
+        raise ValueError(f"{str(path)!r} is not {encoding} text: byte 0x{data[err.start]:02x} on line {line} cannot "
+                         f"be decoded; {guess} (encoding='{codec}'; --encoding {codec} on the command line) or save "
+                         "the file as UTF-8") from None
 
 
-def save_adapter(result: FinetuneResult, folder: str | os.PathLike) -> None:
-    """Write the trained adapter (PEFT's ``save_pretrained``) and the head (``head.safetensors``)."""
-    from safetensors.torch import save_file
+def _json_records(path: Path, text: str) -> list[tuple[str, Any]]:
+    """``(line or record, record)`` of a JSON-lines file, or of a ``.json`` file holding one JSON array."""
+    name = repr(str(path))
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+            raise ValueError(f"{name} is not valid JSON{where}: {getattr(err, 'msg', err)}; expected one JSON array "
+                             "of objects, or one JSON object per line") from None
+        return [(f"record {i}", r) for i, r in enumerate(data, 1)]
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {n}", json.loads(line)))
+        except ValueError as err:
+            raise ValueError(f"{name} line {n} is not valid JSON ({getattr(err, 'msg', err)}): {line.strip()[:60]!r}; "
+                             "expected one JSON object per line (or, in a .json file, one JSON array)") from None
+    return records
+
+
+def _csv_records(path: Path, text: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """``(line, {column: cell or None})`` of a CSV file with a header row, and the header."""
+    import csv
+    import io
+
+    name = repr(str(path))
+    limit = csv.field_size_limit()
+    # A long text (a whole article) may exceed csv's default 128 KiB field limit; no field can be
+    # longer than the file. The limit is process-wide, so it is restored afterwards.
+    csv.field_size_limit(max(limit, min(len(text) + 1, 2**31 - 1)))
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in next(reader, [])]
+        records = []
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            where = f"line {start}"
+            if len(row) > len(header):
+                raise ValueError(f"{name} {where} has {len(row)} cells but the header has {len(header)} "
+                                 f"({', '.join(header)}); a text holding commas must be in double quotes")
+            records.append((where, dict(zip(header, row + [None] * (len(header) - len(row))))))
+    except csv.Error as err:
+        raise ValueError(f"{name} line {reader.line_num} is not valid CSV ({err}); expected a CSV file with a header "
+                         "row") from None
+    finally:
+        csv.field_size_limit(limit)
+    return records, header
+
+
+def read_examples(path: str | os.PathLike, text_column: str = "text", label_column: str = "label", *,
+                  encoding: str = "utf-8", min_classes: int = 2) -> tuple[list[Example], tuple[str, ...]]:
+    """``(examples, label_names)`` from a CSV file with a header row, a JSON-lines file (``.jsonl``,
+    ``.ndjson``, ``.json``: one object per line) or a ``.json`` file holding one array of objects.
+
+    * Text: ``encoding`` (default UTF-8; a UTF-8 byte-order mark, as in Excel's "CSV UTF-8", is
+      skipped); a file that does not decode is refused naming the line.
+    * Every record needs a non-empty text (a string) and a label; a missing, empty or null value,
+      a JSON boolean, array or object as a label, a non-finite number, or a CSV row with more
+      cells than the header is refused with an error naming the file and the line (the record
+      for a JSON array), never read as a made-up class such as ``'None'``.
+    * Labels that read as decimal numbers are numbers and compare by value: ``1``, ``1.0``,
+      ``"01"`` and ``1e0`` are one class, named by its shortest plain form (``"1"``; ``0.50`` is
+      ``"0.5"``). Number classes are sorted by value, text classes alphabetically; a file whose
+      labels mix numbers and text is refused (``inf``/``nan`` are text, not numbers).
+    * ``min_classes``: fewest distinct labels accepted (2 for training; 1 for a validation or
+      test file, which may hold one class).
+
+    Labels become indices into the sorted label names.
+    """
+    path = Path(path)
+    name = repr(str(path))
+    with open(path, "rb") as f:
+        text = _decode(path, f.read(), encoding)
+    if path.suffix.lower() in _JSON_SUFFIXES:
+        records = _json_records(path, text)
+        header = None
+    else:
+        records, header = _csv_records(path, text)
+    if not records:
+        raise ValueError(f"{name} holds no examples")
+    if header is not None:
+        missing = [c for c in (text_column, label_column) if c not in header]
+        if missing:
+            raise ValueError(f"{name} has no column {missing[0]!r}; expected columns {text_column!r} and "
+                             f"{label_column!r}, found {header}")
+    texts, labels = [], []
+    for loc, row in records:
+        where = f"{name} {loc}"
+        if not isinstance(row, dict):
+            kind = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(row), "null")
+            raise ValueError(f"{where} is a JSON {kind}, not an object; expected an object with "
+                             f"{text_column!r} and {label_column!r}")
+        for c in (text_column, label_column):
+            if c not in row:
+                raise ValueError(f"{where} has no column {c!r}; expected columns {text_column!r} and "
+                                 f"{label_column!r}, found {sorted(row)}")
+        if header is not None and row[label_column] is None:
+            raise ValueError(f"{where} has no {label_column!r} cell (the row is shorter than the header); every "
+                             "example needs a label")
+        if header is not None and row[text_column] is None:
+            raise ValueError(f"{where} has no {text_column!r} cell (the row is shorter than the header)")
+        texts.append(_text(row[text_column], where, text_column))
+        labels.append(_label(row[label_column], where, label_column))
+        labels[-1].where = loc
+    numbers = [lab for lab in labels if lab.number is not None]
+    if numbers and len(numbers) < len(labels):
+        word = next(lab for lab in labels if lab.number is None)
+        raise ValueError(f"{name} has labels that mix numbers and text: {numbers[0].where} has "
+                         f"{_number_name(numbers[0].number)}, {word.where} has {word.text!r}; expected all labels "
+                         "numbers or all text")
+    keys = sorted({lab.key for lab in labels})  # type: ignore[type-var]
+    names = tuple(_number_name(k) if isinstance(k, Decimal) else k for k in keys)
+    if len(names) < min_classes:
+        raise ValueError(f"{name} has a single label {names[0]!r} in column {label_column!r}; classification "
+                         f"needs at least {min_classes}")
+    index = {k: i for i, k in enumerate(keys)}
+    return [(t, index[lab.key]) for t, lab in zip(texts, labels)], names
+
+
+# --------------------------------------------------------------------------------------------
+# saving and rebuilding a trained classifier
+# --------------------------------------------------------------------------------------------
+_META_KEY = "tera_tn"  #: the safetensors metadata key, as in tera_tn.torch checkpoints
+_HEAD_KIND = "finetune_head"
+_HEAD_FORMAT = 1
+_HEAD_EXPECTED = "a head.safetensors written by tera_tn.finetune.save_adapter"
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_adapter(result: FinetuneResult, folder: str | os.PathLike, *, labels: Sequence[str] | None = None,
+                 model_dir: str | os.PathLike | None = None, text_column: str | None = None,
+                 label_column: str | None = None) -> Path:
+    """Write a trained classifier into ``folder``: the adapter (PEFT's ``save_pretrained``; for
+    ``full`` the whole encoder) and the head, ``head.safetensors``, whose ``tera_tn`` metadata
+    describes the rest (as in ``tera_tn.torch`` checkpoints): label names in index order, pooling,
+    maximum length, method and configuration, the model folder it was trained from and the data
+    columns. :func:`load_classifier` rebuilds the classifier from it.
+
+    ``labels`` names the classes (default ``"0"``, ``"1"``, …); ``model_dir`` is the base model
+    folder (default: the folder the encoder was loaded from).
+    """
+    from safetensors.torch import save
+
+    from . import __version__
+    from ._files import write_atomic
 
     folder = Path(folder)
     net = result.model
-    if hasattr(net.encoder, "save_pretrained") and hasattr(net.encoder, "peft_config"):
-        net.encoder.save_pretrained(str(folder))
+    state = {k: v.detach().cpu().contiguous() for k, v in net.head.state_dict().items()}
+    k, hidden = state["weight"].shape
+    if labels is None:
+        labels = [str(i) for i in range(k)]
+    labels = [str(n) for n in labels]
+    if len(labels) != k:
+        raise ValueError(f"{len(labels)} label names for a head of {k} classes; expected one name per class")
+    encoder = net.encoder
+    is_peft = hasattr(encoder, "save_pretrained") and hasattr(encoder, "peft_config")
+    config = result.config
+    method = config.method if config is not None else ("peft" if is_peft else "head")
+    if model_dir is None:
+        model_dir = getattr(getattr(encoder, "config", None), "name_or_path", None) or None
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.head.state_dict().items()}, str(folder / "head.safetensors"))
+    if is_peft:
+        encoder.save_pretrained(str(folder))
+    elif method == "full":
+        encoder.save_pretrained(str(folder / "encoder"))
+    meta = {
+        "format": _HEAD_FORMAT, "kind": _HEAD_KIND, "library_version": __version__, "method": method,
+        "labels": labels, "num_labels": k, "hidden_size": int(hidden), "pooling": "mean",
+        "max_length": config.max_length if config is not None else None,
+        "model": str(Path(model_dir).resolve()) if model_dir else None,
+        "encoder": "peft" if is_peft else ("encoder" if method == "full" else "base"),
+        "text_column": text_column, "label_column": label_column,
+        "config": _json_safe(dataclasses.asdict(config)) if config is not None else None,
+    }
+    write_atomic(folder / "head.safetensors", save(state, metadata={_META_KEY: json.dumps(meta)}), overwrite=True)
+    return folder
+
+
+def read_head_metadata(path: str | os.PathLike) -> dict:
+    """The ``tera_tn`` metadata of a saved head (``head.safetensors``, or the folder holding it)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "head.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; expected {_HEAD_EXPECTED}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); expected {_HEAD_EXPECTED}") from None
+    try:
+        parsed = json.loads(meta[_META_KEY])
+    except (KeyError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict) or parsed.get("kind") != _HEAD_KIND:
+        raise ValueError(f"{str(path)!r} holds no classifier description (no {_META_KEY!r} metadata of kind "
+                         f"{_HEAD_KIND!r}: written before heads described themselves, or another file); expected "
+                         f"{_HEAD_EXPECTED}")
+    if parsed.get("format") != _HEAD_FORMAT:
+        raise ValueError(f"{str(path)!r} has head format {parsed.get('format')!r}; this tera_tn reads format "
+                         f"{_HEAD_FORMAT}")
+    return parsed
+
+
+@dataclass
+class Classifier:
+    """A trained classifier rebuilt by :func:`load_classifier`: ``model(input_ids, attention_mask)``
+    gives logits (``model.encoder`` with its adapter, ``model.head``; in eval mode), ``labels`` the
+    class names in logit order, ``metadata`` what the head file recorded."""
+
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    labels: tuple[str, ...]
+    max_length: int
+    metadata: dict = field(repr=False)
+
+    def logits(self, texts: Sequence[str], batch_size: int = 128):
+        """Logits of ``texts`` (a ``(len(texts), len(labels))`` tensor), without gradients."""
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                enc = self.tokenizer(list(texts[s : s + batch_size]), truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt")
+                out.append(self.model(enc["input_ids"], enc["attention_mask"]))
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
+    def predict(self, texts: Sequence[str], batch_size: int = 128) -> list[str]:
+        """The predicted label name of each text."""
+        return [self.labels[i] for i in self.logits(texts, batch_size).argmax(-1).tolist()]
+
+
+def load_classifier(folder: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> Classifier:
+    """Rebuild the classifier that :func:`save_adapter` (or ``tera-tn finetune``, one ``seedN/``
+    folder) wrote: the base model (``model_dir``, default the folder recorded in the head file),
+    the adapter from ``folder`` (TeRA is registered with PEFT here), the mean-pooling head."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_head_metadata(folder)
+    base = model_dir if model_dir is not None else meta.get("model")
+    if base is None or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"the base model folder {base!r} recorded in {str(folder / 'head.safetensors')!r} "
+                                "holds no config.json; pass model_dir= the folder the classifier was trained from")
+    encoder, tok = load_model(base)
+    if meta.get("encoder") == "peft":
+        if meta.get("method") == "tera":
+            import tera_tn.peft  # noqa: F401  registers TeRA with PEFT
+        from peft import PeftModel
+
+        encoder = PeftModel.from_pretrained(encoder, str(folder))
+    elif meta.get("encoder") == "encoder":
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(str(folder / "encoder"), local_files_only=True)
+    net = _classifier(encoder, int(meta["num_labels"]), 0.0)
+    state = load_file(str(folder / "head.safetensors"))
+    net.head.load_state_dict(state)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    max_length = meta.get("max_length") or 128
+    return Classifier(model=net, tokenizer=tok, labels=tuple(meta["labels"]), max_length=int(max_length),
+                      metadata=meta)

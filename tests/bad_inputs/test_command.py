@@ -88,11 +88,104 @@ CASES = [
 ]
 
 
+def ft(*argv: str) -> list[str]:
+    """``tera-tn finetune`` on the good data file unless a row names another."""
+    return ["finetune", *(() if "--data-path" in argv else ("--data-path", "data/good.csv")), *argv]
+
+
+#: data files of the finetune rows, written into ``data/`` (name -> bytes)
+DATA = {
+    "good.csv": b"text,label\na fine film,pos\na dull film,neg\ngreat,pos\nawful,neg\n",
+    "latin1.csv": "text,label\ncaf\u00e9 cr\u00e8me,pos\nbad,neg\n".encode("latin-1"),
+    "utf16.csv": "text,label\ngood,pos\nbad,neg\n".encode("utf-16"),
+    "no-label-cell.csv": b"text,label\ngood,pos\nbad\n",
+    "empty-label.csv": b"text,label\ngood,pos\nbad,\n",
+    "empty-text.csv": b"text,label\ngood,pos\n ,neg\n",
+    "extra-cells.csv": b"text,label\ngood,pos\nbad, really,neg\n",
+    "null-label.jsonl": b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": null}\n',
+    "null-text.jsonl": b'{"text": "good", "label": "pos"}\n{"text": null, "label": "neg"}\n',
+    "bool-label.jsonl": b'{"text": "good", "label": true}\n{"text": "bad", "label": false}\n',
+    "nested-label.jsonl": b'{"text": "good", "label": ["pos"]}\n{"text": "bad", "label": "neg"}\n',
+    "nan-label.jsonl": b'{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n',
+    "mixed-labels.csv": b"text,label\ngood,1\nbad,0\nso-so,meh\n",
+    "bad-line.jsonl": b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": neg}\n',
+    "array-bad-record.json": b'[{"text": "good", "label": "pos"}, ["bad", "neg"]]',
+    "one-class.csv": b"text,label\ngood,pos\ngreat,pos\n",
+    "other-label.csv": b"text,label\ngood,pos\nunsure,maybe\n",
+    "null-label-val.jsonl": b'{"text": "good", "label": "pos"}\n{"text": "bad"}\n',
+}
+
+CASES += [
+    # finetune: data files
+    cmd("finetune-latin1-data", ft("--data-path", "data/latin1.csv"), "data/latin1.csv", "0xe9", "line 2", "latin-1"),
+    cmd("finetune-utf16-data", ft("--data-path", "data/utf16.csv"), "data/utf16.csv", "utf-16"),
+    cmd("finetune-unknown-encoding", ft("--encoding", "klingon"), "klingon", "codec"),
+    cmd("finetune-row-without-label", ft("--data-path", "data/no-label-cell.csv"), "no-label-cell.csv", "line 3",
+        "'label'"),
+    cmd("finetune-empty-label", ft("--data-path", "data/empty-label.csv"), "empty-label.csv", "line 3", "empty 'label'"),
+    cmd("finetune-empty-text", ft("--data-path", "data/empty-text.csv"), "empty-text.csv", "line 3", "empty 'text'"),
+    cmd("finetune-unquoted-comma", ft("--data-path", "data/extra-cells.csv"), "extra-cells.csv", "line 3", "quotes"),
+    cmd("finetune-null-label", ft("--data-path", "data/null-label.jsonl"), "null-label.jsonl", "line 2", "null"),
+    cmd("finetune-null-text", ft("--data-path", "data/null-text.jsonl"), "null-text.jsonl", "line 2", "'text'"),
+    cmd("finetune-boolean-label", ft("--data-path", "data/bool-label.jsonl"), "bool-label.jsonl", "line 1", "boolean"),
+    cmd("finetune-nested-label", ft("--data-path", "data/nested-label.jsonl"), "nested-label.jsonl", "line 1", "array"),
+    cmd("finetune-nan-label", ft("--data-path", "data/nan-label.jsonl"), "nan-label.jsonl", "line 2", "non-finite"),
+    cmd("finetune-mixed-labels", ft("--data-path", "data/mixed-labels.csv"), "mixed-labels.csv", "numbers and text",
+        "'meh'"),
+    cmd("finetune-bad-jsonl-line", ft("--data-path", "data/bad-line.jsonl"), "bad-line.jsonl", "line 2",
+        "not valid json"),
+    cmd("finetune-json-array-bad-record", ft("--data-path", "data/array-bad-record.json"), "array-bad-record.json",
+        "record 2", "object"),
+    cmd("finetune-one-class-training", ft("--data-path", "data/one-class.csv"), "one-class.csv", "'pos'", "at least 2"),
+    cmd("finetune-validation-unknown-label", ft("--validation-path", "data/other-label.csv"), "other-label.csv",
+        "'maybe'", "training data lacks"),
+    cmd("finetune-validation-missing-label", ft("--validation-path", "data/null-label-val.jsonl"),
+        "null-label-val.jsonl", "line 2", "'label'"),
+    cmd("finetune-missing-data-file", ft("--data-path", "data/nothing.csv"), "data/nothing.csv", "not a file"),
+    cmd("finetune-unknown-column", ft("--text-column", "body"), "'body'", "found"),
+    # finetune: numeric options
+    cmd("finetune-max-length-beyond-model", ft("--max-length", "100000"), "100000", "512"),
+    cmd("finetune-zero-max-length", ft("--max-length", "0"), "'0'", "positive"),
+    cmd("finetune-threads-beyond-cpus", ft("--threads", "100000"), "100000", "cpus"),
+    cmd("finetune-negative-threads", ft("--threads", "-1"), "'-1'", "non-negative"),
+    cmd("finetune-zero-lr", ft("--lr", "0"), "'0'", "positive"),
+    cmd("finetune-infinite-lr", ft("--lr", "inf"), "'inf'", "positive"),
+    cmd("finetune-negative-head-lr", ft("--head-lr", "-1"), "'-1'", "positive"),
+    cmd("finetune-zero-steps", ft("--steps", "0"), "'0'", "positive"),
+    cmd("finetune-zero-batch", ft("--batch-size", "0"), "'0'", "positive"),
+    cmd("finetune-zero-epochs", ft("--epochs", "0"), "'0'", "positive"),
+    cmd("finetune-val-fraction-one", ft("--val-fraction", "1"), "'1'", "(0, 1)"),
+    cmd("finetune-negative-seed", ft("--seeds", "-1"), "'-1'", "non-negative"),
+    cmd("finetune-repeated-seed", ft("--seeds", "1,1"), "'1,1'", "distinct"),
+    # finetune: adapter arguments, checked before the model loads
+    cmd("finetune-unknown-adapter-option", ft("--adapter", "bogus=1"), "'bogus'", "TeraConfig", "order"),
+    cmd("finetune-adapter-wrong-type", ft("--method", "lora", "--adapter", "r=x"), "r='x'", "LoraConfig"),
+    cmd("finetune-adapter-not-key-value", ft("--adapter", "order"), "'order'", "KEY=VALUE"),
+    cmd("finetune-unknown-method", ft("--method", "loha"), "loha", "invalid choice"),
+    # finetune: output folder
+    cmd("finetune-out-is-a-file", ft("-o", "afile"), "afile", "not a folder"),
+    cmd("finetune-out-not-empty", ft("-o", "full"), "full", "--overwrite"),
+    cmd("finetune-out-foreign-folder-with-overwrite", ft("-o", "full", "--overwrite"), "full", "refusing to delete"),
+    cmd("finetune-out-unwritable", ft("-o", "/proc/x"), "/proc/x", "writable folder"),
+]
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a bad argument must be reported before the model loads")
+
+
 @pytest.fixture(autouse=True)
 def _workdir(tmp_path, monkeypatch):
-    """A fresh folder holding a file ``afile``, a non-empty user folder ``full``, a plot ``old.png``
-    and a folder named ``full.png``."""
+    """A fresh folder holding a file ``afile``, a non-empty user folder ``full``, a plot ``old.png``,
+    a folder named ``full.png`` and the finetune rows' data files in ``data/``; no row may load a
+    model or leave an output folder behind."""
+    from tera_tn import finetune
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(finetune, "load_model", _no_model)
+    (tmp_path / "data").mkdir()
+    for name, data in DATA.items():
+        (tmp_path / "data" / name).write_bytes(data)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "config.json").write_text("{}")
@@ -101,7 +194,8 @@ def _workdir(tmp_path, monkeypatch):
     yield
     assert (tmp_path / "full" / "config.json").read_text() == "{}"  # no row may touch user files
     assert (tmp_path / "old.png").read_bytes() == b"png"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full", "full.png", "old.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data", "full", "full.png", "old.png"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(DATA)
 
 
 @params(CASES)
