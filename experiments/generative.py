@@ -171,29 +171,20 @@ def _random_batches(stream, *, steps: int, batch_size: int, block: int, seed: in
 
 def _train(model, params, stream, *, lr: float, steps: int, batch_size: int, block: int, seed: int,
            warmup_ratio: float, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """AdamW with linear warm-up then linear decay (the classification recipe's schedule)."""
-    import torch
+    """Next-token training through the library's one loop (:func:`tera_tn.training.train_steps`):
+    AdamW with linear warm-up then linear decay, as the classification recipe."""
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = int(round(warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
-    model.train()
-    losses: list[float] = []
-    for step, w in enumerate(_random_batches(stream, steps=steps, batch_size=batch_size, block=block, seed=seed), 1):
+    from tera_tn.training import train_steps
+
+    def loss_of(w):
         logits = model(input_ids=w[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-        if not math.isfinite(losses[-1]):
-            break
-    return losses
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+
+    model.train()
+    report = None if on_step is None else (lambda step, total, loss: on_step(step, loss))
+    return train_steps(loss_of, _random_batches(stream, steps=steps, batch_size=batch_size, block=block, seed=seed),
+                       [{"params": list(params), "lr": lr}], steps=steps, warmup_ratio=warmup_ratio, on_step=report)
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -316,7 +307,8 @@ def adapt(base, method: str, split: DocSplits, budget: AdaptBudget, *, lr: float
 
     import torch
 
-    from tera_tn.finetune import FinetuneConfig, _adapt
+    from tera_tn.finetune import FinetuneConfig, adapt_model
+    from tera_tn.training import loss_diverged
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -328,15 +320,13 @@ def adapt(base, method: str, split: DocSplits, budget: AdaptBudget, *, lr: float
     if method != "none":
         # the classification recipe's PEFT construction (defaults per method, seeded frozen factors)
         cfg = FinetuneConfig(method=method, adapter=adapter, lr=lr, seed=seed, target_modules=TARGET_MODULES)
-        model = _adapt(model, cfg)
+        model = adapt_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         losses = _train(model, params, _stream(split.train), lr=lr, steps=budget.steps,
                         batch_size=budget.batch_size, block=budget.block, seed=seed,
                         warmup_ratio=budget.warmup_ratio)
-    q = max(1, len(losses) // 4)
-    diverged = bool(losses) and (not all(map(math.isfinite, losses))
-                                 or sum(losses[-q:]) / q >= sum(losses[:q]) / q)
+    diverged = bool(losses) and loss_diverged(losses)
     m: dict[str, Any] = {"method": method, "lr": lr, "steps": len(losses), "diverged": diverged,
                          "trainable_params": trainable}
     for part in ("validation", "test"):
@@ -344,6 +334,7 @@ def adapt(base, method: str, split: DocSplits, budget: AdaptBudget, *, lr: float
         key = "val" if part == "validation" else "test"
         m[f"{key}_loss"], m[f"{key}_perplexity"] = loss, (math.exp(loss) if loss < 700 else math.inf)
     if losses:
+        q = max(1, len(losses) // 4)
         m.update(first_loss=losses[0], last_loss=sum(losses[-q:]) / q)
     return m
 

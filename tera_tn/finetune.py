@@ -27,7 +27,9 @@ from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "collapsed",
+from .training import loss_diverged, train_steps
+
+__all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "adapt_model", "collapsed",
            "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "read_examples",
            "read_head_metadata", "save_adapter"]
 
@@ -303,8 +305,9 @@ def _check_adapter(config: FinetuneConfig) -> None:
         raise ValueError(f"adapter arguments {dict(config.adapter)} are not valid for {name}: {err}") from None
 
 
-def _adapt(encoder, config: FinetuneConfig):
-    """Freeze the encoder, then let ``config.method`` decide what trains in it."""
+def adapt_model(encoder, config: FinetuneConfig):
+    """Freeze ``encoder``, then let ``config.method`` decide what trains in it (a PEFT model for the
+    adapter methods, ``encoder`` itself for ``full`` and ``head``)."""
     for p in encoder.parameters():
         p.requires_grad_(config.method == "full")
     if config.method in ("full", "head"):
@@ -416,39 +419,24 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
 
     torch.manual_seed(config.seed)
     net = _classifier(copy.deepcopy(encoder), k, config.dropout)
-    net.encoder = _adapt(net.encoder, config)
+    net.encoder = adapt_model(net.encoder, config)
     net.train()
     head, body = list(net.head.parameters()), [p for p in net.encoder.parameters() if p.requires_grad]
     lr = config.learning_rate
     head_lr = lr if config.method == "head" else config.head_lr
-    groups = [{"params": head, "lr": head_lr}]
-    opt = torch.optim.AdamW(groups + ([{"params": body, "lr": lr}] if body else []), weight_decay=config.weight_decay)
+    groups = [{"params": head, "lr": head_lr}] + ([{"params": body, "lr": lr}] if body else [])
     batches = _batches(data["train"], config, torch.Generator().manual_seed(config.seed))
-    total, warm = len(batches), int(round(config.warmup_ratio * len(batches)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
 
-    losses: list[float] = []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for step, batch in enumerate(batches, 1):
+    def loss_of(batch):
         ids, mask, y = _collate(batch, pad_id)
-        loss = F.cross_entropy(net(ids, mask), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(head + body, config.max_grad_norm)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, total, losses[-1])
-        if not math.isfinite(losses[-1]):
-            break  # nothing more to learn from a run that blew up
+        return F.cross_entropy(net(ids, mask), y)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    losses = train_steps(loss_of, batches, groups, steps=len(batches), warmup_ratio=config.warmup_ratio,
+                         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, on_step=on_step)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     q = max(1, len(losses) // 4)
-    nonfinite = not all(map(math.isfinite, losses))
-    stalled = len(losses) >= 4 and sum(losses[-q:]) / q >= sum(losses[:q]) / q
     metrics: dict[str, Any] = {"method": config.method, "lr": lr, "steps": len(losses)}
     predictions: dict[str, list[int]] = {}
     for part, prefix in (("validation", "val"), ("test", "test")):
@@ -456,7 +444,7 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
             metrics[f"{prefix}_accuracy"], metrics[f"{prefix}_loss"], predictions[part] = _evaluate(
                 net, data[part], config.eval_batch_size, pad_id)
     metrics["collapsed"] = collapsed(predictions["validation"], [y for _, y in data["validation"]])
-    metrics["diverged"] = nonfinite or stalled or metrics["collapsed"]
+    metrics["diverged"] = loss_diverged(losses) or metrics["collapsed"]
     n_head, n_body = sum(p.numel() for p in head), sum(p.numel() for p in body)
     metrics.update(trainable_params=n_head + n_body, adapter_params=n_body, head_params=n_head,
                    head_lr=head_lr, num_labels=k, train_time_s=wall, train_cpu_s=cpu,
