@@ -821,8 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in shape sets (default: all of them; see 'tera-tn report --list-models')")
     p.add_argument("--list-models", action="store_true", help="list the built-in shape sets and exit")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="methods such as lora:r=8 vera:r=256 hira:r=32 tera:order=6,ranks=0.5 "
-                        "(default: TeRA orders 4, 6, 6 at half ranks; LoRA r=8, 32; VeRA r=256; HiRA r=32)")
+                   help="methods such as lora:r=8 vera:r=256 hira:r=32 tera:order=6,ranks=0.5 (default: "
+                        # The list the report runs (report.DEFAULT_METHODS), so the help cannot drift from it.
+                        + " ".join(__import__("tera_tn.analysis.report", fromlist=["DEFAULT_METHODS"]).DEFAULT_METHODS)
+                        + f"; a bare 'tera' is the library's default: order {DEFAULT_ORDER}, diag={DEFAULT_DIAG!r}, "
+                        "full ranks)")
     p.add_argument("--targets", nargs="+", metavar="MODULE",
                    help="adapt only these modules (suffixes or kinds: q k v o up down ...); default all block linears")
     p.add_argument("--out", "-o", metavar="DIR",

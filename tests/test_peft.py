@@ -271,6 +271,106 @@ def test_mismatched_adapters_say_what_differs(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, config=other_targets)
 
 
+def _tampered(tmp_path, name, change):
+    """A copy of a saved ``_trained_llama`` adapter whose tensors ``change(tensors, λ keys)`` edited."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "good"
+    if not src.exists():
+        save_adapter(_trained_llama(), src)
+    dst = tmp_path / name
+    dst.mkdir()
+    (dst / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    change(tensors, sorted(k for k in tensors if k.endswith("tera_lambda")))
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_from_pretrained_refuses_missing_extra_and_misshapen_lambda(tmp_path):
+    # PEFT loads with strict=False: a file lacking one layer's λ loaded with a "missing adapter keys"
+    # warning and left that layer at its initial λ (output off); an extra λ was dropped silently.
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj.tera_lambda"
+    missing = _tampered(tmp_path, "missing", lambda t, keys: t.pop(q0))
+    with pytest.raises(TeraAdapterMismatch, match=rf"1 λ tensor\(s\) of adapted layers are missing.*{q0}"):
+        PeftModel.from_pretrained(tiny_llama(), missing)
+    layer7 = q0.replace("layers.0", "layers.7")
+    extra = _tampered(tmp_path, "extra", lambda t, keys: t.__setitem__(layer7, t[q0].clone()))
+    with pytest.raises(TeraAdapterMismatch, match=rf"belong to no layer adapted by 'default'.*{layer7}"):
+        PeftModel.from_pretrained(tiny_llama(), extra)
+    long = _tampered(tmp_path, "long", lambda t, keys: t.__setitem__(q0, torch.cat([t[q0], torch.ones(3)])))
+    with pytest.raises(TeraAdapterMismatch, match=rf"{q0} has shape \(35,\), expected \(32,\)"):
+        PeftModel.from_pretrained(tiny_llama(), long)
+    # The same files are refused by AdapterStore.add, with the same checker.
+    from tera_tn.peft import AdapterStore
+
+    store = AdapterStore(PeftModel.from_pretrained(tiny_llama(), tmp_path / "good"))
+    for path, needle in ((missing, "no λ for 1 adapted layer"), (extra, "belong to no adapted layer"),
+                         (long, r"has shape \(35,\), expected \(32,\)")):
+        with pytest.raises(TeraAdapterMismatch, match=needle):
+            store.add("u", path=path)
+    assert len(store) == 0
+
+
+def test_absurd_lambda_is_refused_and_a_swamping_update_warns(tmp_path):
+    # λ = 1e30 loaded silently: the layer output NaN while the logits stayed finite garbage.
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj.tera_lambda"
+    absurd = _tampered(tmp_path, "absurd", lambda t, keys: t.__setitem__(q0, torch.full_like(t[q0], 1e30)))
+    with pytest.raises(TeraAdapterMismatch, match=rf"{q0} holds absurd λ.*beyond the largest float32"):
+        PeftModel.from_pretrained(tiny_llama(), absurd)
+    # In float16 the same bound is reached by far smaller λ.
+    fp16 = _tampered(tmp_path, "fp16", lambda t, keys: t.__setitem__(q0, torch.full_like(t[q0], 50.0)))
+    with pytest.raises(TeraAdapterMismatch, match="beyond the largest float16"):
+        PeftModel.from_pretrained(tiny_llama().half(), fp16)
+    # Finite but a thousand times W0: loads, with a warning naming the layer.
+    huge = _tampered(tmp_path, "huge", lambda t, keys: t.__setitem__(q0, t[q0] * 1e4))
+    with pytest.warns(UserWarning, match=rf"{q0}: ‖ΔW‖/‖W0‖ = .* \(above 1000\)"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), huge)
+    assert torch.isfinite(logits(loaded)).all()
+    from tera_tn.peft import AdapterStore
+
+    store = AdapterStore(PeftModel.from_pretrained(tiny_llama(), tmp_path / "good"))
+    with pytest.raises(TeraAdapterMismatch, match="holds absurd λ"):
+        store.add("u", path=absurd)
+    with pytest.warns(UserWarning, match="above 1000"):
+        store.add("u", path=huge)
+
+
+def test_truncated_adapter_file_is_named(tmp_path):
+    # safetensors' own error ("incomplete metadata, file not fully covered") named no file.
+    cut = _tampered(tmp_path, "cut", lambda t, keys: None)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=rf"{weights}.*not a readable safetensors file"):
+        PeftModel.from_pretrained(tiny_llama(), cut)
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "good")
+    with pytest.raises(ValueError, match=rf"{weights}.*not a readable safetensors file"):
+        model.load_adapter(cut, adapter_name="other")
+    assert "other" not in model.peft_config
+
+
+def test_adapter_names_inside_the_prefix_warn_nothing(tmp_path):
+    # PEFT warned "Adapter name 'a' should not be contained in the prefix 'tera_'" (a substring
+    # test); PEFT 0.21 maps keys structurally, so such names save and load like any other.
+    import warnings as _warnings
+
+    cfg = dict(target_modules=["q_proj", "v_proj"], order=4, scale_init="random")
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        model = get_peft_model(tiny_llama(), TeraConfig(**cfg), adapter_name="a")
+        model.add_adapter("e", TeraConfig(seed=2, **cfg))
+        save_adapter(model, tmp_path, selected_adapters=["a", "e"])
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+        again.load_adapter(tmp_path / "e", adapter_name="e")
+    assert not [str(w.message) for w in caught if "prefix" in str(w.message) or "missing" in str(w.message)]
+    for name in ("a", "e"):
+        model.set_adapter(name)
+        again.set_adapter(name)
+        assert torch.equal(logits(again), logits(model))
+    with pytest.warns(UserWarning, match="'tera_' should not be contained in the prefix"):
+        model.add_adapter("tera_", TeraConfig(**cfg))  # the one name that is the prefix itself
+
+
 def test_save_adapter_never_overwrites_unless_asked(tmp_path):
     model = _trained_llama()
     (tmp_path / "README.md").write_text("my notes")

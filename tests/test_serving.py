@@ -7,6 +7,8 @@ or with adapters disabled for ``"__base__"`` rows.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +124,48 @@ def test_generate_with_mixed_adapters_matches_single_adapter_generate(served):
     torch.testing.assert_close(mixed, torch.cat(expected), rtol=0, atol=0)
 
 
+def _per_row_generate(model, tokens, names, **kw):
+    """``generate`` of each row alone, with that row's adapter active (the reference)."""
+    rows = []
+    for i, name in enumerate(names):
+        row = dict(kw, attention_mask=torch.ones_like(tokens[i : i + 1]))
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model.generate(tokens[i : i + 1], **row))
+        else:
+            model.set_adapter(name)
+            rows.append(model.generate(tokens[i : i + 1], **row))
+    model.set_adapter("a0")
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        dict(num_beams=2),
+        dict(num_beams=2, num_return_sequences=2),
+        dict(do_sample=True, top_k=1, num_return_sequences=2),  # top_k=1: sampling without chance
+        "generation_config",
+    ],
+    ids=["num_beams", "beams-and-sequences", "sampled-sequences", "GenerationConfig"],
+)
+def test_generate_repeats_adapter_names_with_beams_and_returned_sequences(served, how):
+    # generate repeats each input row max(num_beams, num_return_sequences) times; adapter_names
+    # used to be left at one name per input row ("3 names but 6 rows").
+    from transformers import GenerationConfig
+
+    model, tokens, _ = served
+    names = ["a1", "__base__", "seed7"]
+    base = dict(max_new_tokens=4, pad_token_id=0)
+    kw = dict(generation_config=GenerationConfig(num_beams=2, do_sample=False, **base)) if how == "generation_config" else {**base, **how}
+    x = tokens[:3]
+    with torch.no_grad():
+        mixed = model.generate(x, attention_mask=torch.ones_like(x), adapter_names=names, **kw)
+        expected = _per_row_generate(model, x, names, **kw)
+    assert mixed.shape[0] == 3 * (how.get("num_return_sequences", 1) if isinstance(how, dict) else 1)
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
+
+
 # --- the store ------------------------------------------------------------------------------------
 
 
@@ -199,6 +243,53 @@ def test_store_memory_per_adapter_is_the_lambda_count():
     assert store.nbytes / count <= sum_r * 4 + 256 * len(layers)
 
 
+def test_a_name_lives_in_the_store_or_the_model_never_both():
+    # AdapterStore.add("dup") then model.add_adapter("dup") used to succeed: the same adapter_names
+    # then served the stored λ (a cached plan) or the model's, depending on what ran before.
+    model = get_peft_model(tiny_llama(), config(order=4, seed=0), adapter_name="default").eval()
+    randomize(model, "default", seed=3)
+    store = AdapterStore(model)
+    store.add("dup", adapter="default")
+    tokens = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(4))
+    stored = mixed_logits(model, tokens, ["dup", "dup"])
+    with pytest.raises(ValueError, match=r"'dup'.*AdapterStore.*store\.remove\('dup'\)"):
+        model.add_adapter("dup", config(order=4, seed=3))
+    assert "dup" not in model.peft_config
+    assert not any("dup" in m.tera_lambda for m in model.modules() if hasattr(m, "tera_lambda"))
+    torch.testing.assert_close(mixed_logits(model, tokens, ["dup", "__base__"])[0], stored[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'default'.*already an adapter of the model"):
+        store.add("default", adapter="default")
+    # Once the store lets it go, the name may go to the model, and then means the model's adapter.
+    store.remove("dup")
+    model.add_adapter("dup", config(order=4, seed=3))
+    randomize(model, "dup", seed=9)
+    model.set_adapter("dup")
+    with torch.no_grad():
+        ref = model(tokens).logits
+    torch.testing.assert_close(mixed_logits(model, tokens, ["dup", "dup"]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_plans_follow_adapters_deleted_and_added_again():
+    # A layer keeps the plan of the last adapter_names; "x" deleted and added again with another
+    # seed must not be grouped with "default" (same frozen network before, another one now).
+    model = get_peft_model(tiny_llama(), config(order=4, seed=0), adapter_name="default").eval()
+    model.add_adapter("x", config(order=4, seed=0))
+    randomize(model, "default", seed=1)
+    randomize(model, "x", seed=2)
+    tokens = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    mixed_logits(model, tokens, ["x", "default"])  # plans: x and default in one group
+    model.delete_adapter("x")
+    model.add_adapter("x", config(order=4, seed=7))
+    randomize(model, "x", seed=2)
+    out = mixed_logits(model, tokens, ["x", "default"])
+    with torch.no_grad():
+        model.set_adapter("x")
+        ref_x = model(tokens[:1]).logits
+        model.set_adapter("default")
+        ref_default = model(tokens[1:]).logits
+    torch.testing.assert_close(out, torch.cat([ref_x, ref_default]), rtol=1e-5, atol=1e-5)
+
+
 # --- plain torch -------------------------------------------------------------------------------------
 
 
@@ -245,9 +336,11 @@ def _bad_cases():
         m.merge_adapter()
         call(["default", "default"], m)()
 
-    def store_other(tmp, **kw):
+    def store_other(parent=False, **kw):
         def run():
-            AdapterStore(fresh()).add("u", path=_other_family(tmp, **kw))
+            with tempfile.TemporaryDirectory(prefix="tera-serving-") as tmp:  # nothing left behind
+                path = _other_family(Path(tmp), **kw)
+                AdapterStore(fresh()).add("u", path=path.parent if parent else path)
         return run
 
     def twice():
@@ -260,18 +353,16 @@ def _bad_cases():
         s.add("u", adapter="default")
         s.add("u", adapter="default")
 
-    import tempfile
-    from pathlib import Path
-
-    tmp = Path(tempfile.mkdtemp(prefix="tera-serving-"))
     return [
         Case("unknown-name", call(["default", "typo"]), ValueError, ("typo", "default")),
         Case("wrong-length", call(["default"]), ValueError, ("1 names", "2 rows")),
         Case("a-string", call("default"), TypeError, ("list", "'default'")),
+        Case("a-list-in-the-list", call(["default", ["default"]]), TypeError, ("adapter_names[1]", "['default']", "list", "str")),
+        Case("a-number-in-the-list", call([0, "default"]), TypeError, ("adapter_names[0]", "0", "int", "adapter name")),
         Case("training-mode", call(["default", "default"], train=True), ValueError, ("training",)),
         Case("merged", merged, ValueError, ("merged", "unmerge")),
-        Case("store-other-seed", store_other(tmp / "seed", order=4, seed=5), TeraAdapterMismatch, ("seed: checkpoint 5, model 0",)),
-        Case("store-other-spec", store_other(tmp / "spec", order=3, seed=0), TeraAdapterMismatch, ("differs", "modes")),
+        Case("store-other-seed", store_other(order=4, seed=5), TeraAdapterMismatch, ("seed: checkpoint 5, model 0",)),
+        Case("store-other-spec", store_other(order=3, seed=0), TeraAdapterMismatch, ("differs", "modes")),
         Case("store-twice", twice, ValueError, ("already has an adapterstore",)),
         Case("store-overwrite", overwrite, ValueError, ("'u'", "overwrite=true")),
         Case("store-base-name", lambda: AdapterStore(fresh()).add("__base__", adapter="default"), ValueError, ("__base__",)),
@@ -281,12 +372,7 @@ def _bad_cases():
             ValueError,
             ("row_lambdas", "(3,", "(2, 5)"),
         ),
-        Case(
-            "store-parent-folder",
-            lambda: AdapterStore(fresh()).add("u", path=_other_family(tmp / "parent", order=4, seed=0).parent),
-            FileNotFoundError,
-            ("subfolder", "['x']"),
-        ),
+        Case("store-parent-folder", store_other(parent=True, order=4, seed=0), FileNotFoundError, ("subfolder", "['x']")),
         Case("store-remove-unknown", lambda: AdapterStore(fresh()).remove("nobody"), KeyError, ("nobody",)),
     ]
 

@@ -158,3 +158,37 @@ def test_state_dict_with_one_lambda_per_mode_still_loads():
     fresh = _layer()
     fresh.load_state_dict(old)
     torch.testing.assert_close(fresh.tera_lambda["default"], layer.tera_lambda["default"].detach() + 1.0)
+
+
+def test_standalone_teralinear_freezes_its_base():
+    # A TeRALinear built by hand (not through add_tera) used to leave W0 and b trainable: at 768×768
+    # an optimizer over layer.parameters() trained 590,592 base numbers next to λ.
+    torch.manual_seed(0)
+    layer = TeRALinear(nn.Linear(768, 768), scale_init="random")
+    trainable = {name: p.numel() for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"tera_lambda.default": layer.spec.num_trainable}
+    assert not layer.base_layer.weight.requires_grad and not layer.base_layer.bias.requires_grad
+    layer(torch.randn(2, 768)).square().sum().backward()
+    assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
+    assert layer.tera_lambda["default"].grad.abs().sum() > 0
+    # Training W0 as well stays possible, by asking for it after construction.
+    layer.base_layer.requires_grad_(True)
+    layer(torch.randn(2, 768)).sum().backward()
+    assert layer.base_layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("diag", ["mode", "rank", "both", "identity"])
+def test_delta_bound_covers_every_entry_of_delta_weight(diag):
+    # The bound that refuses absurd λ on load must never refuse a ΔW it underestimates.
+    from tera_tn.torch.checkpoint import delta_bound
+
+    spec = TeRASpec((4, 4), (2, 4), diag=diag)
+    for seed in range(3):
+        layer = _layer(spec, scale_init="random", alpha=-1.5)
+        with torch.no_grad():
+            layer.tera_lambda["default"].normal_(generator=torch.Generator().manual_seed(seed))
+        bound = delta_bound(spec, layer.tera_bank, layer.tera_lambda["default"], layer.alpha)
+        peak = float(layer.delta_weight(torch.float64).abs().max())
+        assert peak <= bound * (1 + 1e-6)
+        if diag in ("mode", "identity"):  # exact in shape there: within the λ's spread
+            assert bound < 1e3 * peak

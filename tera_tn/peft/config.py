@@ -138,6 +138,18 @@ class TeraConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         self.tera_config()  # validates every field once, with TeRAConfig's messages
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's config loading (``PeftModel.from_pretrained`` and ``load_adapter`` call it before
+        reading the weights), which also checks that a local folder's ``adapter_model.safetensors``
+        is readable, so a damaged file is refused naming it (see
+        :func:`tera_tn.peft.io.check_weights_readable`)."""
+        from .io import check_weights_readable
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        check_weights_readable(pretrained_model_name_or_path, subfolder)
+        return config
+
     def tera_config(self) -> TeRAConfig:
         """The equivalent :class:`tera_tn.torch.TeRAConfig` (spec policy, seed, init, strategy)."""
         specs = {tuple(int(s) for s in k.split("x")): TeRASpec.from_dict(v) for k, v in (self.specs or {}).items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -91,7 +91,7 @@ def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
                 raise ValueError(f"{p} holds no tera_signature: it was not written by tera_tn.peft")
             raw = f.get_tensor(keys[0])
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{p} is not a readable safetensors file ({err}); expected {_EXPECTED}") from None
+        raise _unreadable(p, err) from None
     try:
         sig = json.loads(bytes(raw.tolist()).decode())
     except (ValueError, TypeError, UnicodeDecodeError) as err:
@@ -100,6 +100,34 @@ def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     if missing:
         raise ValueError(f"{p}: the tera_signature lacks {missing}; expected an object with {list(_SIGNATURE_KEYS)}")
     return with_legacy_recipe(sig)
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({err}): damaged, cut short by an interrupted copy or download, "
+        f"or of another format; expected {_EXPECTED}"
+    )
+
+
+def check_weights_readable(folder: Union[str, os.PathLike], subfolder: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the file when ``folder`` (a local adapter folder, ``subfolder``
+    inside it if given) holds an ``adapter_model.safetensors`` whose header safetensors refuses.
+
+    PEFT's ``load_peft_weights`` would raise safetensors' own error, which names no file, after the
+    adapter was already injected; reading the header (a few KB, and safetensors checks that it
+    covers the whole file, so a truncated file fails here) first turns that into a message that
+    does. Hub ids and folders without that file are left to PEFT."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(folder) / subfolder if subfolder else Path(folder)
+    weights = p / _WEIGHTS
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from None
 
 
 def nonfinite_lambdas(state_dict: Mapping[str, object]) -> list[str]:

@@ -15,6 +15,8 @@ Besides injection it owns two pieces of model-level state:
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from typing import Optional
@@ -27,7 +29,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
 from ..core.signature import SIGNATURE_FORMAT, adapter_signature, signature_bytes, spec_groups
 from ..torch.bank import FactorBank
-from ..torch.checkpoint import CheckpointMismatch, adapter_diff, factor_diff
+from ..torch.checkpoint import CheckpointMismatch, _few, adapter_diff, factor_diff, layer_lambda_problems
 from ..torch.layer import check_base_weight
 from .config import TeraConfig
 from .io import nonfinite_lambdas
@@ -37,19 +39,72 @@ from .quantized import QuantizedLinear, quantization_of
 __all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
 
 _SIG = "tera_signature"
+_LAMBDA = "tera_lambda"
 _FACTORS = "tera_factors"
 
 
-def _inject_adapter_names(module, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
+def _inject_adapter_names(module, args, kwargs, original, expanded, repeat, why):
+    # generate() repeats each input row num_beams / num_return_sequences times before decoding,
+    # while an encoder (and a plain forward) still sees the original rows: the layer's own row
+    # count says which list it needs. Without a repetition, any other count reaches the layer's
+    # own length check.
+    x = args[0] if args else kwargs.get("x")
+    rows = len(x) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+    if repeat > 1 and rows is not None and rows not in (len(original), len(expanded)):
+        raise ValueError(
+            f"adapter_names has {len(original)} names but the input has {rows} rows (shape {tuple(x.shape)}); "
+            f"generate repeats each input row {repeat} times ({why}), so pass one name per input row before that "
+            f"repetition ({rows / repeat:g} here)"
+        )
+    kwargs["adapter_names"] = expanded if rows == len(expanded) != len(original) else original
     return args, kwargs
 
 
-def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
-    get = getattr(model, "get_encoder", None)
-    encoder = get() if callable(get) else None
-    # transformers 5 returns the model itself when it has no encoder.
-    return None if encoder is model else encoder
+def _generation_rows(kwargs: dict, model: nn.Module) -> tuple[int, str]:
+    """``(repeat, why)``: how many rows ``generate`` makes of each input row,
+    ``max(num_beams, num_return_sequences)`` (transformers' expansion), each read as transformers
+    reads it: the keyword, else the ``generation_config`` passed, else the model's own
+    ``generation_config``; ``why`` names the settings above 1 (empty when ``repeat`` is 1)."""
+    given = kwargs.get("generation_config")
+    default = getattr(model, "generation_config", None)
+    sizes, why = [1], []
+    for attr in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(attr)
+        for source in (given, default):
+            if value is None and source is not None:
+                value = getattr(source, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            sizes.append(value)
+            why.append(f"{attr}={value}")
+    return max(sizes), ", ".join(why)
+
+
+# Module names that FSDP, activation checkpointing and torch.compile insert into module paths;
+# state-dict keys may or may not carry them, so λ keys are compared without them.
+_WRAPPERS = re.compile(r"(?<![^.])(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _unwrapped(key: str) -> str:
+    return _WRAPPERS.sub("", key)
+
+
+class _TunerPrefix(str):
+    """TeRA's key prefix ``"tera_"``, as registered with PEFT.
+
+    PEFT (``get_peft_model``, ``add_adapter``, ``from_pretrained``) warns "Adapter name 'a' should
+    not be contained in the prefix 'tera_'" when ``adapter_name in prefix``: a substring test, true
+    for 'a', 'e', 'r', 't', 'te', 'ra', '_' ... Its worry (keys parsed by substring) no longer
+    applies: PEFT 0.21 maps state-dict keys structurally (``_get_tuner_state_dict_key_prefixes``,
+    ``_remap_adapter_state_dict_for_load``), so such names save and load like any other. Those
+    warnings are the only place PEFT asks ``name in prefix``, so this ``str`` answers there whether
+    the name is the prefix itself ("tera_" or "tera"), whose keys (``….tera_lambda.tera_``) still
+    read ambiguously; as a string it is ``"tera_"`` in every other respect.
+    """
+
+    def __contains__(self, item) -> bool:
+        if isinstance(item, str):
+            return item in (str.__str__(self), str.__str__(self).rstrip("_"))
+        return super().__contains__(item)
 
 
 class TeraAdapterMismatch(CheckpointMismatch):
@@ -103,7 +158,7 @@ class TeraModel(BaseTuner):
         model = get_peft_model(base, TeraConfig(target_modules=["query", "value"], order=4))
     """
 
-    prefix: str = "tera_"
+    prefix: str = _TunerPrefix("tera_")
     tuner_layer_cls = TeraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
     uses_shared_state: bool = True
@@ -132,6 +187,39 @@ class TeraModel(BaseTuner):
         _check_config_type(config)
         super()._check_new_adapter_config(config)
 
+    # --- adapters and the AdapterStore ---------------------------------------------------------
+    def _store(self):
+        """The model's :class:`~tera_tn.peft.AdapterStore`, or None."""
+        for m in self.model.modules():
+            if isinstance(m, TeraLayer) and m._tera_store_slot is not None:
+                return m._tera_store_slot[0]
+        return None
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        # add_adapter / load_adapter / from_pretrained all come here. A name means one adapter:
+        # stored and loaded adapters share one namespace (AdapterStore.add refuses loaded names),
+        # so adapter_names=[...] can never serve one or the other depending on cached plans.
+        store = self._store()
+        if store is not None and adapter_name in store:
+            raise ValueError(
+                f"cannot add adapter {adapter_name!r}: this model's AdapterStore already holds an adapter of that name, "
+                "and stored and loaded adapters share one namespace; remove it from the store first "
+                f"(store.remove({adapter_name!r})) or choose another name"
+            )
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._forget_mixed_plans()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._forget_mixed_plans()
+
+    def _forget_mixed_plans(self) -> None:
+        # A layer keeps the plan of the last adapter_names it saw (rows grouped by frozen network);
+        # once the layers' adapters change, a name may stand for another spec or bank.
+        for m in self.model.modules():
+            if isinstance(m, TeraLayer):
+                m._tera_mixed_plan = None
+
     # --- mixed-adapter batches -----------------------------------------------------------------
     def _available_adapters(self) -> set[str]:
         """Names ``adapter_names`` may use: the model's adapters and those of its AdapterStore."""
@@ -156,29 +244,32 @@ class TeraModel(BaseTuner):
                 f"adapter_names must be a list of adapter names, one per batch row, got {type(adapter_names).__name__} "
                 f"{adapter_names!r}"
             )
+        for i, name in enumerate(adapter_names):
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"adapter_names[{i}] is {name!r}, of type {type(name).__name__}; expected one adapter name (a str, or "
+                    f"{BASE_ROW!r} for the base model) per batch row"
+                )
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first.")
         wanted = {n for n in adapter_names if n != BASE_ROW}
         known = self._available_adapters()
-        unknown = sorted(str(n) for n in wanted - known)
+        unknown = sorted(wanted - known)
         if unknown:
             raise ValueError(
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
                 f"{sorted(known)} (and {BASE_ROW!r} for the base model)"
             )
         original = list(adapter_names)
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:
-            # generate repeats each input num_beams times; the encoder still sees the originals.
-            adapter_names = [n for n in original for _ in range(num_beams)]
+        # generate() repeats each row max(num_beams, num_return_sequences) times (from keywords or a
+        # GenerationConfig); each layer picks the list matching its row count (_inject_adapter_names).
+        repeat, why = _generation_rows(kwargs, self.model)
+        expanded = [n for n in original for _ in range(repeat)]
+        hook = partial(_inject_adapter_names, original=original, expanded=expanded, repeat=repeat, why=why)
         handles = []
         try:
-            encoder = _encoder_of(self.model)
-            encoder_layers = set() if encoder is None else {id(m) for m in encoder.modules()}
             for m in self.model.modules():
                 if isinstance(m, TeraLayer):
-                    names = original if id(m) in encoder_layers else list(adapter_names)
-                    hook = partial(_inject_adapter_names, adapter_names=names)
                     handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
@@ -271,8 +362,8 @@ class TeraModel(BaseTuner):
         state_dict = dict(state_dict)
         sig_keys = [k for k in state_dict if k == _SIG or k.endswith(f".{_SIG}")]
         factor_keys = [k for k in state_dict if f"{_FACTORS}." in k]
+        problems = []
         if tera is not None:
-            problems = []
             current = tera.adapter_signature(adapter_name)
             if not sig_keys:
                 problems.append(
@@ -289,15 +380,69 @@ class TeraModel(BaseTuner):
                     problems.extend(signature_diff(saved, current))
                     if not problems and factor_keys:
                         problems.extend(cls._check_factors(tera, config, adapter_name, saved, state_dict, factor_keys))
-            problems.extend(nonfinite_lambdas(state_dict))
-            if problems:
-                raise TeraAdapterMismatch(
-                    f"cannot load TeRA adapter {adapter_name!r} into this model:\n  - " + "\n  - ".join(problems)
-                )
         # Checked above; neither is a tensor of the model.
         for k in sig_keys + factor_keys:
             del state_dict[k]
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        notes: list[str] = []
+        if problems:
+            # Another model's or spec's adapter: its λ are not meant for these layers, so only
+            # their finiteness is worth reporting next to the differences.
+            problems.extend(nonfinite_lambdas({k: t for k, t in state_dict.items() if _LAMBDA in k}))
+        else:
+            problems, notes = cls._check_lambdas(model, adapter_name, remapped)
+        if problems:
+            raise TeraAdapterMismatch(
+                f"cannot load TeRA adapter {adapter_name!r} into this model:\n  - "
+                + "\n  - ".join(problems)
+            )
+        if notes:
+            warnings.warn(f"TeRA adapter {adapter_name!r} loaded, but:\n  - " + "\n  - ".join(notes), stacklevel=2)
+        return remapped
+
+    @classmethod
+    def _check_lambdas(cls, model, adapter_name: str, remapped: dict) -> tuple[list[str], list[str]]:
+        """``(errors, warnings)`` about the λ of a checkpoint whose keys PEFT mapped to ``model``'s.
+
+        PEFT loads with ``strict=False`` and only warns about missing keys, so a λ tensor missing
+        from the file would leave its layer at its initial λ (output off), and one for no adapted
+        layer would be dropped: both are errors here, as are λ of the wrong length and absurd or
+        non-finite λ (:func:`~tera_tn.torch.checkpoint.lambda_problems`, the one checker)."""
+        prefix = "base_model.model."
+        # set_peft_model_state_dict strips PEFT's prefix when the model's own keys lack it.
+        bare = not any(_unwrapped(n).startswith(prefix) for n, _ in model.named_parameters())
+        present = {_unwrapped(k.removeprefix(prefix) if bare else k): t for k, t in remapped.items() if _LAMBDA in k}
+        expected = {}
+        for name, m in model.named_modules():
+            if isinstance(m, TeraLayer) and adapter_name in m.tera_lambda:
+                name = _unwrapped(name)
+                expected[f"{name}.{_LAMBDA}.{adapter_name}" if name else f"{_LAMBDA}.{adapter_name}"] = m
+
+        def saved_key(key: str) -> str:  # the name the tensor has (or would have) in the file
+            return cls._remove_adapter_name_from_key(key, adapter_name)
+
+        problems, notes = [], []
+        missing = [saved_key(k) for k in expected if k not in present]
+        if missing:
+            problems.append(
+                f"{len(missing)} λ tensor(s) of adapted layers are missing from the checkpoint: {_few(missing)} "
+                "(each adapted layer needs its λ; without them the layer would keep its initial λ)"
+            )
+        extra = sorted(k for k in present if k not in expected)
+        if extra:
+            problems.append(
+                f"{len(extra)} λ tensor(s) in the checkpoint belong to no layer adapted by {adapter_name!r}: "
+                f"{_few(extra)} (expected exactly one per adapted layer, {len(expected)} in all)"
+            )
+        for key, layer in expected.items():
+            if key in present:
+                found, warned = layer_lambda_problems(
+                    saved_key(key), present[key], layer, layer.tera_spec[adapter_name], layer.tera_bank[adapter_name],
+                    layer.tera_alpha[adapter_name],
+                )
+                problems += found
+                notes += warned
+        return problems, notes
 
     @staticmethod
     def _check_factors(tera, config, adapter_name, saved, state_dict, factor_keys) -> list[str]:

@@ -12,12 +12,15 @@ every row after :meth:`AdapterStore.use`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from .io import _WEIGHTS, _adapter_file, nonfinite_lambdas, read_adapter_signature
+from ..core.spec import TeRASpec
+from ..torch.checkpoint import _few, layer_lambda_problems
+from .io import _WEIGHTS, _adapter_file, read_adapter_signature
 from .layer import BASE_ROW, TeraLayer
 from .model import TeraAdapterMismatch, _find_tera_model, signature_diff
 
@@ -68,10 +71,12 @@ class AdapterStore:
         self._family = tera.adapter_signature(like)
         self._bank = tera._bank(config)
         self._layers: dict[str, tuple[TeraLayer, int, int]] = {}
+        self._specs: dict[str, TeRASpec] = {}
         offset = 0
         for name, layer in layers.items():
             spec = layer.tera_spec[like]
             self._layers[name] = (layer, offset, spec.num_trainable)
+            self._specs[name] = spec
             offset += spec.num_trainable
         first = next(iter(layers.values()))
         self.device = first.tera_lambda[like].device
@@ -132,27 +137,50 @@ class AdapterStore:
             what = f"{Path(path)}"
             _check_not_a_parent(Path(path))
             signature = read_adapter_signature(path)
-            lambdas = self._read_lambdas(path)
+            lambdas, extra = self._read_lambdas(path)
         else:
             if adapter not in self._tera.peft_config:
                 raise ValueError(f"adapter={adapter!r} is not loaded in the model; it has {sorted(self._tera.peft_config)}")
             what = f"loaded adapter {adapter!r}"
             signature = self._tera.adapter_signature(adapter)
             lambdas = {n: layer.tera_lambda[adapter].detach() for n, layer in self._tera.adapter_layers(adapter).items()}
+            extra = []
         family = {**self._family, "alpha": signature.get("alpha")}
         problems = signature_diff(signature, family)
+        header = (f"cannot store {name!r} ({what}): it is not of the store's family (seed {self._family['seed']}, "
+                  f"{len(self._layers)} adapted layers); 'checkpoint' below is the adapter, 'model' the store")
+        notes: list[str] = []
         if not problems:
-            problems = nonfinite_lambdas({f"{n}{_LAMBDA}": t for n, t in lambdas.items()})
+            header = f"cannot store {name!r} ({what}): its λ are no valid adapter for the store's {len(self._layers)} adapted layers"
+            problems, notes = self._check_lambdas(lambdas, extra, float(signature["alpha"]))
         if problems:
-            raise TeraAdapterMismatch(
-                f"cannot store {name!r} ({what}): it is not of the store's family (seed {self._family['seed']}, "
-                f"{len(self._layers)} adapted layers); 'checkpoint' below is the adapter, 'model' the store:\n  - "
-                + "\n  - ".join(problems)
-            )
+            raise TeraAdapterMismatch(header + ":\n  - " + "\n  - ".join(problems))
+        if notes:
+            warnings.warn(f"stored {name!r} ({what}), but:\n  - " + "\n  - ".join(notes), stacklevel=2)
         row = torch.empty(self._table.shape[1], dtype=torch.float32, device=self.device)
         for layer_name, (_, off, width) in self._layers.items():
             row[off : off + width] = lambdas[layer_name].reshape(-1).to(row)
         self._put(name, row, float(signature["alpha"]))
+
+    def _check_lambdas(self, lambdas: dict, extra: list[str], alpha: float) -> tuple[list[str], list[str]]:
+        """``(errors, warnings)``: a λ for every layer of the store and for nothing else, each of the
+        layer's length and neither non-finite nor absurd (the checker PEFT loading uses too)."""
+        problems, notes = [], []
+        missing = [n for n in self._layers if n not in lambdas]
+        if missing:
+            problems.append(f"no λ for {len(missing)} adapted layer(s) of the store: {_few(missing)}")
+        if extra:
+            problems.append(
+                f"{len(extra)} λ tensor(s) belong to no adapted layer of the store: {_few(extra)} "
+                f"(expected exactly one per layer, {len(self._layers)} in all)"
+            )
+        for layer_name, (layer, _, _) in self._layers.items():
+            if layer_name in lambdas:
+                spec, bank = self._specs[layer_name], self._bank
+                found, warned = layer_lambda_problems(f"{layer_name}{_LAMBDA}", lambdas[layer_name], layer, spec, bank, alpha)
+                problems += found
+                notes += warned
+        return problems, notes
 
     def _put(self, name: str, row: torch.Tensor, alpha: float) -> None:
         i = self._rows_of.get(name)
@@ -204,12 +232,14 @@ class AdapterStore:
         return f"[{shown}]{more}" if self._names else "nothing"
 
     # --- files -----------------------------------------------------------------------------------
-    def _read_lambdas(self, path) -> dict[str, torch.Tensor]:
-        """``{adapted layer name: λ}`` of a saved adapter; its keys carry PEFT's model prefixes."""
+    def _read_lambdas(self, path) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """``({adapted layer name: λ}, [λ keys for no layer of the store])`` of a saved adapter; its
+        keys carry PEFT's model prefixes."""
         from safetensors.torch import load_file
 
         state = load_file(str(_adapter_file(path)))
         found: dict[str, torch.Tensor] = {}
+        extra: list[str] = []
         for key, t in state.items():
             if not key.endswith(_LAMBDA):
                 continue
@@ -220,12 +250,9 @@ class AdapterStore:
                 if candidate in self._layers:
                     found[candidate] = t
                     break
-        missing = [n for n in self._layers if n not in found]
-        if missing:
-            raise TeraAdapterMismatch(
-                f"{path} has no λ for {len(missing)} adapted layer(s) of the store, e.g. {missing[0]!r}"
-            )
-        return found
+            else:
+                extra.append(key)
+        return found, sorted(extra)
 
     def __repr__(self) -> str:
         return (

@@ -62,7 +62,10 @@ class TeRALinear(nn.Module, TeRAAdapters):
 
     Args:
         base_layer: the ``nn.Linear`` to adapt, weight ``W0`` of shape ``(d_out, d_in)``; kept as
-            ``self.base_layer`` (frozen by :func:`add_tera`, not by the layer itself).
+            ``self.base_layer`` and frozen by the layer itself (its weight and bias get
+            ``requires_grad=False``), so a standalone layer trains only λ, as under
+            :func:`add_tera`. Call ``layer.base_layer.requires_grad_(True)`` after construction to
+            train W0 as well.
         spec: tensorization of ΔW; ``None`` uses ``TeRASpec.from_shape(d_out, d_in)``.
         bank: shared :class:`FactorBank`; ``None`` creates a private one from ``seed`` and
             ``factor_init``. Giving both a bank and a different seed is an error.
@@ -119,6 +122,9 @@ class TeRALinear(nn.Module, TeRAAdapters):
                 bank.to(base_layer.weight.device)  # private: nobody else to keep it for
         elif seed is not None and seed != bank.seed:
             raise ValueError(f"seed={seed} differs from the shared bank's seed {bank.seed}; pass one or the other")
+        # An adapter trains λ only: leaving W0 trainable would make a standalone layer train
+        # d_out·d_in + d_out more numbers (590,592 at 768×768) besides its λ.
+        base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self._init_adapters()
         # Qualified name in the model, set by add_tera; only used to name the layer in errors.

@@ -105,6 +105,9 @@ def files(tmp_path_factory):
     F["nan"] = _rewrite(good, d / "nan.safetensors", tensors={"0.lambda.1": torch.where(torch.arange(lam.numel()) < 3, math.nan, lam)})
     F["inf"] = _rewrite(good, d / "inf.safetensors", tensors={"0.lambda.1": torch.full_like(lam, math.inf)})
     F["int"] = _rewrite(good, d / "int.safetensors", tensors={"0.lambda.1": lam.to(torch.int64)})
+    tensors = load_file(str(good))
+    F["absurd"] = _rewrite(good, d / "absurd.safetensors",
+                           tensors={k: torch.full_like(t, 1e30) for k, t in tensors.items() if k.startswith("0.lambda.")})
     F["f64"] = save_tera(_model(factor_dtype="float64"), d / "f64.safetensors")
     if peft is not None:
         from tera_tn.peft import save_adapter
@@ -143,6 +146,7 @@ TORCH = [
     Case("lambda-nan", lambda: load_tera(_model(), F["nan"]), ValueError, ("nan.safetensors", "0.lambda.1", "3 of", "nan or infinite", "finite")),
     Case("lambda-inf", lambda: load_tera(_model(), F["inf"]), ValueError, ("inf.safetensors", "0.lambda.1", "nan or infinite")),
     Case("lambda-int", lambda: load_tera(_model(), F["int"]), CheckpointMismatch, ("0.lambda.1 is torch.int64", "floating point")),
+    Case("lambda-absurd", lambda: load_tera(_model(), F["absurd"]), ValueError, ("absurd.safetensors", "0.lambda.*", "absurd λ", "largest float32")),
     Case("other-factor-dtype", lambda: load_tera(_model(), F["f64"]), CheckpointMismatch, ("factor_dtype: checkpoint 'float64', model 'float32'",)),
     Case("model-without-tera", lambda: load_tera(nn.Linear(2, 2), F["good"]), CheckpointMismatch, ("layer '0' of the checkpoint", "not a module of the model")),
     Case("save-to-folder", lambda: save_tera(_model(), F["folder"]), IsADirectoryError, ("a-folder", "expects a file path")),
@@ -189,7 +193,7 @@ def test_a_refused_checkpoint_loads_nothing():
         for p in model.parameters():
             p.add_(0.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for key in ("nan", "int", "f64", "truncated"):
+    for key in ("nan", "int", "f64", "truncated", "absurd"):
         with pytest.raises((ValueError, OSError)):
             load_tera(model, F[key])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
