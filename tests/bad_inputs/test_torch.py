@@ -15,10 +15,10 @@ from tera_tn.torch import (  # noqa: E402
     TeRAConfig,
     TeRALinear,
     add_tera,
-    layer_plan,
     merge_and_unload,
     tera_linear,
 )
+from tera_tn.torch.planning import layer_plan  # noqa: E402
 
 from .teach import Case, assert_teaches, params  # noqa: E402
 
