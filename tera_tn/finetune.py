@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .training import loss_diverged, train_steps
 
 __all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "adapt_model", "collapsed",
-           "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "read_examples",
+           "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "mean_pool_classifier", "read_examples",
            "read_head_metadata", "save_adapter"]
 
 METHODS = ("tera", "lora", "vera", "hira", "full", "head")
@@ -192,7 +192,10 @@ def _encoder_positions(encoder, tok) -> int | None:
     return min(limits) if limits else None
 
 
-def _classifier(encoder, num_labels: int, dropout: float):
+def mean_pool_classifier(encoder, num_labels: int, dropout: float = 0.0):
+    """The recipe's classifier around ``encoder``: attention-masked mean pooling of the last hidden
+    state, dropout, a ``Linear(hidden, num_labels)`` head; ``model(input_ids, attention_mask)``
+    gives logits."""
     from torch import nn
 
     class MeanPoolClassifier(nn.Module):
@@ -418,7 +421,7 @@ def finetune(config: FinetuneConfig, train: Sequence[Example], validation: Seque
             for name, part in (("train", train), ("validation", validation), ("test", test)) if part}
 
     torch.manual_seed(config.seed)
-    net = _classifier(copy.deepcopy(encoder), k, config.dropout)
+    net = mean_pool_classifier(copy.deepcopy(encoder), k, config.dropout)
     net.encoder = adapt_model(net.encoder, config)
     net.train()
     head, body = list(net.head.parameters()), [p for p in net.encoder.parameters() if p.requires_grad]
@@ -823,7 +826,7 @@ def load_classifier(folder: str | os.PathLike, model_dir: str | os.PathLike | No
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(str(folder / "encoder"), local_files_only=True)
-    net = _classifier(encoder, int(meta["num_labels"]), 0.0)
+    net = mean_pool_classifier(encoder, int(meta["num_labels"]), 0.0)
     state = load_file(str(folder / "head.safetensors"))
     net.head.load_state_dict(state)
     net.eval()

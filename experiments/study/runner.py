@@ -27,7 +27,8 @@ from experiments.study.plans import Budget, Contender, Stage, resolved_adapter
 from experiments.study.results import ResultsFile
 from tera_tn.finetune import FinetuneConfig, finetune, load_model
 
-__all__ = ["ADAPTERS", "MAX_EXTENSIONS", "choose_rate", "code_version", "extend_grid", "fixed_lr", "run_key", "run_plan",
+__all__ = ["ADAPTERS", "MAX_EXTENSIONS", "choose_rate", "code_version", "decode_labels", "encode_labels", "extend_grid",
+           "fixed_lr", "run_key", "run_plan",
            "stage_budget"]
 
 #: how far a grid may grow past its starting points (each step is a factor of about 3)
@@ -274,7 +275,7 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
     return ran
 
 
-def _encode_labels(values: Iterable[int]) -> str:
+def encode_labels(values: Iterable[int]) -> str:
     """Labels as base64 of one byte each (every study dataset has at most 20 classes)."""
     return base64.b64encode(bytes(values)).decode()
 
@@ -298,8 +299,8 @@ def _run_one(plan: str, key: str, dataset: str, stage: Stage, b: Budget, c: Cont
     extra: dict[str, Any] = {}
     if b.protocol >= 2:
         # per-example test predictions (and labels, in split order) for item-level paired intervals
-        extra["test_predictions"] = _encode_labels(result.predictions["test"])
-        extra["test_labels"] = _encode_labels(y for _, y in data.test)
+        extra["test_predictions"] = encode_labels(result.predictions["test"])
+        extra["test_labels"] = encode_labels(y for _, y in data.test)
         if c.method == "tera":
             from tera_tn.finetune import save_adapter
 
