@@ -26,6 +26,7 @@ check_peft()
 extend_peft_type()
 
 from .config import TeraConfig  # noqa: E402
+from .export import export_lora  # noqa: E402
 from .io import read_adapter_signature, save_adapter  # noqa: E402
 from .layer import Linear, TeraLayer  # noqa: E402
 from .model import TeraAdapterMismatch, TeraModel  # noqa: E402
@@ -67,5 +68,6 @@ __all__ = [
     "TeraAdapterMismatch",
     "save_adapter",
     "read_adapter_signature",
+    "export_lora",
     "IncompatiblePeftError",
 ]

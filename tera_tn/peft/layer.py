@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..core.spec import TeRASpec
 from ..torch.adapter import TeRAAdapters
-from ..torch.autograd import check_input
+from ..torch.autograd import check_input, merged_weight
 from ..torch.bank import FactorBank
 from ..torch.layer import check_base_weight
 
@@ -108,6 +108,66 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._tera_cache.pop(adapter_name, None)  # its cached W0 + ΔW is a d_out × d_in tensor
+
+    # --- ΔW of any adapter this layer serves, and PEFT's LoRA conversion -----------------------
+    def adapter_operands(self, adapter_name: str) -> tuple[TeRASpec, FactorBank, list[torch.Tensor], float]:
+        """``(spec, bank, [λ_1..λ_N], α)`` of ``adapter_name``: one of the layer's own adapters or
+        one served by the model's :class:`~tera_tn.peft.AdapterStore`.
+
+        The λ are float32 views (lengths ``spec.scale_sizes``) of the adapter's trainable vector or
+        of its row of the store's table. Raises ``KeyError`` naming the adapter and the ones the
+        layer has when it serves no adapter of that name."""
+        if adapter_name in self.tera_lambda:
+            return (self.tera_spec[adapter_name], self.tera_bank[adapter_name], self.scales(adapter_name),
+                    self.tera_alpha[adapter_name])
+        slot = self._tera_store_slot
+        if slot is not None and adapter_name in slot[0]:
+            store, offset, spec, bank = slot
+            row = store._rows_of[adapter_name]
+            lam = store._table[row, offset : offset + spec.num_trainable]
+            return spec, bank, list(torch.split(lam, list(spec.scale_sizes))), float(store._alphas[row])
+        stored = "" if slot is None else f" and its AdapterStore holds {slot[0]._few()}"
+        raise KeyError(
+            f"this {self.out_features}×{self.in_features} TeRA layer has no adapter {adapter_name!r}: it carries "
+            f"{sorted(self.tera_lambda) or 'none'}{stored} (PEFT's convert_to_lora asks every TeRA layer of the "
+            "model; tera_tn.peft.export_lora exports an adapter that sits on some layers only)"
+        )
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str = "default", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``ΔW`` of ``adapter_name`` (α folded in), laid out like the base weight (``(d_in, d_out)``
+        for a GPT-2 ``Conv1D``, else ``(d_out, d_in)``), detached, in ``dtype`` (default: W0's dtype,
+        float32 for a packed quantized W0). Adapters served by an AdapterStore are included; an
+        adapter the layer does not serve raises ``KeyError`` (see :meth:`adapter_operands`)."""
+        if adapter_name in self.tera_lambda:
+            return super().get_delta_weight(adapter_name, dtype)
+        spec, bank, lams, alpha = self.adapter_operands(adapter_name)
+        w0 = self.get_base_layer().weight
+        out_dtype = dtype or (w0.dtype if w0.is_floating_point() else torch.float32)
+        work = torch.promote_types(out_dtype, torch.float32)
+        net = bank.network(spec, work, w0.device)
+        dw = merged_weight(net, [lam.to(device=w0.device, dtype=work) for lam in lams], alpha, None)
+        return (dw.T if self.fan_in_fan_out else dw).to(out_dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: TeRA is additive (``W0 + ΔW``), so PEFT's ``convert_to_lora`` / ``save_as_lora``
+        convert it by a truncated SVD of :meth:`get_delta_weight`.
+
+        PEFT asks every tuner layer of the model (with no argument when it asks the model). A layer
+        that does not carry the adapter still answers True and raises ``KeyError`` naming it when
+        PEFT then asks for its ΔW. An adapter served by an :class:`~tera_tn.peft.AdapterStore` is
+        refused with a ``ValueError`` naming it: it has no PEFT config, and for an int rank PEFT then
+        writes ``lora_alpha=8`` with ``r=rank`` (scaling ``8/r`` instead of 1, PEFT 0.21).
+        :func:`tera_tn.peft.export_lora` exports stored adapters, adapters on some layers only, and
+        mixed shapes at full rank."""
+        slot = self._tera_store_slot
+        if adapter_name not in self.tera_lambda and slot is not None and adapter_name in slot[0]:
+            raise ValueError(
+                f"adapter {adapter_name!r} is served from an AdapterStore and has no PEFT config, so PEFT's "
+                "convert_to_lora would scale its LoRA wrongly (lora_alpha=8 for an int rank); export it with "
+                f"tera_tn.peft.export_lora(model, folder, adapter_name={adapter_name!r})"
+            )
+        return True
 
     # --- mixed-adapter batches -----------------------------------------------------------------
     def _mixed_plan(self, adapter_names, device: torch.device) -> list:
