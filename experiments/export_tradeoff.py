@@ -57,8 +57,9 @@ def _classifier(encoder, head_state, num_labels: int, tok, max_length: int):
 
 
 def evaluate_run(run: Mapping[str, Any], base, tok, settings: Sequence[tuple[str, float]], done: set[str],
-                 log=print) -> Iterable[dict[str, Any]]:
-    """One record per setting of ``run`` not in ``done``."""
+                 log=print, results_dir: Path = STUDY.parent) -> Iterable[dict[str, Any]]:
+    """One record per setting of ``run`` not in ``done``; ``run`` is a line of the study's results
+    file in ``results_dir`` (its ``adapter_dir`` is relative to that folder)."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -66,7 +67,7 @@ def evaluate_run(run: Mapping[str, Any], base, tok, settings: Sequence[tuple[str
     import tera_tn.peft  # noqa: F401  registers TeRA with PEFT
     from tera_tn.peft import export_lora
 
-    folder = STUDY.parent / run["adapter_dir"]
+    folder = results_dir / run["adapter_dir"]
     b = run["budget"]
     examples, _ = load(run["dataset"])
     split = split_examples(examples, train_size=b["train_size"], val_size=b["val_size"], test_size=b["test_size"],
@@ -149,6 +150,7 @@ def table(records: Sequence[Mapping[str, Any]]) -> str:
     for r in records:
         by_run.setdefault(r["run"], {})[r["setting"]] = r
     order = [setting_name(*s) for s in SETTINGS]
+    order += [r["setting"] for r in records if r["setting"] not in order]
     lines = ["| dataset | run (seed, lr) | setting | LoRA numbers | kept energy (mean / min) | test acc % | "
              "Δ vs TeRA, items [95 %] (pts) |", "|---|---|---|---|---|---|---|"]
     for key, at in by_run.items():

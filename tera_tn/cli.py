@@ -315,6 +315,7 @@ def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: 
             extra: dict[str, Any] = {}
             if not args.no_plots:
                 from .analysis import plot
+                from .analysis.figures import save_figure
 
                 tradeoffs = {}
                 for name in models:
@@ -322,17 +323,17 @@ def _write_report(args, folder: Path, now: _dt.datetime, models: list, methods: 
                     data = plot.tradeoff_data(name, target_modules=args.targets)
                     tradeoffs[name] = data
                     fig = plot.tradeoff_figure(name, data=data)
-                    plots += [str(p.name) for p in plot.save_figure(fig, folder / f"tradeoff-{name}", formats)]
+                    plots += [str(p.name) for p in save_figure(fig, folder / f"tradeoff-{name}", formats)]
                     bar.update(1)
                 bar.set_description("plot: spectra")
                 spectra = plot.spectra_data(*args.spectra_shape, seed=args.seed)
-                plots += [p.name for p in plot.save_figure(plot.spectra_figure(data=spectra), folder / "spectra", formats)]
+                plots += [p.name for p in save_figure(plot.spectra_figure(data=spectra), folder / "spectra", formats)]
                 bar.update(1)
                 bar.set_description("plot: planner")
                 from .core.spec import TeRASpec
 
                 planner = plot.planner_data(TeRASpec.from_shape(*args.planner_shape, order=6))
-                plots += [p.name for p in plot.save_figure(plot.planner_figure(data=planner), folder / "planner", formats)]
+                plots += [p.name for p in save_figure(plot.planner_figure(data=planner), folder / "planner", formats)]
                 bar.update(1)
                 for s in spectra["series"]:  # keep the JSON small: summaries, not 768 values each
                     s["sv_head"] = s["sv"][:8]
@@ -540,7 +541,8 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
         sweep = planner_data(spec, [2**k for k in range(0, 17)], backend=args.backend, device=args.device, dtype=args.dtype)
     if staged is not None:
         from ._files import publish
-        from .analysis.plot import planner_data, planner_figure, save_figure
+        from .analysis.figures import save_figure
+        from .analysis.plot import planner_data, planner_figure
 
         data = sweep or planner_data(spec, sorted({*(2**k for k in range(17)), args.tokens}),
                                      backend=args.backend, device=args.device, dtype=args.dtype)

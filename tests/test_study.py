@@ -633,3 +633,23 @@ def test_a_worker_restricted_to_datasets_runs_only_those(tmp_path, monkeypatch):
     f = ResultsFile(tmp_path / "study.jsonl")
     assert runner.run_plan("p", (stage,), f, log=lambda s: None, datasets=frozenset({"reuters_r8"})) == 1
     assert seen == ["reuters_r8"]
+
+
+@pytest.mark.slow
+def test_export_tradeoff_scores_a_trained_adapter_exported_as_lora(tmp_path):
+    # A real protocol-2 smoke run keeps its TeRA adapter; exporting it at full rank and reloading it
+    # as a LoRA adapter scores what the unexported adapter scores, item by item.
+    from experiments import export_tradeoff
+    from tera_tn.finetune import load_model
+
+    f = ResultsFile(tmp_path / "study.jsonl")
+    runner.run_plan("smoke2", PLANS["smoke2"], f, log=lambda s: None)
+    run = next(r for r in f.records() if r["method"] == "tera")
+    base, tok = load_model()
+    recs = list(export_tradeoff.evaluate_run(run, base, tok, (("tera", 0), ("energy", 1.0), ("rank", 1)), set(),
+                                             log=lambda s: None, results_dir=tmp_path))
+    tera, full, one = recs
+    assert tera["test_accuracy"] == pytest.approx(run["metrics"]["test_accuracy"], abs=1 / 32)
+    assert full["test_predictions"] == tera["test_predictions"] and full["error_max"] < 1e-4
+    assert set(one["ranks"]) == {1} and one["lora_numbers"] < full["lora_numbers"]
+    assert "| energy=1 |" in export_tradeoff.table(recs)
