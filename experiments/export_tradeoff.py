@@ -10,7 +10,8 @@ is evaluated the same way beside it, so each export's loss is paired item by ite
     python -m experiments.export_tradeoff run [--limit N]   # resumable: one line per (run, setting)
     python -m experiments.export_tradeoff publish           # the table (Markdown)
 
-Results: ``experiments/results/export.jsonl`` (per-example predictions kept).
+Results: ``experiments/results/export.jsonl`` (per-example predictions kept); ``--results-dir``
+reads and writes another study's folder (a worker in a pinned worktree uses the main checkout's).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from experiments.study.results import ResultsFile
 from experiments.study.runner import code_version, decode_labels, encode_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / "experiments" / "results" / "study.jsonl"
-RESULTS = ROOT / "experiments" / "results" / "export.jsonl"
+#: the study's results folder: its study.jsonl, the adapters/ its runs kept, and export.jsonl written here
+RESULTS_DIR = ROOT / "experiments" / "results"
 #: (kind, value): a uniform rank, a per-layer energy threshold, or the total size of a uniform rank
 #: spread over the layers by marginal energy (compared with that uniform rank at equal size)
 SETTINGS: tuple[tuple[str, float], ...] = (("tera", 0), ("rank", 8), ("rank", 32), ("rank", 128), ("energy", 0.9),
@@ -57,7 +58,7 @@ def _classifier(encoder, head_state, num_labels: int, tok, max_length: int):
 
 
 def evaluate_run(run: Mapping[str, Any], base, tok, settings: Sequence[tuple[str, float]], done: set[str],
-                 log=print, results_dir: Path = STUDY.parent) -> Iterable[dict[str, Any]]:
+                 log=print, results_dir: Path = RESULTS_DIR) -> Iterable[dict[str, Any]]:
     """One record per setting of ``run`` not in ``done``; ``run`` is a line of the study's results
     file in ``results_dir`` (its ``adapter_dir`` is relative to that folder)."""
     import torch
@@ -117,12 +118,12 @@ def evaluate_run(run: Mapping[str, Any], base, tok, settings: Sequence[tuple[str
         yield rec
 
 
-def run(limit: int | None = None, log=print) -> int:
+def run(limit: int | None = None, log=print, results_dir: Path = RESULTS_DIR) -> int:
     from tera_tn.finetune import load_model
 
-    runs = trained_runs(ResultsFile(STUDY).records())
+    runs = trained_runs(ResultsFile(results_dir / "study.jsonl").records())
     version = code_version()
-    out = ResultsFile(RESULTS)
+    out = ResultsFile(results_dir / "export.jsonl")
     done = out.keys()
     base, tok = None, None
     n = 0
@@ -131,7 +132,7 @@ def run(limit: int | None = None, log=print) -> int:
             continue
         if base is None:
             base, tok = load_model()
-        for rec in evaluate_run(r, base, tok, SETTINGS, done, log):
+        for rec in evaluate_run(r, base, tok, SETTINGS, done, log, results_dir):
             out.append({**rec, **version})
             n += 1
             if limit is not None and n >= limit:
@@ -176,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.export_tradeoff", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("run", "publish"))
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N new lines")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, metavar="DIR",
+                        help=f"the study's results folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -183,9 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        print(f"{run(args.limit, log=lambda s: print(s, flush=True))} new lines in {RESULTS}")
+        n = run(args.limit, log=lambda s: print(s, flush=True), results_dir=args.results_dir)
+        print(f"{n} new lines in {args.results_dir / 'export.jsonl'}")
         return 0
-    sys.stdout.write(table(list(ResultsFile(RESULTS).records())))
+    sys.stdout.write(table(list(ResultsFile(args.results_dir / "export.jsonl").records())))
     return 0
 
 
