@@ -210,6 +210,12 @@ BASELINES_2 = (
     Contender("lora_r1", "lora", LORA_LRS, {"r": 1, "lora_alpha": 2}),
 )
 
+#: the per-layer scale variant at the default's trainable count: α_l = 0.7·‖W0_l‖/‖M_l‖ (Frobenius), so
+#: the frozen map is 0.7 of each weight's size in every layer; 0.7 is the geometric mean of
+#: ‖M_l‖/‖W0_l‖ over MiniLM's q/k/v/dense at α = 1 (0.53 to 1.18), so the average layer keeps the
+#: default's step at the same rate and only the spread across layers changes
+W0_SCALED = _tera("tera_w0_scaled", **DEFAULTS, alpha_scaling="w0_relative", alpha=0.7)
+
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
     "screen": (Stage(("rotten_tomatoes",), (0,), REFERENCES + TERA_ABLATIONS + TERA_VARIANTS + OTHERS, SHORT),),
@@ -234,6 +240,10 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     "v2": (Stage(CHOICE, (0, 1, 2), BASELINES_2, PROTOCOL_2, tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),
            Stage((HELD_OUT,), (0, 1, 2), BASELINES_2, PROTOCOL_2, lr_from=CHOICE, tune_seeds=(0,),
                  head_lr_from="head_only")),
+    # protocol 2's screen of the W0-aware variants on two choice datasets; head-only's runs are shared
+    # with the v2 plan (same keys), so the head's rate is the one v2 chose
+    "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED), PROTOCOL_2,
+                        tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),),
     # the test suite's plan: a real model and data, a handful of steps
     "smoke": (Stage(("rotten_tomatoes",), (0,), (Contender("tera_smoke", "tera", (3e-2,), {"order": 4}),),
                     Budget(steps=4, batch_size=8, max_length=24, train_size=64, val_size=32, test_size=32,

@@ -38,7 +38,7 @@ __all__ = ["Outcome", "collect", "generative_section", "publish", "render", "wri
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 #: the study's stages in order; the page says how far along them the results are
-STAGES = ("screen", "confirm", "defaults", "long")
+STAGES = ("screen", "confirm", "defaults", "long", "v2", "screen_v2")
 #: the plan whose block of the docs page carries the generative proxy (once per page)
 GENERATIVE_PLAN = "confirm"
 REFERENCES = {"lora_r8": "LoRA r=8", "vera_r256": "VeRA r=256"}
@@ -47,9 +47,11 @@ REFERENCES = {"lora_r8": "LoRA r=8", "vera_r256": "VeRA r=256"}
 DEFAULT = "tera_mode_order3"
 #: the defaults the study began from (order 6, rank side): every ablation varies one knob of it
 FORMER_DEFAULT = "tera_default"
-LABELS = {DEFAULT: "TeRA default", FORMER_DEFAULT: "TeRA order 6 (former default)"}
+LABELS = {DEFAULT: "TeRA default", FORMER_DEFAULT: "TeRA order 6 (former default)", "head_only": "head only",
+          "lora_r1": "LoRA r=1", "tera_w0_scaled": "TeRA per-layer scale (α_l = 0.7·‖W0‖/‖M‖)"}
 #: ablation tables: a TeRA contender joins the first group whose test matches its adapter arguments
 ABLATIONS: tuple[tuple[str, Any], ...] = (
+    ("Variants tied to the adapted weight W0", lambda a: "alpha_scaling" in a),
     ("Variants beyond the paper: diagonals on both sides", lambda a: a.get("diag") == "both"),
     ("λ and factor initialization", lambda a: bool({"factor_init", "zero_mode", "scale_init", "scale_init_value"} & set(a))),
     ("Diagonal side", lambda a: "diag" in a),

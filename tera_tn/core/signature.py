@@ -34,9 +34,14 @@ def adapter_signature(
     factor_init: str,
     factor_dtype: str,
     alpha: float,
+    alpha_scaling: str = "constant",
+    w0_norms: Mapping[str, float] | None = None,
 ) -> dict:
     """``layers`` maps each adapted module's qualified name to ``(spec, fan_in_fan_out)``, in the
-    model's module order (the first use of a spec names its group ``g0``, ``g1``, …)."""
+    model's module order (the first use of a spec names its group ``g0``, ``g1``, …). With
+    ``alpha_scaling="w0_relative"`` each layer's α came from its base weight: ``w0_norms`` gives
+    every layer's ``‖W0‖_F``, recorded so that loading refuses another ``W0``; signatures of
+    constant-α adapters carry neither field (they read as before)."""
     groups = spec_groups(spec for spec, _ in layers.values())
     entries = {}
     for name, (spec, fan_in_fan_out) in layers.items():
@@ -46,13 +51,18 @@ def adapter_signature(
         entry.pop("d_in")
         entries[name] = {"shape": [spec.d_out, spec.d_in], **entry, "fan_in_fan_out": bool(fan_in_fan_out),
                          "group": group}
-    return {
+        if alpha_scaling != "constant":
+            entries[name]["w0_norm"] = float((w0_norms or {})[name])
+    out = {
         "format": SIGNATURE_FORMAT,
         "seed": seed,
         **factor_recipe(factor_init, factor_dtype),
         "alpha": float(alpha),
         "layers": entries,
     }
+    if alpha_scaling != "constant":
+        out["alpha_scaling"] = alpha_scaling
+    return out
 
 
 def signature_bytes(signature: Mapping) -> bytes:

@@ -93,6 +93,8 @@ class TeraConfig(PeftConfig):
     )
     specs: Optional[dict] = field(default=None, metadata={"help": "Explicit specs per 'd_outxd_in' shape"})
     alpha: float = field(default=1.0, metadata={"help": "Global scale of ΔW"})
+    alpha_scaling: str = field(
+        default="constant", metadata={"help": "'constant' or 'w0_relative' (alpha·‖W0‖/‖M‖ per layer)"})
     seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})
     factor_init: str = field(default="orthogonal", metadata={"help": "Frozen factor init"})
     factor_dtype: str = field(default="float32", metadata={"help": "Storage dtype of frozen factors"})
@@ -160,6 +162,7 @@ class TeraConfig(PeftConfig):
             diag=self.diag,
             specs=specs,
             alpha=self.alpha,
+            alpha_scaling=self.alpha_scaling,
             seed=self.seed,
             factor_init=self.factor_init,
             scale_init=self.scale_init,

@@ -322,8 +322,11 @@ class TeraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         layers = {name: (layer.tera_spec[adapter_name], layer.fan_in_fan_out)
                   for name, layer in self.adapter_layers(adapter_name).items()}
+        norms = {name: layer.tera_w0_norm[adapter_name] for name, layer in self.adapter_layers(adapter_name).items()
+                 if adapter_name in layer.tera_w0_norm}
         return adapter_signature(layers, seed=config.seed, factor_init=config.factor_init,
-                                 factor_dtype=config.factor_dtype, alpha=config.alpha)
+                                 factor_dtype=config.factor_dtype, alpha=config.alpha,
+                                 alpha_scaling=getattr(config, "alpha_scaling", "constant"), w0_norms=norms)
 
     # --- state dict hooks (save / load) ------------------------------------------------------
     @classmethod

@@ -31,10 +31,10 @@ from ..core.factors import SCALE_INITS, check_scale_value, init_scales
 from ..core.spec import TeRASpec
 from .autograd import FrozenNetwork, _no_autocast, compute_dtype, merged_weight, mixed_delta, non_finite, tera_linear
 from .bank import FactorBank
-from .config import LAYER_STRATEGIES
+from .config import ALPHA_SCALINGS, LAYER_STRATEGIES
 from .planning import layer_plan
 
-__all__ = ["TeRAAdapters", "FP32ParameterDict", "DEFAULT_ADAPTER"]
+__all__ = ["TeRAAdapters", "FP32ParameterDict", "DEFAULT_ADAPTER", "weight_norm"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -70,8 +70,18 @@ class FP32ParameterDict(nn.ParameterDict):
         return self
 
 
-def _check_options(alpha, scale_init, zero_mode, scale_init_value, dropout, strategy, check_finite, cache_delta) -> None:
+def weight_norm(w: torch.Tensor) -> float:
+    """``‖w‖_F`` in float64, correctly rounded (``math.fsum``), so every process and BLAS build
+    computes the same number from the same weight (a ``"w0_relative"`` adapter's α and the
+    checkpoints that pin its ``W0`` both read it)."""
+    return math.sqrt(math.fsum(w.detach().to("cpu", torch.float64).square().reshape(-1).tolist()))
+
+
+def _check_options(alpha, alpha_scaling, scale_init, zero_mode, scale_init_value, dropout, strategy, check_finite,
+                   cache_delta) -> None:
     """Validate the per-adapter options (the keys of :meth:`TeRAConfig.layer_options`)."""
+    if alpha_scaling not in ALPHA_SCALINGS:
+        raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {alpha_scaling!r}")
     if strategy not in LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
@@ -111,6 +121,8 @@ class TeRAAdapters:
         self.tera_dropout = nn.ModuleDict({})
         self.tera_spec: dict[str, TeRASpec] = {}
         self.tera_alpha: dict[str, float] = {}
+        # ‖W0‖_F each "w0_relative" adapter's α was computed from (checkpoints pin it)
+        self.tera_w0_norm: dict[str, float] = {}
         self.tera_strategy: dict[str, str] = {}
         self.tera_check_finite: dict[str, bool] = {}
         self.tera_cache_delta: dict[str, bool] = {}
@@ -139,6 +151,11 @@ class TeRAAdapters:
         bank.add(spec)
         self.tera_spec[name] = spec
         self.tera_alpha[name] = float(o["alpha"])
+        self.tera_w0_norm.pop(name, None)
+        if o["alpha_scaling"] == "w0_relative":
+            w0_norm = self._base_weight_norm(name)
+            self.tera_alpha[name] *= w0_norm / bank.frozen_norm(spec)
+            self.tera_w0_norm[name] = w0_norm
         self.tera_strategy[name] = o["strategy"]
         self.tera_check_finite[name] = o["check_finite"]
         self.tera_cache_delta[name] = o["cache_delta"]
@@ -152,6 +169,18 @@ class TeRAAdapters:
         self._tera_cache.pop(name, None)
 
     # --- helpers -----------------------------------------------------------------------------
+    def _base_weight_norm(self, name: str) -> float:
+        w0 = self.get_base_layer().weight
+        if not w0.is_floating_point() or w0.is_meta:
+            raise ValueError(f"{self._where(name)}: alpha_scaling='w0_relative' needs the base layer's weight "
+                             f"values, got a {'meta' if w0.is_meta else 'packed ' + str(w0.dtype)} tensor; create the "
+                             "adapter on a floating-point, materialized base")
+        norm = weight_norm(w0)
+        if not (math.isfinite(norm) and norm > 0):
+            raise ValueError(f"{self._where(name)}: alpha_scaling='w0_relative' needs a finite, non-zero base "
+                             f"weight, got ‖W0‖ = {norm}")
+        return norm
+
     def scales(self, name: str = DEFAULT_ADAPTER) -> list[torch.Tensor]:
         """``λ_1..λ_N`` of adapter ``name`` as views of its trainable vector (``μ_n`` then ``λ_n``
         concatenated per mode for ``diag="both"``)."""

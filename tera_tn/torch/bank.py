@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.factors import FACTOR_INITS, _check_seed, random_factors
 from ..core.spec import TeRASpec
+from ..core.modeproduct import multi_mode_product
 from .autograd import FrozenNetwork
 
 __all__ = ["FactorBank"]
@@ -60,6 +61,7 @@ class FactorBank(nn.Module):
         self._factors: dict[str, torch.Tensor] = {}
         self._device = torch.device("cpu")
         self._casts: dict[tuple, FrozenNetwork] = {}
+        self._frozen_norms: dict[TeRASpec, float] = {}
         # Bumped on every move, so layers can tell that cached results depend on stale tensors.
         self.generation = 0
 
@@ -127,6 +129,18 @@ class FactorBank(nn.Module):
             net = stored.to(dtype, device)
             self._casts[key] = net
         return net
+
+    def frozen_norm(self, spec: TeRASpec) -> float:
+        """``‖M‖_F`` of the frozen map of ``spec`` (``P G Qᵀ``: ΔW at unit λ and α = 1, the
+        padding cut off), in float64; computed once per spec, without keeping the product."""
+        found = self._frozen_norms.get(spec)
+        if found is None:
+            net = self.network(spec, torch.float64, torch.device("cpu"))
+            with torch.no_grad():
+                m = multi_mode_product(net.core, list(net.factors)).reshape(spec.padded_shape)
+            found = float(torch.linalg.matrix_norm(m[: spec.d_out, : spec.d_in]))
+            self._frozen_norms[spec] = found
+        return found
 
     def fingerprint(self, spec: Optional[TeRASpec] = None) -> str:
         """SHA-256 (hex) of the factor bytes of one group, or of all groups in creation order."""

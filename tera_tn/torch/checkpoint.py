@@ -37,6 +37,7 @@ from ..core.factors import RECIPE_FIELDS, factor_recipe, recipe_diff, with_legac
 from ..core.spec import TeRASpec
 from ..core.modeproduct import multi_mode_product
 from .autograd import FrozenNetwork, merged_weight
+from .adapter import DEFAULT_ADAPTER, weight_norm
 from .bank import FactorBank
 from .layer import TeRALinear, check_base_weight
 from .model import _set_child, install_layer, place_bank, tera_layers
@@ -87,6 +88,7 @@ def save_tera(model: nn.Module, path: Union[str, os.PathLike], *, include_factor
             "seed": bank.seed,
             **factor_recipe(bank.factor_init, bank.dtype_name),
             "group": groups[gkey],
+            **_w0_fields(layer),
         }
     if not layers:
         raise ValueError("model has no TeRA layers to save; call add_tera first")
@@ -172,13 +174,25 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + more
 
 
+#: fields a loader recomputes from the model in float64 (a "w0_relative" α, ‖W0‖): equal up to the
+#: rounding of another BLAS or thread count, never bit for bit
+_COMPUTED_FLOATS = ("alpha", "w0_norm")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+
+
 def _entry_diffs(saved: dict, current: dict) -> dict[str, str]:
     """``{field: "field: checkpoint …, model …"}`` for every field in which two descriptions differ
     (recipe fields through :func:`recipe_diff`, which knows the legacy recipe and explains it)."""
     recipe = [k for k in RECIPE_FIELDS if k in current]
     out = {line.split(":", 1)[0]: line for line in recipe_diff(saved, current)} if recipe else {}
     for key in sorted((set(saved) | set(current)) - set(RECIPE_FIELDS) - {"layers", "format"}):
-        if saved.get(key) != current.get(key):
+        a, b = saved.get(key), current.get(key)
+        if key in _COMPUTED_FLOATS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and _close(a, b):
+            continue
+        if a != b:
             out[key] = f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}"
     return out
 
@@ -358,10 +372,18 @@ def factor_diff(
     return out
 
 
+def _w0_fields(layer, adapter: str = DEFAULT_ADAPTER) -> dict:
+    """``{"alpha_scaling": "w0_relative", "w0_norm": ‖W0‖}`` for an adapter whose α was set from
+    its base weight (what a checkpoint pins), else ``{}``."""
+    norm = layer.tera_w0_norm.get(adapter)
+    return {} if norm is None else {"alpha_scaling": "w0_relative", "w0_norm": norm}
+
+
 def _describe(layer: TeRALinear) -> dict:
     """A layer's entry in :func:`adapter_diff`'s terms: spec fields, seed, α and factor recipe."""
     bank = layer.tera_bank
-    return {**layer.spec.to_dict(), "seed": bank.seed, "alpha": layer.alpha, **factor_recipe(bank.factor_init, bank.dtype_name)}
+    return {**layer.spec.to_dict(), "seed": bank.seed, "alpha": layer.alpha, **factor_recipe(bank.factor_init, bank.dtype_name),
+            **_w0_fields(layer)}
 
 
 def _saved_entry(info: dict) -> dict:
@@ -431,6 +453,12 @@ def _adapt_from_checkpoint(model: nn.Module, path: Path, saved_layers: dict, str
             problems.append(f"layer {name!r} differs: " + "; ".join(diffs))
             continue
         check_base_weight(module, name)
+        if "w0_norm" in info:
+            have = weight_norm(module.weight)
+            if not _close(info["w0_norm"], have):
+                problems.append(f"layer {name!r}: the adapter's α was set from a base weight of norm {info['w0_norm']!r} "
+                                f"(alpha_scaling='w0_relative'), this model's weight has norm {have!r}: another base model")
+                continue
         plan.append((name, module, spec, info))
     if problems:
         raise CheckpointMismatch(f"cannot load {path} into this model:\n  - " + "\n  - ".join(problems))
@@ -443,7 +471,10 @@ def _adapt_from_checkpoint(model: nn.Module, path: Path, saved_layers: dict, str
         p.requires_grad_(False)
     for name, linear, spec, info in plan:
         bank = banks[info["seed"], info["factor_init"], info["factor_dtype"]]
-        install_layer(model, name, TeRALinear(linear, spec, bank=bank, alpha=info["alpha"]))
+        layer = TeRALinear(linear, spec, bank=bank, alpha=info["alpha"])
+        if "w0_norm" in info:  # α is the saved α_l; the layer keeps pinning the W0 it came from
+            layer.tera_w0_norm[DEFAULT_ADAPTER] = float(info["w0_norm"])
+        install_layer(model, name, layer)
 
     def undo() -> None:
         for name, linear, _, _ in plan:

@@ -15,8 +15,11 @@ __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
 LAYER_STRATEGIES = ("auto", "materialize", "dense", "factored")
 _FACTOR_DTYPES = ("float32", "float64")
+#: how a layer's α is set: ``"constant"`` (``alpha`` itself) or ``"w0_relative"``
+#: (``alpha·‖W0‖_F / ‖M‖_F``, M the frozen map at unit λ: equal relative updates in every layer)
+ALPHA_SCALINGS = ("constant", "w0_relative")
 _LAYER_OPTIONS = (
-    "alpha", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
+    "alpha", "alpha_scaling", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
 )
 
 
@@ -38,6 +41,14 @@ class TeRAConfig:
         specs: explicit specs per weight shape, ``{(d_out, d_in): TeRASpec}``; shapes not listed
             use the ``order``/``ranks``/``diag`` policy. Stored as a tuple of pairs.
         alpha: global scale α of ΔW.
+        alpha_scaling: ``"constant"`` (default): every layer's ΔW is scaled by ``alpha``.
+            ``"w0_relative"``: layer ``l`` uses ``α_l = alpha·‖W0_l‖_F / ‖M_l‖_F``, where ``M_l`` is
+            the frozen map (ΔW at unit λ and α = 1), so ``alpha`` is the frozen map's size relative
+            to the weight it adapts and one learning rate moves every layer by the same relative
+            amount (with ``"constant"`` the frozen map's size relative to ``W0`` spans about 4× over
+            MiniLM's layers). ``α_l`` is computed from the layer's weight when the adapter is
+            created; checkpoints record ``‖W0_l‖`` and refuse another ``W0``. Needs a
+            floating-point base weight.
         seed: seed of the frozen factors (the same seed gives bit-identical factors everywhere).
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         scale_init: λ initialization (``"zero_start"``: ΔW = 0 at step 0 with non-zero grads).
@@ -64,6 +75,7 @@ class TeRAConfig:
     diag: str = DEFAULT_DIAG
     specs: Union[Mapping[tuple[int, int], TeRASpec], tuple] = field(default=())
     alpha: float = 1.0
+    alpha_scaling: str = "constant"
     seed: int = 0
     factor_init: str = "orthogonal"
     scale_init: str = "zero_start"
@@ -105,6 +117,8 @@ class TeRAConfig:
             TeRASpec._resolve_ranks((2,), self.ranks)
         if self.diag not in DIAG_PLACEMENTS:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
+        if self.alpha_scaling not in ALPHA_SCALINGS:
+            raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {self.alpha_scaling!r}")
         if self.factor_init not in FACTOR_INITS:
             raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {self.factor_init!r}")
         if self.scale_init not in SCALE_INITS:

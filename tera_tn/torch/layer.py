@@ -70,6 +70,8 @@ class TeRALinear(nn.Module, TeRAAdapters):
         bank: shared :class:`FactorBank`; ``None`` creates a private one from ``seed`` and
             ``factor_init``. Giving both a bank and a different seed is an error.
         alpha: scale α of ΔW.
+        alpha_scaling: ``"constant"`` or ``"w0_relative"``: α becomes ``alpha·‖W0‖_F / ‖M‖_F`` (M the
+            frozen map at unit λ), see :class:`~tera_tn.torch.TeRAConfig`.
         scale_init, zero_mode, scale_init_value: λ initialization (see :func:`tera_tn.init_scales`:
             ``scale_init_value`` is its ``value``, the starting magnitude of the non-zero vectors).
         dropout: dropout probability on the adapter's input only.
@@ -102,6 +104,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
         seed: Optional[int] = None,
         factor_init: str = "orthogonal",
         alpha: float = 1.0,
+        alpha_scaling: str = "constant",
         scale_init: str = "zero_start",
         zero_mode: int = 0,
         scale_init_value: float = 1.0,
@@ -131,7 +134,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
         self._name = ""
         self.merged = False
         self.disable_adapter = False
-        options = dict(alpha=alpha, scale_init=scale_init, zero_mode=zero_mode, scale_init_value=scale_init_value,
+        options = dict(alpha=alpha, alpha_scaling=alpha_scaling, scale_init=scale_init, zero_mode=zero_mode, scale_init_value=scale_init_value,
                        dropout=dropout, strategy=strategy, check_finite=check_finite, cache_delta=cache_delta)
         spec = TeRASpec.from_shape(base_layer.out_features, base_layer.in_features) if spec is None else spec
         self._add_adapter(DEFAULT_ADAPTER, spec, bank, options, device=base_layer.weight.device)
