@@ -151,3 +151,21 @@ def test_peft_adapter_reloads_in_a_fresh_process_and_refuses_another_base(tmp_pa
 
     with pytest.raises(TeraAdapterMismatch, match="w0_norm"):
         PeftModel.from_pretrained(ns["Tiny"](5.5), str(tmp_path / "a"))
+
+
+def test_merge_folds_the_delta_of_the_original_w0_and_unmerge_restores_it():
+    # α_l is fixed when the adapter is made: folding ΔW into W0 must not rescale it from the merged
+    # weight (that would change ΔW on merge and leave W0 + ΔW - ΔW' on unmerge)
+    m = _model()
+    add_tera(m, TeRAConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
+    x = torch.randn(5, 12)
+    before = m(x)
+    originals = {name: layer.get_base_layer().weight.detach().clone() for name, layer in tera_layers(m)}
+    alphas = {name: layer.alpha for name, layer in tera_layers(m)}
+    for _, layer in tera_layers(m):
+        layer.merge()
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-5)
+    for name, layer in tera_layers(m):
+        assert layer.alpha == alphas[name]
+        layer.unmerge()
+        torch.testing.assert_close(layer.get_base_layer().weight, originals[name], rtol=0, atol=1e-6)
