@@ -398,6 +398,9 @@ def test_budget_spreads_ranks_by_marginal_energy(tmp_path):
 _RELOAD = textwrap.dedent(
     """
     import sys, torch
+    # PEFT 0.21.0 reads torch.distributed.tensor without importing it; the newest transformers
+    # happens to import it first, 4.46.1 (the lowest declared) does not: a bare LoRA load fails there
+    import torch.distributed.tensor
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
