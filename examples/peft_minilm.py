@@ -112,25 +112,31 @@ def main(argv=None) -> dict:
     loss1, acc1 = evaluate()
     print(f"test loss {loss0:.4f} -> {loss1:.4f}, accuracy {acc0:.2f} -> {acc1:.2f} after {steps} steps")
 
-    out_dir = args.out or tempfile.mkdtemp(prefix="tera-minilm-")
-    save_adapter(model, out_dir, overwrite=args.overwrite)
-    print(f"saved adapter to {out_dir}: {sorted(os.listdir(out_dir))}")
+    # without --out the adapter goes to a temporary folder, removed when the example ends
+    scratch = None if args.out else tempfile.TemporaryDirectory(prefix="tera-minilm-")
+    out_dir = args.out or scratch.name
+    try:
+        save_adapter(model, out_dir, overwrite=args.overwrite)
+        print(f"saved adapter to {out_dir}: {sorted(os.listdir(out_dir))}")
 
-    model.eval()
-    with torch.no_grad():
-        ref = model(**enc_test).logits
-    reloaded = PeftModel.from_pretrained(load_base(), out_dir).eval()
-    with torch.no_grad():
-        again = reloaded(**enc_test).logits
-    exact = torch.equal(ref, again)
-    print(f"reloaded adapter reproduces the logits exactly: {exact}")
+        model.eval()
+        with torch.no_grad():
+            ref = model(**enc_test).logits
+        reloaded = PeftModel.from_pretrained(load_base(), out_dir).eval()
+        with torch.no_grad():
+            again = reloaded(**enc_test).logits
+        exact = torch.equal(ref, again)
+        print(f"reloaded adapter reproduces the logits exactly: {exact}")
 
-    merged = reloaded.merge_and_unload()
-    with torch.no_grad():
-        merged_logits = merged(**enc_test).logits
-    merge_err = (merged_logits - ref).abs().max().item()
-    print(f"merged model: max |Δlogit| = {merge_err:.2e}; type {type(merged).__name__}")
-    return {"loss0": loss0, "loss1": loss1, "acc0": acc0, "acc1": acc1, "exact": exact, "merge_err": merge_err, "out": out_dir}
+        merged = reloaded.merge_and_unload()
+        with torch.no_grad():
+            merged_logits = merged(**enc_test).logits
+        merge_err = (merged_logits - ref).abs().max().item()
+        print(f"merged model: max |Δlogit| = {merge_err:.2e}; type {type(merged).__name__}")
+        return {"loss0": loss0, "loss1": loss1, "acc0": acc0, "acc1": acc1, "exact": exact, "merge_err": merge_err, "out": out_dir}
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
 
 
 if __name__ == "__main__":
