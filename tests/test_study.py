@@ -653,3 +653,8 @@ def test_export_tradeoff_scores_a_trained_adapter_exported_as_lora(tmp_path):
     assert full["test_predictions"] == tera["test_predictions"] and full["error_max"] < 1e-4
     assert set(one["ranks"]) == {1} and one["lora_numbers"] < full["lora_numbers"]
     assert "| energy=1 |" in export_tradeoff.table(recs)
+
+
+def test_a_plan_with_a_head_rate_source_refuses_contender_shards(tmp_path):
+    with pytest.raises(ValueError, match="cannot be sharded by contender; run one worker per dataset"):
+        runner.run_plan("smoke2", PLANS["smoke2"], ResultsFile(tmp_path / "r.jsonl"), shard=(1, 2))

@@ -185,6 +185,11 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
     model = None
     splits: dict[tuple, tuple[TextSplits, int]] = {}
     ran = 0
+    if count > 1 and any(stage.head_lr_from for stage in stages):
+        # the other contenders of a dataset wait for the head-rate source's choice, which would
+        # sit in one shard only; workers of such a plan split by dataset instead
+        raise ValueError(f"plan {plan!r} takes its head rate from a contender, so it cannot be sharded by contender; "
+                         "run one worker per dataset (datasets=...) instead")
     for stage in stages:
         torch.set_num_threads(stage.budget.threads)
         context["versions"]["threads"] = stage.budget.threads
@@ -197,10 +202,9 @@ def run_plan(plan: str, stages: tuple[Stage, ...], results: ResultsFile, *, log:
                     log(f"    {c.name} on {dataset}: skipped until {stage.head_lr_from} has chosen the head's rate")
                     continue
                 budget = stage_budget(stage, head_lr)
-                # the head-rate source runs in every shard (its runs are shared through the results
-                # file), since every other contender waits for its choice
-                mine = position % count == index or c.name == stage.head_lr_from
-                if not mine or (only is not None and c.name not in only and c.name != stage.head_lr_from):
+                # the head-rate source runs even when --only leaves it out: the others wait for its choice
+                if position % count != index or (only is not None and c.name not in only
+                                                 and c.name != stage.head_lr_from):
                     continue
                 lrs = list(c.lrs)
                 if stage.lr_from:
