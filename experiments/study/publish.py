@@ -425,9 +425,9 @@ LM_NOT_ADAPTERS = {"none": "the base model as is", "full": "full fine-tuning"}
 
 
 def _lm_label(name: str, method: str) -> str:
-    if name in REFERENCES or name in LABELS:
-        return _label(name)
-    return f"`{name}` ({LM_NOT_ADAPTERS[method]})" if method in LM_NOT_ADAPTERS else f"`{name}`"
+    if method in LM_NOT_ADAPTERS:  # the baseline and the ceiling say what they are, not a label
+        return f"`{name}` ({LM_NOT_ADAPTERS[method]})"
+    return _label(name) if name in REFERENCES or name in LABELS else f"`{name}`"
 
 
 def _ppl(x: float) -> str:
