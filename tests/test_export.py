@@ -40,7 +40,8 @@ from transformers import (  # noqa: E402
 )
 
 from tera_tn.peft import AdapterStore, TeraConfig, TeraLayer, export_lora  # noqa: E402
-from tera_tn.peft.export import MODULES_TO_SAVE_FILE, ExportReport  # noqa: E402
+from tera_tn.peft.export_report import ExportReport  # noqa: E402
+from tera_tn.peft.lora_folder import MODULES_TO_SAVE_FILE  # noqa: E402
 
 from bad_inputs.teach import Case, assert_teaches, params  # noqa: E402
 from strategies import specs  # noqa: E402

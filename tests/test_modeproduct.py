@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tera_tn.core.blocked_kernel as bk
 import tera_tn.core.modeproduct as mp
 from tera_tn.core.modeproduct import best_order, chain_steps, mode_product_flops, multi_mode_product
 
@@ -70,9 +71,9 @@ def problems(draw, max_order=6, max_size=7):
 @pytest.fixture
 def force_blocking(monkeypatch):
     """Make tiny problems take the blocked multi-pass path (small scratch, no size floor)."""
-    monkeypatch.setattr(mp, "_BLOCKING_MIN_ELEMS", 1)
-    monkeypatch.setattr(mp, "_WORKERS_MIN_ELEMS", 1)
-    monkeypatch.setattr(mp, "_MIN_BLOCK_ROWS", 2)
+    monkeypatch.setattr(bk, "_BLOCKING_MIN_ELEMS", 1)
+    monkeypatch.setattr(bk, "_WORKERS_MIN_ELEMS", 1)
+    monkeypatch.setattr(bk, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(torch_backend, "SCRATCH_BYTES", 4096)
     monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", 4096)
     mp.clear_workspace()
@@ -98,9 +99,9 @@ def test_numpy_matches_tensorly_and_einsum(prob):
 def test_blocked_path_matches_reference(prob):
     core, mats = prob
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(mp, "_BLOCKING_MIN_ELEMS", 1)
-        m.setattr(mp, "_WORKERS_MIN_ELEMS", 1)  # exercise the worker threads too
-        m.setattr(mp, "_MIN_BLOCK_ROWS", 2)
+        m.setattr(bk, "_BLOCKING_MIN_ELEMS", 1)
+        m.setattr(bk, "_WORKERS_MIN_ELEMS", 1)  # exercise the worker threads too
+        m.setattr(bk, "_MIN_BLOCK_ROWS", 2)
         m.setattr(torch_backend, "SCRATCH_BYTES", 2048)
         m.setattr(numpy_backend, "SCRATCH_BYTES", 2048)
         ref = einsum_ref(core, mats)
@@ -174,7 +175,7 @@ def test_blocked_path_large(backend):
     mats = [rng.standard_normal((k, r)) for k, r in zip(sizes, ranks)]
     shape, ks = mp._shapes(ranks, [m.shape for m in mats])
     order = best_order(ranks, [m.shape for m in mats])
-    assert len(mp._plan_groups(list(shape), ks, list(order), torch_backend.SCRATCH_BYTES // 8)) >= 2
+    assert len(bk._plan_groups(list(shape), ks, list(order), torch_backend.SCRATCH_BYTES // 8)) >= 2
     ref = einsum_ref(core, mats)
     if backend == "numpy":
         x = multi_mode_product(core, mats)

@@ -8,9 +8,9 @@ torch = pytest.importorskip("torch")
 
 from tera_tn import TeRASpec, apply, init_scales, random_factors  # noqa: E402
 from tera_tn.torch import tera_linear  # noqa: E402
-from tera_tn.torch.autograd import FrozenNetwork  # noqa: E402
+from tera_tn.torch.frozen import FrozenNetwork  # noqa: E402
 from tera_tn.torch.planning import layer_plan  # noqa: E402
-from tera_tn.torch.autograd import expand, project  # noqa: E402
+from tera_tn.torch.factored import expand, project  # noqa: E402
 
 SPECS = {
     "rank-full": TeRASpec((2, 3), (3, 2)),

@@ -29,9 +29,10 @@ from torch import nn
 from ..contract.costmodel import cost_model
 from ..core.factors import SCALE_INITS, check_scale_value, init_scales
 from ..core.spec import TeRASpec
-from .autograd import FrozenNetwork, _no_autocast, compute_dtype, merged_weight, mixed_delta, non_finite, tera_linear
+from .autograd import compute_dtype, merged_weight, mixed_delta, no_autocast, non_finite, tera_linear
 from .bank import FactorBank
 from .config import ALPHA_SCALINGS, LAYER_STRATEGIES
+from .frozen import FrozenNetwork
 from .planning import layer_plan
 
 __all__ = ["TeRAAdapters", "FP32ParameterDict", "DEFAULT_ADAPTER", "weight_norm"]
@@ -267,7 +268,7 @@ class TeRAAdapters:
         if found is not None and found[0] == key:
             return found[1]
         lams = [s.to(dt) for s in self.scales(name)]
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             weight = merged_weight(self._network(name, dt, x.device), lams, self.tera_alpha[name], w0.to(dt))
         self._tera_cache[name] = (key, weight)
         return weight

@@ -15,8 +15,9 @@ from torch import nn
 
 from ..core.spec import TeRASpec
 from .adapter import DEFAULT_ADAPTER, TeRAAdapters
-from .autograd import FrozenNetwork, check_input
+from .autograd import check_input
 from .bank import FactorBank
+from .frozen import FrozenNetwork
 
 __all__ = ["TeRALinear"]
 

@@ -125,7 +125,7 @@ def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtyp
         proj = _projection_seconds(model, n_tokens, spec.row_modes, spec.ranks[:p], itemsize)
         proj += _projection_seconds(model, n_tokens, spec.col_modes, spec.ranks[p:], itemsize)
         if spec.diag == "mode":
-            # Mode-side scales have no H shortcut: two core GEMMs (see autograd._scale_grads_factored).
+            # Mode-side scales have no H shortcut: two core GEMMs (see factored.factored_scale_grads).
             h = 2 * model.gemm_seconds(n_tokens, r_row, r_col, itemsize)
         else:
             h = model.gemm_seconds(r_row, r_col, n_tokens, itemsize) + model.stream_seconds(r_row * r_col * itemsize)
