@@ -350,3 +350,18 @@ def test_apply_mismatched_scales_and_factors():
         apply(spec, f, (np.ones(2),), np.ones(3))
     with pytest.raises(ValueError, match="core"):
         apply(spec, random_factors(TeRASpec((2,), (2,)), 0), init_scales(spec), np.ones(3))
+
+
+def test_apply_and_plan_take_a_network():
+    from tera_tn.core.network import TeRANetwork
+
+    spec = TeRASpec((2, 3), (4,), ranks=(2, 2, 3), d_in=3)
+    net = TeRANetwork.random(spec, 4, alpha=0.5)
+    x = np.arange(6.0).reshape(2, 3)
+    loose = apply(spec, net.factors, net.scales, x, alpha=0.5, strategy="factored")
+    assert np.array_equal(apply(net, x, strategy="factored"), loose)
+    assert np.array_equal(apply(net, x=x, strategy="factored"), loose)
+    assert plan(net, 7) is plan(spec, 7)
+    with pytest.raises(ValueError) as info:
+        apply(net, np.ones((2, 4)))
+    assert "(..., 3)" in str(info.value) and "(2, 4)" in str(info.value)

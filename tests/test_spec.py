@@ -365,3 +365,13 @@ def test_padded_factorization_property(n, k):
     assert n <= m <= n * 1.25 and len(f) == k
     assert min(f) >= 2 and imbalance(f) <= 2.0
     assert not any(_qualifies(mm, k) for mm in range(n, m))
+
+
+def test_check_modes_is_the_check_every_mode_tuple_goes_through():
+    from tera_tn.core.spec import check_modes
+
+    assert check_modes("ranks", np.array([2, 3])) == (2, 3)
+    with pytest.raises(ValueError, match=r"ranks\[1\] must be a positive integer, got 0"):
+        check_modes("ranks", (2, 0))
+    with pytest.raises(ValueError, match="row_modes must hold at least one mode size"):
+        check_modes("row_modes", [])

@@ -180,3 +180,14 @@ def test_errors():
         tera_singular_values(spec, factors, init_scales(spec)[:3])
     with pytest.raises(ValueError, match="d must be"):
         prefix_kron_r([np.ones((2, 2))], 3)
+
+
+def test_errors_name_the_function_called():
+    # the spectrum's checks used to run inside tera_singular_values whoever called it
+    spec = TeRASpec((2, 2), (2, 2))
+    factors, scales = random_factors(spec, 0), init_scales(spec)
+    for fn in (tera_singular_values, tera_rank_summary, tera_conditioning):
+        with pytest.raises(TypeError, match=f"^{fn.__name__} expects a TeRASpec as spec, got str"):
+            fn("spec", factors, scales)
+    with pytest.raises(TypeError, match="^theoretical_multilinear_ranks expects a TeRASpec"):
+        theoretical_multilinear_ranks(None, scales)

@@ -39,17 +39,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .._backend import check_alpha
-from ..backends import Array, dtype_name, namespace, pick_like, to_like, to_numpy
-from ..core.factors import TeRAFactors, check_factors, check_scales
+from ..backends import Array, dtype_name, namespace, pick_like, to_numpy
+from ..core.factors import TeRAFactors
 from ..core.modeproduct import multi_mode_product
-from ..core.network import _scaled_factors, scale_sides, theoretical_rank
+from ..core.network import TeRANetwork, dense_factor_matrices, generic_rank, network_of, scale_sides, spec_and_scales
 from .rank import RankSummary, dtype_eps, summarize_singular_values
-from ..core.spec import TeRASpec, check_spec
+from ..core.spec import TeRASpec
 
 __all__ = [
     "tera_singular_values",
@@ -61,14 +61,9 @@ __all__ = [
 ]
 
 
-def _qr_r(a: Array, grad: bool) -> Array:
-    """``R`` of the thin QR ``a = Q R``: shape ``(min(m, n), n)``."""
-    return namespace(a).qr_r(a, grad)
-
-
-def _kron(mats: Sequence[Array], like: Array) -> Array:
-    backend = namespace(like)
-    out = backend.ones((1, 1), like) if not mats else mats[0]
+def _kron(backend: ModuleType, mats: Sequence[Array]) -> Array:
+    """``mats[0] ⊗ … ⊗ mats[-1]`` (at least one matrix) with ``backend``'s kron."""
+    out = mats[0]
     for m in mats[1:]:
         out = backend.kron(out, m)
     return out
@@ -77,7 +72,7 @@ def _kron(mats: Sequence[Array], like: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 # structured R factors
 # --------------------------------------------------------------------------------------------
-def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Array:
+def prefix_kron_r(mats: Sequence[Array], d: int) -> Array:
     """An ``S`` with ``(A_1 ⊗ … ⊗ A_k)[:d] = Q S`` for some ``Q`` with orthonormal columns.
 
     Args:
@@ -93,72 +88,73 @@ def prefix_kron_r(mats: Sequence[Array], d: int, *, _grad: bool = False) -> Arra
     mats = list(mats)
     if not mats:
         raise ValueError("prefix_kron_r needs at least one matrix")
-    sizes = [int(a.shape[0]) for a in mats]
-    total = math.prod(sizes)
+    total = math.prod(int(a.shape[0]) for a in mats)
     if not 1 <= d <= total:
         raise ValueError(f"d must be in [1, {total}] (rows of the Kronecker product), got {d}")
-    like = mats[0]
+    return _prefix_r(namespace(mats[0]), mats, d, False)
+
+
+def _prefix_r(backend: ModuleType, mats: list, d: int, grad: bool) -> Array:
+    """:func:`prefix_kron_r` of checked arguments (``1 ≤ d ≤ ∏K_n``), in ``backend``; ``grad``
+    keeps the QRs differentiable."""
+    sizes = [int(a.shape[0]) for a in mats]
+    total = math.prod(sizes)
     if d == total:
-        return _kron([_qr_r(a, _grad) for a in mats], like)
+        return _kron(backend, [backend.qr_r(a, grad) for a in mats])
     rest_size = total // sizes[0]
     q, t = divmod(d, rest_size)
     blocks = []
     if q:
         # Rows with leading digit < q: a full Kronecker product of A_1[:q] with the rest.
-        blocks.append(_kron([_qr_r(mats[0][:q], _grad)] + [_qr_r(a, _grad) for a in mats[1:]], like))
+        blocks.append(_kron(backend, [backend.qr_r(mats[0][:q], grad)] + [backend.qr_r(a, grad) for a in mats[1:]]))
     if t:
         # Rows with leading digit q: one row of A_1 times a prefix of the rest (recursion).
-        blocks.append(_kron([mats[0][q : q + 1], prefix_kron_r(mats[1:], t, _grad=_grad)], like))
-    s = blocks[0] if len(blocks) == 1 else namespace(like).concat(blocks)
+        blocks.append(_kron(backend, [mats[0][q : q + 1], _prefix_r(backend, mats[1:], t, grad)]))
+    s = blocks[0] if len(blocks) == 1 else backend.concat(blocks)
     # Compress to at most ∏R rows; the extra QR is small and keeps the final SVD square-ish.
-    return _qr_r(s, _grad) if s.shape[0] > s.shape[1] else s
+    return backend.qr_r(s, grad) if s.shape[0] > s.shape[1] else s
 
 
-def _scaled(spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float):
-    """Scaled factors ``A_n`` (α folded into ``A_1``) in a decomposable dtype, and ``like``."""
-    check_spec(spec, "tera_singular_values")
-    scales = check_scales(spec, scales)
-    check_factors(factors, spec)
-    alpha = check_alpha(alpha)
-    # Half precision and integers are decomposed in float32/float64 (no half QR/SVD on CPU).
-    like = pick_like(*scales, factors.core)
-    like = namespace(like).decomposable(like)
-    scales = [to_like(s, like) for s in scales]
-    factors = factors.to(like)
-    if spec.diag == "identity":
-        mats = [namespace(like).diag(s) for s in scales]
-        mats[0] = mats[0] * alpha
-    else:
-        mats = list(_scaled_factors(spec, factors, scales, alpha))
-    return mats, factors.core, like
+def _decomposable(net: TeRANetwork) -> TeRANetwork:
+    """``net`` in the backend of its first torch or JAX operand (else numpy), in a dtype that
+    backend decomposes: half precision and integers go to float32/float64 (no half QR/SVD on CPU)."""
+    like = pick_like(*net.scales, net.factors.core)
+    return net.to(namespace(like).decomposable(like))
 
 
-def _core_matrix(spec: TeRASpec, mats: list, core: Array, grad: bool) -> Array:
-    """``S_row · G_mat · S_colᵀ`` (α already inside ``mats[0]``)."""
+def _core_matrix(backend: ModuleType, spec: TeRASpec, mats: list, core: Array, grad: bool) -> Array:
+    """``S_row · G_mat · S_colᵀ`` (α already inside ``mats[0]``), in ``backend``."""
     p = spec.n_row
     rows_padded, cols_padded = (x > 0 for x in spec.padding)
+    # Padded sides: the prefix recursion's S (module docstring), applied after the core.
+    s_row = _prefix_r(backend, mats[:p], spec.d_out, grad) if rows_padded else None
+    s_col = _prefix_r(backend, mats[p:], spec.d_in, grad) if cols_padded else None
     modal: list[Optional[Array]] = [None] * spec.order
     # Unpadded sides: apply the small R_n by mode products (never forming ⊗R_n).
     if not rows_padded:
-        modal[:p] = [_qr_r(a, grad) for a in mats[:p]]
+        modal[:p] = [backend.qr_r(a, grad) for a in mats[:p]]
     if not cols_padded:
-        modal[p:] = [_qr_r(a, grad) for a in mats[p:]]
+        modal[p:] = [backend.qr_r(a, grad) for a in mats[p:]]
     x = multi_mode_product(core, modal)
     x = x.reshape(math.prod(x.shape[:p]), math.prod(x.shape[p:]))
-    if rows_padded:
-        x = prefix_kron_r(mats[:p], spec.d_out, _grad=grad) @ x
-    if cols_padded:
-        x = x @ prefix_kron_r(mats[p:], spec.d_in, _grad=grad).T
+    if s_row is not None:
+        x = s_row @ x
+    if s_col is not None:
+        x = x @ s_col.T
     return x
 
 
 def tera_singular_values(
-    spec: TeRASpec, factors: TeRAFactors, scales: Sequence[Array], alpha: float = 1.0
+    spec: TeRASpec | TeRANetwork,
+    factors: Optional[TeRAFactors] = None,
+    scales: Optional[Sequence[Array]] = None,
+    alpha: float = 1.0,
 ) -> Array:
     """All ``min(d_out, d_in)`` singular values of ``ΔW``, descending, without forming ΔW.
 
     Args:
-        spec: the tensorization (any diag placement, reduced ranks, padding).
+        spec: the tensorization (any diag placement, reduced ranks, padding), or a
+            :class:`tera_tn.core.network.TeRANetwork` carrying all four arguments.
         factors: frozen core ``G`` (shape ``spec.ranks``) and ``U_n`` (``(K_n, R_n)``).
         scales: the ``N`` vectors ``λ_n`` (lengths ``spec.scale_sizes``).
         alpha: the global scale α (singular values scale by ``|α|``).
@@ -173,10 +169,17 @@ def tera_singular_values(
     Cost: QR of each ``K_n × R_n`` factor, mode products on the core and an SVD of a
     ``≤ ∏R_row × ∏R_col`` matrix (see the module docstring for padded specs).
     """
-    mats, core, like = _scaled(spec, factors, scales, alpha)
-    backend = namespace(like)
+    net = network_of(spec, factors, scales, alpha, "tera_singular_values")
+    net = _decomposable(net)
+    mats = dense_factor_matrices(net)
+    return _singular_values(net.spec, mats, net.factors.core)
+
+
+def _singular_values(spec: TeRASpec, mats: list, core: Array) -> Array:
+    """:func:`tera_singular_values` from the scaled factors and the core (one decomposable dtype)."""
+    backend = namespace(core)
     grad = backend.needs_grad([*mats, core])
-    sv = backend.svdvals(_core_matrix(spec, mats, core, grad))
+    sv = backend.svdvals(_core_matrix(backend, spec, mats, core, grad))
     k = min(spec.d_out, spec.d_in)
     if sv.shape[0] < k:
         sv = backend.concat([sv, backend.zeros((k - sv.shape[0],), sv)])
@@ -184,9 +187,9 @@ def tera_singular_values(
 
 
 def tera_rank_summary(
-    spec: TeRASpec,
-    factors: TeRAFactors,
-    scales: Sequence[Array],
+    spec: TeRASpec | TeRANetwork,
+    factors: Optional[TeRAFactors] = None,
+    scales: Optional[Sequence[Array]] = None,
     alpha: float = 1.0,
     *,
     dtype: object = None,
@@ -198,12 +201,16 @@ def tera_rank_summary(
 
     ``dtype`` picks whose eps sets the default threshold ``max(d_out, d_in)·eps·σ_max``
     (default: the computation dtype). ``dtype="float32"`` predicts what a dense float32 SVD of
-    the materialized ΔW would report, even when the spectrum was computed in float64.
+    the materialized ΔW would report, even when the spectrum was computed in float64. Takes a
+    :class:`tera_tn.core.network.TeRANetwork` in place of ``(spec, factors, scales, alpha)``.
     """
-    sv = tera_singular_values(spec, factors, scales, alpha)
+    net = network_of(spec, factors, scales, alpha, "tera_rank_summary")
+    net = _decomposable(net)
+    mats = dense_factor_matrices(net)
+    sv = _singular_values(net.spec, mats, net.factors.core)
     if dtype is None:
         dtype = dtype_name(sv.dtype)
-    return summarize_singular_values(sv, spec.shape, dtype, rtol=rtol, atol=atol, energy=energy)
+    return summarize_singular_values(sv, net.spec.shape, dtype, rtol=rtol, atol=atol, energy=energy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,9 +301,9 @@ class TeRAConditioning:
 
 
 def tera_conditioning(
-    spec: TeRASpec,
-    factors: TeRAFactors,
-    scales: Sequence[Array],
+    spec: TeRASpec | TeRANetwork,
+    factors: Optional[TeRAFactors] = None,
+    scales: Optional[Sequence[Array]] = None,
     alpha: float = 1.0,
     *,
     include_core: bool = True,
@@ -305,22 +312,23 @@ def tera_conditioning(
 
     Uses the structured spectrum (:func:`tera_singular_values`) and the singular values of
     each small factor. ``include_core`` adds ``cond(G_mat)``, one more SVD of the
-    ``∏R_row × ∏R_col`` core (as large as ΔW at full ranks).
+    ``∏R_row × ∏R_col`` core (as large as ΔW at full ranks). Takes a
+    :class:`tera_tn.core.network.TeRANetwork` in place of ``(spec, factors, scales, alpha)``.
     """
-    check_spec(spec, "tera_conditioning")
+    net = network_of(spec, factors, scales, alpha, "tera_conditioning")
     if not isinstance(include_core, bool):
         raise ValueError(f"include_core must be True or False, got {include_core!r}")
-    f64 = check_factors(factors, spec).as_numpy(np.float64)
-    s64 = [np.asarray(to_numpy(s), dtype=np.float64) for s in check_scales(spec, scales)]
-    mats, core, _ = _scaled(spec, f64, s64, alpha)
-    sv = np.asarray(tera_singular_values(spec, f64, s64, alpha), dtype=np.float64)
-    r = theoretical_rank(spec, s64)
+    net = net.to(np.empty(0, dtype=np.float64))
+    spec, core = net.spec, net.factors.core
+    mats = dense_factor_matrices(net)
+    r = generic_rank(spec, net.scales)
     p = spec.n_row
     conds = tuple(_cond(np.linalg.svd(a, compute_uv=False)) for a in mats)
     core_cond = None
     if include_core:
         rows = math.prod(spec.ranks[:p])
-        core_cond = _cond(np.linalg.svd(np.asarray(f64.core).reshape(rows, -1), compute_uv=False))
+        core_cond = _cond(np.linalg.svd(np.asarray(core).reshape(rows, -1), compute_uv=False))
+    sv = np.asarray(_singular_values(spec, mats, core), dtype=np.float64)
     by_dtype = {}
     for name in ("float64", "float32", "bfloat16", "float16"):
         rtol = max(spec.shape) * dtype_eps(name)
@@ -347,7 +355,7 @@ def tera_conditioning(
 # --------------------------------------------------------------------------------------------
 # multilinear ranks
 # --------------------------------------------------------------------------------------------
-def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tuple[int, ...]:
+def theoretical_multilinear_ranks(spec: TeRASpec | TeRANetwork, scales: Optional[Sequence[Array]] = None) -> tuple[int, ...]:
     """Almost-sure multilinear ranks of the network tensor ``X`` (shape ``spec.modes``).
 
     ``X = G' ×_1 B_1 … ×_N B_N`` with ``B_n`` of full column rank ``r_n`` (``r_n = nnz(λ_n)``
@@ -356,10 +364,10 @@ def theoretical_multilinear_ranks(spec: TeRASpec, scales: Sequence[Array]) -> tu
     ``G'`` of shape ``(r_1..r_N)``, so the mode-n unfolding has rank ``min(r_n, ∏_{m≠n} r_m)``.
 
     This is the tensor before padding is sliced away; for unpadded specs it equals
-    ``multilinear_ranks(tensorize(spec, ΔW))``.
+    ``multilinear_ranks(tensorize(spec, ΔW))``. Takes a :class:`tera_tn.core.network.TeRANetwork`
+    in place of ``(spec, scales)``.
     """
-    check_spec(spec, "theoretical_multilinear_ranks")
-    scales = check_scales(spec, scales)
+    spec, scales = spec_and_scales(spec, scales, "theoretical_multilinear_ranks")
     mode_side, rank_side = scale_sides(spec, scales)
     r = list(spec.ranks)
     for side in (mode_side, rank_side):

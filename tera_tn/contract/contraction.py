@@ -19,16 +19,16 @@ import math
 import numbers
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import opt_einsum as oe
 
-from .._backend import as_array, check_alpha
-from ..backends import Array, backend_key, floating_like, namespace, pick_like, to_like
+from .._backend import as_array
+from ..backends import Array, backend_key, namespace, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
-from ..core.factors import TeRAFactors, check_factors, check_scales
+from ..core.factors import TeRAFactors
 from ..core.modeproduct import chain_steps
-from ..core.network import _delta_weight, _scaled_factors
+from ..core.network import TeRANetwork, materialize, network_of, scale_factor_matrices
 from ..core.spec import TeRASpec, check_spec
 
 __all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "STRATEGIES"]
@@ -215,7 +215,7 @@ def _plan_cached(spec: TeRASpec, n_tokens: int, backend: tuple[str, str, str], m
 
 
 def plan(
-    spec: TeRASpec,
+    spec: TeRASpec | TeRANetwork,
     n_tokens: int,
     *,
     backend: str = "torch",
@@ -226,7 +226,7 @@ def plan(
     """Choose how to compute ``ΔW x`` for ``n_tokens`` tokens and explain why.
 
     Args:
-        spec: the layer's spec.
+        spec: the layer's spec (or a :class:`tera_tn.core.network.TeRANetwork`, whose spec is used).
         n_tokens: rows of ``x`` (batch × sequence).
         backend, device, dtype: what the contraction runs on: ``"torch"``, ``"numpy"`` or
             ``"jax"``, a device such as ``"cpu"`` or ``"cuda:0"``, a floating dtype name.
@@ -237,7 +237,7 @@ def plan(
         A :class:`ContractionPlan`; ``print(plan(...))`` shows FLOPs, the largest
         intermediate, bytes moved and the expected time of both strategies, step by step.
     """
-    check_spec(spec, "plan")
+    spec = spec.spec if isinstance(spec, TeRANetwork) else check_spec(spec, "plan")
     n_tokens = check_tokens(n_tokens)
     key = normalize_key(backend, device, dtype)
     if model is None:
@@ -248,31 +248,33 @@ def plan(
 
 
 def apply(
-    spec: TeRASpec,
-    factors: TeRAFactors,
-    scales: Sequence[Array],
-    x: Array,
+    spec: TeRASpec | TeRANetwork,
+    factors: Optional[TeRAFactors] = None,
+    scales: Optional[Sequence[Array]] = None,
+    x: Optional[Array] = None,
     *,
     alpha: float = 1.0,
     strategy: Strategy = "auto",
 ) -> Array:
     """``ΔW x`` for a batch ``x`` of shape ``(..., d_in)``; returns shape ``(..., d_out)``.
 
+    Called as ``apply(spec, factors, scales, x, alpha=...)`` or, with a validated
+    :class:`tera_tn.core.network.TeRANetwork` that carries the operands, ``apply(net, x)``.
     Computed in the backend, dtype and device of ``x`` when it is a torch or JAX array (operands
     are converted), else of the first torch or JAX operand, else numpy. ``strategy="auto"`` follows
     :func:`plan`; ``"factored"`` never forms the ``d_out × d_in`` matrix. Torch results are
     differentiable with respect to ``x`` and the scales.
     """
-    check_spec(spec, "apply")
+    if isinstance(spec, TeRANetwork) and scales is None and x is None:
+        factors, x = None, factors  # apply(net, x)
+    net = network_of(spec, factors, scales, alpha, "apply")
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    scales = check_scales(spec, scales)
-    check_factors(factors, spec)
-    alpha = check_alpha(alpha)
+    spec = net.spec
     x = as_array("x", x, f"shape (..., {spec.d_in})")
     if x.ndim == 0 or x.shape[-1] != spec.d_in:
         raise ValueError(f"x must have shape (..., {spec.d_in}) for {spec}, got {tuple(x.shape)}")
-    like = floating_like(pick_like(x, *scales, factors.core), *scales, factors.core)
+    like = net.common_like(x)
     x = to_like(x, like)
     batch = tuple(x.shape[:-1])
     n = math.prod(batch)
@@ -280,17 +282,18 @@ def apply(
         return namespace(x).zeros(batch + (spec.d_out,), x)
     x2 = x.reshape(n, spec.d_in)
     if strategy == "auto":
-        backend, device, dtype = backend_key(x)
-        strategy = plan(spec, n, backend=backend, device=device, dtype=dtype).strategy
-    factors, scales = factors.to(like), [to_like(s, like) for s in scales]
+        key = normalize_key(*backend_key(x))  # what plan() does, without checking spec again
+        strategy = _plan_cached(spec, n, key, cost_model(*key)).strategy
+    net = net.to(like)
     if strategy == "materialize":
-        y = x2 @ _delta_weight(spec, factors, scales, alpha).T
+        y = x2 @ materialize(net).T
     else:
-        y = _factored(spec, factors, scales, x2, alpha)
+        y = _factored(net, x2)
     return y.reshape(batch + (spec.d_out,))
 
 
-def _factored(spec: TeRASpec, factors: TeRAFactors, scales: list[Array], x2: Array, alpha: float) -> Array:
+def _factored(net: TeRANetwork, x2: Array) -> Array:
+    spec = net.spec
     n = x2.shape[0]
     pad = spec.padding[1]
     if pad:
@@ -298,11 +301,11 @@ def _factored(spec: TeRASpec, factors: TeRAFactors, scales: list[Array], x2: Arr
     xt = x2.reshape((n,) + spec.col_modes)
     p = spec.n_row
     if spec.diag == "identity":
-        ops = list(scales)
-        ops[0] = ops[0] * alpha
+        ops = list(net.scales)
+        ops[0] = ops[0] * net.alpha
     else:
-        ops = list(_scaled_factors(spec, factors, scales, alpha))
+        ops = list(scale_factor_matrices(spec, net.factors.factors, net.scales, net.alpha))
     expr, _ = _factored_expression(spec, n)
-    y = expr(xt, *ops[p:], factors.core, *ops[:p])
+    y = expr(xt, *ops[p:], net.factors.core, *ops[:p])
     y = y.reshape(n, spec.padded_shape[0])
     return y[:, : spec.d_out] if spec.padding[0] else y

@@ -78,16 +78,37 @@ def recipe_diff(saved: dict, current: dict) -> list[str]:
     return out
 
 
-def _check_seed(seed: object) -> int:
+def check_seed(seed: object) -> int:
+    """``seed`` as an int when it is an integer >= 0 (a factor or scale seed); else a ValueError naming it."""
     return check_size("seed", seed, low=0)
 
 
 def check_factors(factors: object, spec: TeRASpec) -> "TeRAFactors":
+    """``factors`` itself when it is a :class:`TeRAFactors` whose shapes match ``spec``.
+
+    ``spec`` must be a checked :class:`TeRASpec` (it is not checked again here); raises
+    TypeError for another type or a non-array entry, ValueError naming the tensor whose shape
+    differs from the spec's.
+    """
     if not isinstance(factors, TeRAFactors):
         raise TypeError(
             f"factors must be a TeRAFactors (from tera_tn.random_factors(spec, seed)), got {type(factors).__name__}"
         )
-    factors.check(spec)
+    arrays = [("core", factors.core)] + [(f"U_{n}", u) for n, u in enumerate(factors.factors) if u is not None]
+    for name, a in arrays:
+        if not is_array(a):
+            raise TypeError(f"factor {name} must be a numpy array, torch tensor or jax array, got {type(a).__name__}")
+    if tuple(factors.core.shape) != spec.ranks:
+        raise ValueError(f"core has shape {tuple(factors.core.shape)}, expected {spec.ranks} for {spec}")
+    if len(factors.factors) != spec.order:
+        raise ValueError(f"got {len(factors.factors)} factor matrices, expected {spec.order} for {spec}")
+    for n, (u, k, r) in enumerate(zip(factors.factors, spec.modes, spec.ranks)):
+        if spec.diag == "identity":
+            if u is not None:
+                raise ValueError(f"diag='identity' takes no factor matrices, got one for mode {n}")
+        elif u is None or tuple(u.shape) != (k, r):
+            got = None if u is None else tuple(u.shape)
+            raise ValueError(f"factor U_{n} has shape {got}, expected {(k, r)} for {spec}")
     return factors
 
 
@@ -126,23 +147,8 @@ class TeRAFactors:
         return self.to(np.empty(0, dtype=dtype))
 
     def check(self, spec: TeRASpec) -> None:
-        """Raise ValueError when the shapes do not match ``spec``."""
-        check_spec(spec, "TeRAFactors.check")
-        arrays = [("core", self.core)] + [(f"U_{n}", u) for n, u in enumerate(self.factors) if u is not None]
-        for name, a in arrays:
-            if not is_array(a):
-                raise TypeError(f"factor {name} must be a numpy array, torch tensor or jax array, got {type(a).__name__}")
-        if tuple(self.core.shape) != spec.ranks:
-            raise ValueError(f"core has shape {tuple(self.core.shape)}, expected {spec.ranks} for {spec}")
-        if len(self.factors) != spec.order:
-            raise ValueError(f"got {len(self.factors)} factor matrices, expected {spec.order} for {spec}")
-        for n, (u, k, r) in enumerate(zip(self.factors, spec.modes, spec.ranks)):
-            if spec.diag == "identity":
-                if u is not None:
-                    raise ValueError(f"diag='identity' takes no factor matrices, got one for mode {n}")
-            elif u is None or tuple(u.shape) != (k, r):
-                got = None if u is None else tuple(u.shape)
-                raise ValueError(f"factor U_{n} has shape {got}, expected {(k, r)} for {spec}")
+        """Raise ValueError when the shapes do not match ``spec`` (see :func:`check_factors`)."""
+        check_factors(self, check_spec(spec, "TeRAFactors.check"))
 
 
 def _factor(gen: np.random.Generator, k: int, r: int, init: str) -> np.ndarray:
@@ -170,7 +176,7 @@ def random_factors(spec: TeRASpec, seed: int, *, init: FactorInit = "orthogonal"
     here that alters a drawn number must bump :data:`GENERATOR_VERSION`.
     """
     check_spec(spec, "random_factors")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if init not in FACTOR_INITS:
         raise ValueError(f"init must be one of {FACTOR_INITS}, got {init!r}")
     col_rank = math.prod(spec.ranks[spec.n_row :])
@@ -218,7 +224,7 @@ def init_scales(
     if init == "random":
         if seed is None:
             raise ValueError("init='random' needs a seed")
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         scales = []
         for n, size in enumerate(sizes):
             gen = _generator(seed, f"scale{n}", (size,))

@@ -61,7 +61,9 @@ BUDGET_FAMILIES: tuple[tuple[str, int, Union[str, float]], ...] = (
 )
 
 
-def _check_modes(name: str, modes: Sequence[int]) -> tuple[int, ...]:
+def check_modes(name: str, modes: Sequence[int]) -> tuple[int, ...]:
+    """``modes`` as a tuple of ints when it is a non-empty sequence of positive integers (a 1-D
+    numpy array too); else a ValueError naming ``name`` and the offending entry."""
     if isinstance(modes, np.ndarray) and modes.ndim == 1:
         modes = modes.tolist()
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
@@ -108,15 +110,15 @@ class TeRASpec:
     d_in: int = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        rows = _check_modes("row_modes", self.row_modes)
-        cols = _check_modes("col_modes", self.col_modes)
+        rows = check_modes("row_modes", self.row_modes)
+        cols = check_modes("col_modes", self.col_modes)
         modes = rows + cols
         if not isinstance(self.diag, str) or self.diag not in DIAG_PLACEMENTS:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
         if self.ranks is None:
             ranks = modes
         else:
-            ranks = _check_modes("ranks", self.ranks)
+            ranks = check_modes("ranks", self.ranks)
             if len(ranks) != len(modes):
                 raise ValueError(
                     f"ranks has {len(ranks)} entries but the spec has {len(modes)} modes "
@@ -257,7 +259,7 @@ class TeRASpec:
                 raise ValueError(f"ranks as a fraction must be in (0, 1], got {ranks!r}")
             return tuple(max(1, math.ceil(float(ranks) * k - 1e-9)) for k in modes)
         if isinstance(ranks, (list, tuple, np.ndarray)):
-            return _check_modes("ranks", ranks)
+            return check_modes("ranks", ranks)
         raise ValueError(
             f"ranks must be 'full', a fraction in (0, 1], an int or one int per mode, got {ranks!r} ({type(ranks).__name__})"
         )
@@ -283,9 +285,9 @@ class TeRASpec:
             raise ValueError(f"unknown key(s) {unknown} in spec dict; expected only {_DICT_KEYS}")
         ranks = d.get("ranks")
         return cls(
-            _check_modes("row_modes", d["row_modes"]),
-            _check_modes("col_modes", d["col_modes"]),
-            None if ranks is None else _check_modes("ranks", ranks),
+            check_modes("row_modes", d["row_modes"]),
+            check_modes("col_modes", d["col_modes"]),
+            None if ranks is None else check_modes("ranks", ranks),
             d.get("diag", "rank"),
             d.get("d_out"),
             d.get("d_in"),

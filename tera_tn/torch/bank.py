@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.factors import FACTOR_INITS, _check_seed, random_factors
+from ..core.factors import FACTOR_INITS, check_seed, random_factors
 from ..core.spec import TeRASpec
 from ..core.modeproduct import multi_mode_product
 from .autograd import FrozenNetwork
@@ -53,7 +53,7 @@ class FactorBank(nn.Module):
             raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {factor_init!r}")
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_STORAGE_DTYPES)}, got {dtype!r}")
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.factor_init = factor_init
         self.dtype_name = dtype
         self._groups: dict[TeRASpec, str] = {}

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from ..core.factors import FACTOR_INITS, SCALE_INITS, _check_seed, check_scale_value
-from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, _check_modes
+from ..core.factors import FACTOR_INITS, SCALE_INITS, check_scale_value, check_seed
+from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, check_modes
 
 __all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
 
@@ -112,7 +112,7 @@ class TeRAConfig:
         # the same rules (and messages) as TeRASpec.from_shape, so a typo fails at construction.
         TeRASpec._split_order(2, 2, self.order)
         if isinstance(self.ranks, (tuple, list)):
-            _check_modes("ranks", self.ranks)
+            check_modes("ranks", self.ranks)
         else:
             TeRASpec._resolve_ranks((2,), self.ranks)
         if self.diag not in DIAG_PLACEMENTS:
@@ -127,7 +127,7 @@ class TeRAConfig:
             raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {self.strategy!r}")
         if self.factor_dtype not in _FACTOR_DTYPES:
             raise ValueError(f"factor_dtype must be one of {_FACTOR_DTYPES}, got {self.factor_dtype!r}")
-        _check_seed(self.seed)
+        check_seed(self.seed)
         check_scale_value("scale_init_value", self.scale_init_value)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
