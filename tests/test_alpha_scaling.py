@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from tera_tn.torch import CheckpointMismatch, TeRAConfig, TeRALinear, add_tera, load_tera, save_tera, tera_layers  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRAConfig, TeRALinear, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -85,10 +85,7 @@ def test_torch_checkpoint_round_trips_and_refuses_another_base(tmp_path):
     x = torch.randn(3, 12)
     assert torch.equal(plain(x), m(x))
     save_tera(plain, tmp_path / "b.safetensors")  # a reloaded layer pins the same W0 again
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
-        layers = json.loads(f.metadata()["tera_tn"])["layers"]
+    layers = read_tera_metadata(tmp_path / "b.safetensors")["layers"]
     assert all(info["alpha_scaling"] == "w0_relative" and info["w0_norm"] > 0 for info in layers.values())
     other = _model(scale=5.5)
     with pytest.raises(CheckpointMismatch, match=r"layer '2': the adapter's α was set from a base weight of norm"):

@@ -236,7 +236,9 @@ def test_checkpoint_holds_lambda_and_signature(tmp_path):
     lam_keys = [k for k in tensors if k.endswith("tera_lambda")]
     assert len(lam_keys) == 6 and set(tensors) == set(lam_keys) | {"base_model.tera_signature"}
     sig = read_adapter_signature(tmp_path)
-    assert sig["seed"] == 3 and sig["layers"]["model.layers.0.self_attn.q_proj"]["shape"] == [64, 64]
+    assert sig["seed"] == 3 and sig["format"] == 2 and sig["lambda_layout"] == "per_layer"
+    spec = sig["layers"]["model.layers.0.self_attn.q_proj"]["spec"]
+    assert (spec["d_out"], spec["d_in"]) == (64, 64)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "TERA" and cfg["seed"] == 3 and cfg["order"] == 4
     # save_factors stores the frozen factors too, and they are verified on load.

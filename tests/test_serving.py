@@ -6,7 +6,6 @@ or with adapters disabled for ``"__base__"`` rows.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 

@@ -95,7 +95,8 @@ def test_mismatch_errors_say_what_differs(tmp_path, cfg, match):
 
 def test_shape_and_missing_layer_errors(tmp_path):
     path = save_tera(_model(), tmp_path / "a.safetensors")
-    with pytest.raises(CheckpointMismatch, match="d_in: checkpoint 32, model 48"):
+    # one checker for both APIs: the size is the weight shape (d_out, d_in), as PEFT's loader says it
+    with pytest.raises(CheckpointMismatch, match=r"weight shape \(d_out, d_in\) differs.*0: shape: checkpoint \[64, 32\], model \[64, 48\]"):
         load_tera(_model(width=48), path)
     torch.manual_seed(0)
     partial = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))

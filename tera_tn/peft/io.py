@@ -1,24 +1,18 @@
-"""Saving TeRA adapters without clobbering files, and reading a saved adapter's signature."""
+"""Saving TeRA adapters without clobbering files, and reading a saved adapter's description (the
+format both APIs share: :mod:`tera_tn.core.adapter_format`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Union
-
-import torch
+from typing import Optional, Union
 
 from .._files import publish, staging_dir, sweep_stale_temps
-from ..core.factors import with_legacy_recipe
-from ..torch.checkpoint import nonfinite_lambdas as checked_lambdas
+from ..torch.adapter_file import WEIGHTS_NAME, read_adapter_metadata, unreadable
 
 __all__ = ["save_adapter", "read_adapter_signature"]
 
 _MODEL_CARD = "README.md"
-_WEIGHTS = "adapter_model.safetensors"
-_EXPECTED = "an adapter saved by tera_tn.peft (save_adapter or save_pretrained)"
-_SIGNATURE_KEYS = ("format", "seed", "factor_init", "factor_dtype", "alpha", "layers")
 
 
 def save_adapter(model, path: Union[str, os.PathLike], *, overwrite: bool = False, **save_kwargs) -> Path:
@@ -61,52 +55,19 @@ def save_adapter(model, path: Union[str, os.PathLike], *, overwrite: bool = Fals
     return dest
 
 
-def _adapter_file(path: Union[str, os.PathLike]) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        if not (p / _WEIGHTS).is_file():
-            raise FileNotFoundError(f"{p} holds no {_WEIGHTS}; expected a folder with {_EXPECTED}")
-        return p / _WEIGHTS
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; expected {_EXPECTED}")
-    return p
-
-
 def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
-    """The TeRA signature stored in a saved adapter (folder or ``adapter_model.safetensors``).
+    """The description stored in a saved adapter (folder or ``adapter_model.safetensors``, or a
+    ``tera_tn.torch.save_tera`` file): the reader of both APIs,
+    :func:`tera_tn.torch.adapter_file.read_adapter_metadata`.
 
-    ``{"format", "seed", "factor_init", "core_scale", "generator_version", "factor_dtype", "alpha",
-    "layers": {name: {"shape", "row_modes", "col_modes", "ranks", "diag", "fan_in_fan_out", "group"}}}``;
-    an adapter saved before the factor recipe was recorded reads as generator version 1 with its core
-    scale. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
-    anything unreadable.
+    ``{"format", "library_version", "factors_included", "lambda_layout", <adapter-wide "seed",
+    "factor_init", "core_scale", "generator_version", "factor_dtype", "alpha", "alpha_scaling">,
+    "layers": {name: {"spec", "group", "seed", …, "alpha", "fan_in_fan_out"[, "w0_norm"]}}}``
+    (see :mod:`tera_tn.core.adapter_format`); an adapter saved before the factor recipe was recorded
+    reads as generator version 1 with its core scale. Raises ``FileNotFoundError`` for a missing file
+    and ``ValueError`` naming the file for anything unreadable.
     """
-    from safetensors import SafetensorError, safe_open
-
-    p = _adapter_file(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            keys = [k for k in f.keys() if k.endswith("tera_signature")]
-            if not keys:
-                raise ValueError(f"{p} holds no tera_signature: it was not written by tera_tn.peft")
-            raw = f.get_tensor(keys[0])
-    except (SafetensorError, OSError) as err:
-        raise _unreadable(p, err) from None
-    try:
-        sig = json.loads(bytes(raw.tolist()).decode())
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{p}: unreadable tera_signature ({err}); expected the JSON that tera_tn.peft writes") from None
-    missing = [k for k in _SIGNATURE_KEYS if not isinstance(sig, dict) or k not in sig]
-    if missing:
-        raise ValueError(f"{p}: the tera_signature lacks {missing}; expected an object with {list(_SIGNATURE_KEYS)}")
-    return with_legacy_recipe(sig)
-
-
-def _unreadable(path: Path, err: BaseException) -> ValueError:
-    return ValueError(
-        f"{path} is not a readable safetensors file ({err}): damaged, cut short by an interrupted copy or download, "
-        f"or of another format; expected {_EXPECTED}"
-    )
+    return read_adapter_metadata(path)
 
 
 def check_weights_readable(folder: Union[str, os.PathLike], subfolder: Optional[str] = None) -> None:
@@ -120,19 +81,11 @@ def check_weights_readable(folder: Union[str, os.PathLike], subfolder: Optional[
     from safetensors import SafetensorError, safe_open
 
     p = Path(folder) / subfolder if subfolder else Path(folder)
-    weights = p / _WEIGHTS
+    weights = p / WEIGHTS_NAME
     if not weights.is_file():
         return
     try:
         with safe_open(str(weights), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError) as err:
-        raise _unreadable(weights, err) from None
-
-
-def nonfinite_lambdas(state_dict: Mapping[str, object]) -> list[str]:
-    """One line per λ tensor of a loaded adapter state dict that holds NaN or ±inf values (the
-    plain-torch checkpoints' check, on the state dict's ``tera_lambda`` entries)."""
-    return checked_lambdas(
-        {k: t for k, t in state_dict.items() if "tera_lambda" in k and isinstance(t, torch.Tensor) and t.is_floating_point()}
-    )
+        raise unreadable(weights, err) from None

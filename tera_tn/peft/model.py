@@ -5,16 +5,17 @@ Besides injection it owns two pieces of model-level state:
 * the factor banks, one :class:`~tera_tn.torch.FactorBank` per ``(seed, factor_init, factor_dtype)``
   shared by every layer and adapter that uses it (neither parameters nor buffers, never in
   ``state_dict``: regenerated from the seed, so DDP/FSDP/accelerate never send them);
-* ``tera_signature``: a JSON description of each adapter (seed, factor init/dtype, α and every
-  adapted layer's shape and spec) as a uint8 tensor. It is computed when the adapter is saved and
-  written with the λ in ``adapter_model.safetensors``, and compared on load, so a checkpoint applied
-  to another base model, seed or spec fails with a message that lists what differs instead of
-  loading garbage. It is not a buffer either: DDP would broadcast it at every forward.
+* ``tera_signature``: the adapter's description (:mod:`tera_tn.core.adapter_format`, the one
+  format of both APIs: seed, factor recipe, α and every adapted layer's spec) as a uint8 tensor.
+  It is computed when the adapter is saved and written with the λ in ``adapter_model.safetensors``,
+  and compared on load, so a checkpoint applied to another base model, seed or spec fails with a
+  message that lists what differs instead of loading garbage. A ``tera_tn.torch.save_tera`` file
+  loads too (its per-mode λ are joined into PEFT's ``tera_lambda``). It is not a buffer either:
+  DDP would broadcast it at every forward.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from contextlib import contextmanager
@@ -27,16 +28,20 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 
-from ..core.signature import SIGNATURE_FORMAT, adapter_signature, signature_bytes, spec_groups
+from ..core.spec import TeRASpec
+from ..core.adapter_format import PER_MODE, adapter_diff, adapter_signature, few, metadata_diff, spec_groups
+from ..torch.adapter_file import (
+    CheckpointMismatch, concatenated, decode_signature_tensor, describe_layer, factor_key, lambda_keys, signature_key,
+    signature_tensor,
+)
 from ..torch.bank import FactorBank
-from ..torch.checkpoint import CheckpointMismatch, _few, adapter_diff, factor_diff, layer_lambda_problems
 from ..torch.layer import check_base_weight
+from ..torch.load_checks import factor_diff, layer_lambda_problems, nonfinite_lambdas
 from .config import TeraConfig
-from .io import nonfinite_lambdas
 from .layer import BASE_ROW, Linear, TeraLayer, _conv1d_type
 from .quantized import QuantizedLinear, quantization_of
 
-__all__ = ["TeraModel", "TeraAdapterMismatch", "SIGNATURE_FORMAT"]
+__all__ = ["TeraModel", "TeraAdapterMismatch", "find_tera_model", "describe_adapter"]
 
 _SIG = "tera_signature"
 _LAMBDA = "tera_lambda"
@@ -111,13 +116,16 @@ class TeraAdapterMismatch(CheckpointMismatch):
     """A saved TeRA adapter does not fit the model it is loaded into; the message lists the differences."""
 
 
-def _find_tera_model(model: nn.Module) -> Optional["TeraModel"]:
+def find_tera_model(model: nn.Module) -> Optional["TeraModel"]:
+    """The :class:`TeraModel` of ``model`` (itself, or the tuner inside a ``PeftModel``), or None."""
     if isinstance(model, TeraModel):
         return model
     for m in model.modules():
         if isinstance(m, TeraModel):
             return m
     return None
+
+
 
 
 def _is_sharded(t) -> bool:
@@ -129,11 +137,17 @@ def _is_sharded(t) -> bool:
 
 
 def signature_diff(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between a checkpoint's signature and the model's (the plain-torch
-    checkpoints' checker, :func:`~tera_tn.torch.checkpoint.adapter_diff`, after the format check)."""
-    if saved.get("format") != SIGNATURE_FORMAT:
-        return [f"signature format {saved.get('format')!r}, this tera_tn reads format {SIGNATURE_FORMAT}"]
+    """:func:`~tera_tn.core.adapter_format.adapter_diff` of two descriptions as given (top-level
+    fields and layer entries compared as they stand). Loading compares canonical descriptions with
+    :func:`~tera_tn.core.adapter_format.metadata_diff`, which calls it."""
     return adapter_diff({"layers": {}, **saved}, current)
+
+
+def describe_adapter(model: nn.Module, adapter_name: str) -> dict:
+    """The canonical description (every layer entry in full) of ``adapter_name`` as the model has it,
+    what :func:`~tera_tn.core.adapter_format.metadata_diff` compares a file's with."""
+    tera = find_tera_model(model)
+    return {"layers": {name: describe_layer(layer, adapter_name) for name, layer in tera.adapter_layers(adapter_name).items()}}
 
 
 def _check_config_type(config) -> None:
@@ -318,15 +332,18 @@ class TeraModel(BaseTuner):
         return spec_groups(layer.tera_spec[adapter_name] for layer in self.adapter_layers(adapter_name).values())
 
     def adapter_signature(self, adapter_name: str) -> dict:
-        """What identifies ``adapter_name``: seed, factor recipe, α, and every layer's shape and spec."""
+        """The description saved with ``adapter_name`` (:mod:`tera_tn.core.adapter_format`): seed,
+        factor recipe, α, and every layer's spec."""
         config = self.peft_config[adapter_name]
         layers = {name: (layer.tera_spec[adapter_name], layer.fan_in_fan_out)
                   for name, layer in self.adapter_layers(adapter_name).items()}
         norms = {name: layer.tera_w0_norm[adapter_name] for name, layer in self.adapter_layers(adapter_name).items()
                  if adapter_name in layer.tera_w0_norm}
+        alphas = {name: layer.tera_alpha[adapter_name] for name, layer in self.adapter_layers(adapter_name).items()}
         return adapter_signature(layers, seed=config.seed, factor_init=config.factor_init,
                                  factor_dtype=config.factor_dtype, alpha=config.alpha,
-                                 alpha_scaling=getattr(config, "alpha_scaling", "constant"), w0_norms=norms)
+                                 alpha_scaling=getattr(config, "alpha_scaling", "constant"), w0_norms=norms,
+                                 alphas=alphas, factors_included=bool(getattr(config, "save_factors", False)))
 
     # --- state dict hooks (save / load) ------------------------------------------------------
     @classmethod
@@ -342,13 +359,12 @@ class TeraModel(BaseTuner):
                 "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
                 "ignore_frozen_params=True)); if rank == 0: model.save_pretrained(out, state_dict=state)"
             )
-        tera = _find_tera_model(model)
+        tera = find_tera_model(model)
         # The TeraModel's key prefix in `model` ("base_model." inside a PeftModel).
         name = next((n for n, m in model.named_modules() if m is tera), "base_model")
         base = f"{name}." if name else ""
         if tera is not None:
-            raw = signature_bytes(tera.adapter_signature(adapter_name))
-            to_return[f"{base}{_SIG}.{adapter_name}"] = torch.tensor(list(raw), dtype=torch.uint8)
+            to_return[f"{base}{_SIG}.{adapter_name}"] = signature_tensor(tera.adapter_signature(adapter_name))
         if getattr(config, "save_factors", False):
             if tera is None:
                 raise ValueError("save_factors=True needs the TeraModel (save through the PeftModel)")
@@ -361,28 +377,30 @@ class TeraModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        tera = _find_tera_model(model)
+        tera = find_tera_model(model)
         state_dict = dict(state_dict)
+        sig_key = signature_key(state_dict)
         sig_keys = [k for k in state_dict if k == _SIG or k.endswith(f".{_SIG}")]
-        factor_keys = [k for k in state_dict if f"{_FACTORS}." in k]
+        factor_keys = [k for k in state_dict if f"{_FACTORS}." in k or k.startswith("factors.")]
         problems = []
         if tera is not None:
-            current = tera.adapter_signature(adapter_name)
-            if not sig_keys:
+            if sig_key is None:
                 problems.append(
-                    f"the checkpoint has no {_SIG!r} entry, so it was not written by tera_tn.peft "
+                    f"the checkpoint has no {_SIG!r} entry, so it was not written by tera_tn "
                     "(or was stripped); refusing to load λ without knowing their specs and seed"
                 )
             else:
                 try:
-                    saved = json.loads(bytes(state_dict[sig_keys[0]].to(torch.uint8).cpu().tolist()).decode())
-                except (ValueError, UnicodeDecodeError) as e:
+                    saved = decode_signature_tensor(state_dict[sig_key], "the checkpoint", state_dict)
+                except ValueError as e:
                     saved = None
                     problems.append(f"the checkpoint's {_SIG} entry is unreadable: {e}")
                 if saved is not None:
-                    problems.extend(signature_diff(saved, current))
+                    problems.extend(metadata_diff(saved, describe_adapter(tera, adapter_name)))
                     if not problems and factor_keys:
-                        problems.extend(cls._check_factors(tera, config, adapter_name, saved, state_dict, factor_keys))
+                        problems.extend(cls._check_factors(tera, config, adapter_name, state_dict, factor_keys))
+                    if saved["lambda_layout"] == PER_MODE:
+                        state_dict = _peft_lambdas(saved, state_dict)
         # Checked above; neither is a tensor of the model.
         for k in sig_keys + factor_keys:
             del state_dict[k]
@@ -391,7 +409,8 @@ class TeraModel(BaseTuner):
         if problems:
             # Another model's or spec's adapter: its λ are not meant for these layers, so only
             # their finiteness is worth reporting next to the differences.
-            problems.extend(nonfinite_lambdas({k: t for k, t in state_dict.items() if _LAMBDA in k}))
+            problems.extend(nonfinite_lambdas({k: t for k, t in state_dict.items()
+                                               if _LAMBDA in k and isinstance(t, torch.Tensor) and t.is_floating_point()}))
         else:
             problems, notes = cls._check_lambdas(model, adapter_name, remapped)
         if problems:
@@ -428,14 +447,14 @@ class TeraModel(BaseTuner):
         missing = [saved_key(k) for k in expected if k not in present]
         if missing:
             problems.append(
-                f"{len(missing)} λ tensor(s) of adapted layers are missing from the checkpoint: {_few(missing)} "
+                f"{len(missing)} λ tensor(s) of adapted layers are missing from the checkpoint: {few(missing)} "
                 "(each adapted layer needs its λ; without them the layer would keep its initial λ)"
             )
         extra = sorted(k for k in present if k not in expected)
         if extra:
             problems.append(
                 f"{len(extra)} λ tensor(s) in the checkpoint belong to no layer adapted by {adapter_name!r}: "
-                f"{_few(extra)} (expected exactly one per adapted layer, {len(expected)} in all)"
+                f"{few(extra)} (expected exactly one per adapted layer, {len(expected)} in all)"
             )
         for key, layer in expected.items():
             if key in present:
@@ -448,14 +467,27 @@ class TeraModel(BaseTuner):
         return problems, notes
 
     @staticmethod
-    def _check_factors(tera, config, adapter_name, saved, state_dict, factor_keys) -> list[str]:
+    def _check_factors(tera, config, adapter_name, state_dict, factor_keys) -> list[str]:
         bank = tera._bank(config)
 
-        def stored(key: str):
-            return next((state_dict[k] for k in factor_keys if k.endswith(key)), None)
+        def stored(label: str):
+            key = factor_key(factor_keys, *label.split(".")[-2:])
+            return None if key is None else state_dict[key]
 
         return [
             line
             for spec, gname in tera._factor_groups(adapter_name).items()
             for line in factor_diff(bank, spec, f"{_FACTORS}.{gname}", stored)
         ]
+
+
+def _peft_lambdas(saved: dict, state_dict: dict) -> dict:
+    """``state_dict`` of a ``save_tera`` file (λ per mode, ``<layer>.lambda.<n>``) with each layer's
+    complete λ joined into the key PEFT's own files use, ``base_model.model.<layer>.tera_lambda``;
+    an incomplete layer is left as it is (and reported missing)."""
+    found, _ = lambda_keys(saved, state_dict)
+    out = dict(state_dict)
+    for name, keys in found.items():
+        if keys and len(keys) == TeRASpec.from_dict(saved["layers"][name]["spec"]).order:
+            out[f"base_model.model.{name}.{_LAMBDA}"] = concatenated([out.pop(k) for k in keys])
+    return out

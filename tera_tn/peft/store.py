@@ -18,24 +18,27 @@ from typing import Optional, Union
 
 import torch
 
+from ..core.adapter_format import PER_MODE, few, metadata_diff
 from ..core.spec import TeRASpec
-from ..torch.checkpoint import _few, layer_lambda_problems
-from .io import _WEIGHTS, _adapter_file, read_adapter_signature
+from ..torch.adapter_file import (
+    WEIGHTS_NAME, adapter_file_path, concatenated, lambda_keys, metadata_of, open_adapter_file,
+)
+from ..torch.load_checks import layer_lambda_problems
 from .layer import BASE_ROW, TeraLayer
-from .model import TeraAdapterMismatch, _find_tera_model, signature_diff
+from .model import TeraAdapterMismatch, describe_adapter, find_tera_model
 
 __all__ = ["AdapterStore"]
 
-_LAMBDA = ".tera_lambda"
+_LAMBDA = ".tera_lambda"  # the λ of a layer, named in messages as in PEFT's files
 
 
 def _check_not_a_parent(path: Path) -> None:
     # PEFT's save_pretrained writes an adapter not named "default" into a subfolder of that name.
-    if path.is_dir() and not (path / _WEIGHTS).is_file():
-        inner = sorted(p.parent.name for p in path.glob(f"*/{_WEIGHTS}"))
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
+        inner = sorted(p.parent.name for p in path.glob(f"*/{WEIGHTS_NAME}"))
         if inner:
             raise FileNotFoundError(
-                f"{path} holds no {_WEIGHTS} itself but its subfolder(s) {inner} do (PEFT saves adapters not named "
+                f"{path} holds no {WEIGHTS_NAME} itself but its subfolder(s) {inner} do (PEFT saves adapters not named "
                 f"'default' there): pass path={str(path / inner[0])!r}"
             )
 
@@ -53,7 +56,7 @@ class AdapterStore:
     """
 
     def __init__(self, model, like: Optional[str] = None) -> None:
-        tera = _find_tera_model(model)
+        tera = find_tera_model(model)
         if tera is None:
             raise TypeError(
                 f"AdapterStore needs a PEFT model with a TeRA adapter (get_peft_model(base, TeraConfig(...))), "
@@ -68,7 +71,8 @@ class AdapterStore:
             raise ValueError(f"this model already has an AdapterStore (on {taken[0]}); use that one")
         config = tera.peft_config[like]
         self._tera = tera
-        self._family = tera.adapter_signature(like)
+        self._family = describe_adapter(tera, like)
+        self._seed = tera.peft_config[like].seed
         self._bank = tera._bank(config)
         self._layers: dict[str, tuple[TeraLayer, int, int]] = {}
         self._specs: dict[str, TeRASpec] = {}
@@ -121,7 +125,7 @@ class AdapterStore:
         overwrite: bool = False,
     ) -> None:
         """Store adapter ``name`` read from ``path`` (a folder or ``adapter_model.safetensors`` saved by
-        tera_tn.peft) or copied from ``adapter``, an adapter loaded in the model (which may then be
+        tera_tn.peft, or a ``tera_tn.torch.save_tera`` file) or copied from ``adapter``, an adapter loaded in the model (which may then be
         deleted with ``model.delete_adapter``). Exactly one of the two. The adapter must be of the
         store's family (α may differ); otherwise :class:`TeraAdapterMismatch` lists what differs.
         An existing stored ``name`` is replaced only with ``overwrite=True``."""
@@ -136,23 +140,26 @@ class AdapterStore:
         if path is not None:
             what = f"{Path(path)}"
             _check_not_a_parent(Path(path))
-            signature = read_adapter_signature(path)
-            lambdas, extra = self._read_lambdas(path)
+            signature, lambdas, extra = self._read(path)
         else:
             if adapter not in self._tera.peft_config:
                 raise ValueError(f"adapter={adapter!r} is not loaded in the model; it has {sorted(self._tera.peft_config)}")
             what = f"loaded adapter {adapter!r}"
-            signature = self._tera.adapter_signature(adapter)
+            signature = describe_adapter(self._tera, adapter)
             lambdas = {n: layer.tera_lambda[adapter].detach() for n, layer in self._tera.adapter_layers(adapter).items()}
             extra = []
-        family = {**self._family, "alpha": signature.get("alpha")}
-        problems = signature_diff(signature, family)
-        header = (f"cannot store {name!r} ({what}): it is not of the store's family (seed {self._family['seed']}, "
+        # α may differ from the family's; the store keeps one α per adapter, so its layers must share it.
+        problems = metadata_diff(signature, self._family, ignore=("alpha",))
+        alphas = sorted({float(e["alpha"]) for e in signature["layers"].values()})
+        if len(alphas) > 1:
+            problems.append(f"its layers use {len(alphas)} different α ({few([f'{a:.6g}' for a in alphas])}; "
+                            "alpha_scaling='w0_relative'?); the store keeps one α per adapter, so expected one α for all layers")
+        header = (f"cannot store {name!r} ({what}): it is not of the store's family (seed {self._seed}, "
                   f"{len(self._layers)} adapted layers); 'checkpoint' below is the adapter, 'model' the store")
         notes: list[str] = []
         if not problems:
             header = f"cannot store {name!r} ({what}): its λ are no valid adapter for the store's {len(self._layers)} adapted layers"
-            problems, notes = self._check_lambdas(lambdas, extra, float(signature["alpha"]))
+            problems, notes = self._check_lambdas(lambdas, extra, alphas[0])
         if problems:
             raise TeraAdapterMismatch(header + ":\n  - " + "\n  - ".join(problems))
         if notes:
@@ -160,7 +167,7 @@ class AdapterStore:
         row = torch.empty(self._table.shape[1], dtype=torch.float32, device=self.device)
         for layer_name, (_, off, width) in self._layers.items():
             row[off : off + width] = lambdas[layer_name].reshape(-1).to(row)
-        self._put(name, row, float(signature["alpha"]))
+        self._put(name, row, alphas[0])
 
     def _check_lambdas(self, lambdas: dict, extra: list[str], alpha: float) -> tuple[list[str], list[str]]:
         """``(errors, warnings)``: a λ for every layer of the store and for nothing else, each of the
@@ -168,10 +175,10 @@ class AdapterStore:
         problems, notes = [], []
         missing = [n for n in self._layers if n not in lambdas]
         if missing:
-            problems.append(f"no λ for {len(missing)} adapted layer(s) of the store: {_few(missing)}")
+            problems.append(f"no λ for {len(missing)} adapted layer(s) of the store: {few(missing)}")
         if extra:
             problems.append(
-                f"{len(extra)} λ tensor(s) belong to no adapted layer of the store: {_few(extra)} "
+                f"{len(extra)} λ tensor(s) belong to no adapted layer of the store: {few(extra)} "
                 f"(expected exactly one per layer, {len(self._layers)} in all)"
             )
         for layer_name, (layer, _, _) in self._layers.items():
@@ -232,30 +239,23 @@ class AdapterStore:
         return f"[{shown}]{more}" if self._names else "nothing"
 
     # --- files -----------------------------------------------------------------------------------
-    def _read_lambdas(self, path) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """``({adapted layer name: λ}, [λ keys for no layer of the store])`` of a saved adapter; its
-        keys carry PEFT's model prefixes."""
-        from safetensors.torch import load_file
-
-        state = load_file(str(_adapter_file(path)))
-        found: dict[str, torch.Tensor] = {}
-        extra: list[str] = []
-        for key, t in state.items():
-            if not key.endswith(_LAMBDA):
-                continue
-            parts = key[: -len(_LAMBDA)].split(".")
-            # Strip "base_model.model." (or whatever wrapped the model) one component at a time.
-            for start in range(len(parts)):
-                candidate = ".".join(parts[start:])
-                if candidate in self._layers:
-                    found[candidate] = t
-                    break
-            else:
-                extra.append(key)
-        return found, sorted(extra)
+    def _read(self, path) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+        """``(description, {adapted layer name: λ}, [λ keys for no layer of the store])`` of an adapter
+        file of either API (:func:`~tera_tn.torch.adapter_file.lambda_keys` finds the λ of each layout;
+        a layer whose λ are incomplete counts as missing)."""
+        file = adapter_file_path(path)
+        with open_adapter_file(file) as f:
+            meta = metadata_of(f, file)
+            found, extra = lambda_keys(meta, f.keys(), self._layers)
+            lambdas = {}
+            for layer_name, keys in found.items():
+                complete = meta["lambda_layout"] != PER_MODE or len(keys) == self._specs[layer_name].order
+                if keys and complete:
+                    lambdas[layer_name] = concatenated([f.get_tensor(k) for k in keys])
+        return meta, lambdas, extra
 
     def __repr__(self) -> str:
         return (
-            f"AdapterStore({len(self)} adapters, seed {self._family['seed']}, {len(self._layers)} layers, "
+            f"AdapterStore({len(self)} adapters, seed {self._seed}, {len(self._layers)} layers, "
             f"{self._table.shape[1]} numbers per adapter, {self.nbytes} bytes)"
         )
