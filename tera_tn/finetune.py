@@ -8,7 +8,7 @@ mean-pooling linear head; the method decides what else trains (``tera``, ``lora`
 for a given seed on a given machine and thread count.
 
 ``tera-tn finetune`` is a command over this recipe; studies that compare methods build on it.
-:func:`read_examples` reads its data files, :func:`save_adapter` writes a trained classifier
+:func:`tera_tn.textdata.read_examples` reads its data files, :func:`save_adapter` writes a trained classifier
 (adapter plus a self-describing ``head.safetensors``) and :func:`load_classifier` rebuilds it.
 """
 
@@ -23,14 +23,14 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .textdata import Example, read_examples  # noqa: F401  (read_examples: its home before tera_tn.textdata)
 from .training import loss_diverged, train_steps
 
 __all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "adapt_model", "collapsed",
-           "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "mean_pool_classifier", "read_examples",
+           "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "mean_pool_classifier",
            "read_head_metadata", "save_adapter"]
 
 METHODS = ("tera", "lora", "vera", "hira", "full", "head")
@@ -45,8 +45,6 @@ _PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
     "vera": {"r": 256, "vera_dropout": 0.0},
     "hira": {"r": 32, "hira_dropout": 0.0},
 }
-
-Example = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -475,210 +473,6 @@ def _checked_examples(name: str, part: Sequence[Example]) -> list[Example]:
                              "integer class index 0..K-1 (read_examples turns label names into indices)")
         out.append((text, int(index)))
     return out
-
-
-_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-#: a label that reads as a decimal number (``1``, ``-2``, ``1.0``, ``.5``, ``1e3``) is a number;
-#: ``inf``, ``nan``, ``1_000`` or ``0x1f`` are text
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-class _Label:
-    """One label value: a number (compared by value: 1, 1.0 and "01" are equal) or a text."""
-
-    __slots__ = ("number", "text", "where")
-
-    def __init__(self, number: Decimal | None, text: str | None, where: str) -> None:
-        self.number, self.text, self.where = number, text, where
-
-    @property
-    def key(self) -> Decimal | str:
-        return self.number if self.number is not None else self.text  # type: ignore[return-value]
-
-
-def _number_name(d: Decimal) -> str:
-    """The class name of a numeric label: the shortest plain decimal (``1.0`` → ``"1"``,
-    ``0.50`` → ``"0.5"``, ``1e3`` → ``"1000"``); scientific beyond 30 digits."""
-    if d == 0:
-        return "0"
-    d = d.normalize(Context(prec=max(1, len(d.as_tuple().digits))))  # exact: no digit is rounded away
-    return format(d, "f") if -30 < d.adjusted() < 30 else str(d)
-
-
-def _label(value: Any, where: str, column: str) -> _Label:
-    if value is None:
-        raise ValueError(f"{where} has no {column!r} value (null); every example needs a label")
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
-        kind = "a JSON boolean" if isinstance(value, bool) else f"a JSON {'array' if isinstance(value, list) else 'object'}"
-        raise ValueError(f"{where} has {kind} {json.dumps(value)[:60]} as its {column!r}; expected a label: a string "
-                         "or a number")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"{where} has the non-finite number {value!r} as its {column!r}; expected a finite "
-                             "number or a string")
-        return _Label(Decimal(value) if isinstance(value, int) else Decimal(repr(value)), None, where)
-    if not isinstance(value, str):
-        raise ValueError(f"{where} has {value!r:.60} ({type(value).__name__}) as its {column!r}; expected a string "
-                         "or a number")
-    text = value.strip()
-    if not text:
-        raise ValueError(f"{where} has an empty {column!r}; every example needs a label")
-    return _Label(Decimal(text), None, where) if _NUMBER.fullmatch(text) else _Label(None, text, where)
-
-
-def _text(value: Any, where: str, column: str) -> str:
-    if value is None:
-        raise ValueError(f"{where} has no {column!r} value (null); every example needs a text")
-    if not isinstance(value, str):
-        raise ValueError(f"{where} has {json.dumps(value, default=str)[:60]} ({type(value).__name__}) as its "
-                         f"{column!r}; expected a string")
-    if not value.strip():
-        raise ValueError(f"{where} has an empty {column!r}; every example needs a text")
-    return value
-
-
-def _decode(path: Path, data: bytes, encoding: str) -> str:
-    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    try:
-        return data.decode(codec)
-    except LookupError:
-        raise ValueError(f"unknown text encoding {encoding!r} for {str(path)!r}; expected a Python codec name "
-                         "such as utf-8, latin-1 or cp1252") from None
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            guess, codec = "it starts like UTF-16 text: give that encoding", "utf-16"
-        else:
-            guess, codec = ("if it was saved as latin-1 or Windows cp1252 (as older Excel versions save CSV), give "
-                            "that encoding"), "cp1252"
-        raise ValueError(f"{str(path)!r} is not {encoding} text: byte 0x{data[err.start]:02x} on line {line} cannot "
-                         f"be decoded; {guess} (encoding='{codec}'; --encoding {codec} on the command line) or save "
-                         "the file as UTF-8") from None
-
-
-def _json_records(path: Path, text: str) -> list[tuple[str, Any]]:
-    """``(line or record, record)`` of a JSON-lines file, or of a ``.json`` file holding one JSON array."""
-    name = repr(str(path))
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
-            raise ValueError(f"{name} is not valid JSON{where}: {getattr(err, 'msg', err)}; expected one JSON array "
-                             "of objects, or one JSON object per line") from None
-        return [(f"record {i}", r) for i, r in enumerate(data, 1)]
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {n}", json.loads(line)))
-        except ValueError as err:
-            raise ValueError(f"{name} line {n} is not valid JSON ({getattr(err, 'msg', err)}): {line.strip()[:60]!r}; "
-                             "expected one JSON object per line (or, in a .json file, one JSON array)") from None
-    return records
-
-
-def _csv_records(path: Path, text: str) -> tuple[list[tuple[str, Any]], list[str]]:
-    """``(line, {column: cell or None})`` of a CSV file with a header row, and the header."""
-    import csv
-    import io
-
-    name = repr(str(path))
-    limit = csv.field_size_limit()
-    # A long text (a whole article) may exceed csv's default 128 KiB field limit; no field can be
-    # longer than the file. The limit is process-wide, so it is restored afterwards.
-    csv.field_size_limit(max(limit, min(len(text) + 1, 2**31 - 1)))
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = [h.strip() for h in next(reader, [])]
-        records = []
-        end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # a blank line
-            where = f"line {start}"
-            if len(row) > len(header):
-                raise ValueError(f"{name} {where} has {len(row)} cells but the header has {len(header)} "
-                                 f"({', '.join(header)}); a text holding commas must be in double quotes")
-            records.append((where, dict(zip(header, row + [None] * (len(header) - len(row))))))
-    except csv.Error as err:
-        raise ValueError(f"{name} line {reader.line_num} is not valid CSV ({err}); expected a CSV file with a header "
-                         "row") from None
-    finally:
-        csv.field_size_limit(limit)
-    return records, header
-
-
-def read_examples(path: str | os.PathLike, text_column: str = "text", label_column: str = "label", *,
-                  encoding: str = "utf-8", min_classes: int = 2) -> tuple[list[Example], tuple[str, ...]]:
-    """``(examples, label_names)`` from a CSV file with a header row, a JSON-lines file (``.jsonl``,
-    ``.ndjson``, ``.json``: one object per line) or a ``.json`` file holding one array of objects.
-
-    * Text: ``encoding`` (default UTF-8; a UTF-8 byte-order mark, as in Excel's "CSV UTF-8", is
-      skipped); a file that does not decode is refused naming the line.
-    * Every record needs a non-empty text (a string) and a label; a missing, empty or null value,
-      a JSON boolean, array or object as a label, a non-finite number, or a CSV row with more
-      cells than the header is refused with an error naming the file and the line (the record
-      for a JSON array), never read as a made-up class such as ``'None'``.
-    * Labels that read as decimal numbers are numbers and compare by value: ``1``, ``1.0``,
-      ``"01"`` and ``1e0`` are one class, named by its shortest plain form (``"1"``; ``0.50`` is
-      ``"0.5"``). Number classes are sorted by value, text classes alphabetically; a file whose
-      labels mix numbers and text is refused (``inf``/``nan`` are text, not numbers).
-    * ``min_classes``: fewest distinct labels accepted (2 for training; 1 for a validation or
-      test file, which may hold one class).
-
-    Labels become indices into the sorted label names.
-    """
-    path = Path(path)
-    name = repr(str(path))
-    with open(path, "rb") as f:
-        text = _decode(path, f.read(), encoding)
-    if path.suffix.lower() in _JSON_SUFFIXES:
-        records = _json_records(path, text)
-        header = None
-    else:
-        records, header = _csv_records(path, text)
-    if not records:
-        raise ValueError(f"{name} holds no examples")
-    if header is not None:
-        missing = [c for c in (text_column, label_column) if c not in header]
-        if missing:
-            raise ValueError(f"{name} has no column {missing[0]!r}; expected columns {text_column!r} and "
-                             f"{label_column!r}, found {header}")
-    texts, labels = [], []
-    for loc, row in records:
-        where = f"{name} {loc}"
-        if not isinstance(row, dict):
-            kind = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(row), "null")
-            raise ValueError(f"{where} is a JSON {kind}, not an object; expected an object with "
-                             f"{text_column!r} and {label_column!r}")
-        for c in (text_column, label_column):
-            if c not in row:
-                raise ValueError(f"{where} has no column {c!r}; expected columns {text_column!r} and "
-                                 f"{label_column!r}, found {sorted(row)}")
-        if header is not None and row[label_column] is None:
-            raise ValueError(f"{where} has no {label_column!r} cell (the row is shorter than the header); every "
-                             "example needs a label")
-        if header is not None and row[text_column] is None:
-            raise ValueError(f"{where} has no {text_column!r} cell (the row is shorter than the header)")
-        texts.append(_text(row[text_column], where, text_column))
-        labels.append(_label(row[label_column], where, label_column))
-        labels[-1].where = loc
-    numbers = [lab for lab in labels if lab.number is not None]
-    if numbers and len(numbers) < len(labels):
-        word = next(lab for lab in labels if lab.number is None)
-        raise ValueError(f"{name} has labels that mix numbers and text: {numbers[0].where} has "
-                         f"{_number_name(numbers[0].number)}, {word.where} has {word.text!r}; expected all labels "
-                         "numbers or all text")
-    keys = sorted({lab.key for lab in labels})  # type: ignore[type-var]
-    names = tuple(_number_name(k) if isinstance(k, Decimal) else k for k in keys)
-    if len(names) < min_classes:
-        raise ValueError(f"{name} has a single label {names[0]!r} in column {label_column!r}; classification "
-                         f"needs at least {min_classes}")
-    index = {k: i for i, k in enumerate(keys)}
-    return [(t, index[lab.key]) for t, lab in zip(texts, labels)], names
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_imports_run_down_the_layers_only(layer, forbidden):
 
 
 def test_layer_check_sees_an_upward_import(tmp_path):
-    assert "tera_tn.analysis.rank" in _imported_modules(PACKAGE_DIR / "cli.py")
+    assert "tera_tn.analysis.summary" in _imported_modules(PACKAGE_DIR / "cli" / "analysis.py")
     assert "tera_tn.core.spec" in _imported_modules(PACKAGE_DIR / "contract" / "contraction.py")
 
 

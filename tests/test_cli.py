@@ -181,3 +181,28 @@ def test_rank_output_cites_no_private_notes(capsys):
     assert main(["rank", "64x64", "--order", "4"]) == 0
     out = capsys.readouterr().out
     assert "rank theorem" in out and "tera-math" not in out and "§" not in out
+
+
+def test_commands_print_what_the_library_returns(capsys):
+    """The command only parses and prints: its text is the library value's own rendering."""
+    from tera_tn import TeRASpec
+    from tera_tn.analysis.summary import summarize_plan, summarize_update
+
+    spec = TeRASpec.from_shape(96, 128, order=4)
+    assert main(["rank", "96x128", "--order", "4"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == summarize_update(spec).to_text()
+    assert main(["plan", "96x128", "--order", "4", "-n", "8", "--sweep"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == summarize_plan(spec, 8, sweep=True).to_text()
+    assert main(["rank", "96x128", "--order", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    data.pop("elapsed_s")
+    expected = summarize_update(spec).to_dict()
+    expected.pop("elapsed_s")
+    assert data == json.loads(json.dumps(expected))
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "tera_tn.cli", "rank", "--modes", "4.4:4.4"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("TeRASpec(16×16"), proc.stderr[-2000:]

@@ -14,14 +14,8 @@ from safetensors.numpy import save as st_save
 
 from tera_tn import TeRASpec
 from tera_tn.analysis.accounting import method_totals
-from tera_tn.analysis.report import (
-    DEFAULT_METHODS,
-    Method,
-    adapter_file_bytes,
-    adapter_tensors,
-    model_report,
-    safetensors_size,
-)
+from tera_tn.analysis.methods import Method, adapter_file_bytes, adapter_tensors, safetensors_size
+from tera_tn.analysis.report import DEFAULT_METHODS, model_report
 from tera_tn.analysis.shapes import MODEL_CONFIGS, LayerShape, available_models, linear_shapes, model_config, model_shapes
 
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "U8": np.uint8}
@@ -264,3 +258,67 @@ def test_report_errors():
     with pytest.raises(ValueError, match="d_out, d_in"):
         model_report([(4,)], ["lora:1"])
     assert TeRASpec.from_shape(384, 384, order=6).num_trainable == 44
+
+
+# --------------------------------------------------------------------------------------------
+# the report folder: ReportSettings, build_report, Report
+# --------------------------------------------------------------------------------------------
+def _small_report(formats=()):
+    from tera_tn.analysis.report_folder import ReportSettings, build_report
+
+    settings = ReportSettings(models=("minilm",), methods=("lora:r=8", "tera"), formats=formats,
+                              planner_shape=(256, 256), spectra_shape=(64, 64))
+    return build_report(settings)
+
+
+def test_report_settings_are_checked_when_made_and_name_the_value():
+    from tera_tn.analysis.report_folder import ReportSettings
+
+    s = ReportSettings(models=("minilm",), targets=["q", "v"])
+    assert s.models == ("all-MiniLM-L6-v2",) and s.targets == ("q", "v") and s.methods == DEFAULT_METHODS
+    assert s.to_dict()["method_specs"] == list(DEFAULT_METHODS) and s.to_dict()["targets"] == ["q", "v"]
+    with pytest.raises(ValueError, match="no-such-model|unknown"):
+        ReportSettings(models=("no-such-model",))
+    with pytest.raises(ValueError, match="matches no layer"):
+        ReportSettings(models=("minilm",), targets=["nothing"])
+    with pytest.raises(ValueError, match="cannot parse method"):
+        ReportSettings(methods=("lora:r=zero",))
+    with pytest.raises(ValueError, match="ReportSettings formats"):
+        ReportSettings(models=("minilm",), formats=("gif",))
+    with pytest.raises(ValueError, match="ReportSettings achieved"):
+        ReportSettings(models=("minilm",), achieved="sometimes")
+
+
+def test_report_renders_text_json_and_readme_without_figures():
+    rep = _small_report()
+    text = str(rep)
+    assert text == rep.to_text() and "all-MiniLM-L6-v2" in text and "LoRA r=8" in text and "TeRA order 3" in text
+    data = json.loads(rep.to_json())
+    assert data["tool"] == "tera-tn report" and data["settings"]["formats"] == [] and "spectra" not in data
+    assert [m["model"] for m in data["models"]] == ["all-MiniLM-L6-v2"]
+    assert data["files"] == ["README.md", "report.json", "report.txt"] and rep.plot_files == () and rep.figures() == {}
+    assert rep.summary().startswith("1 model(s), 2 methods, 0 plot file(s) in ")
+    assert "Written by `tera-tn report --x`" in rep.readme("tera-tn report --x")
+
+
+def test_report_writes_its_folder_with_figures(tmp_path):
+    rep = _small_report(formats=("png",))
+    assert rep.plot_files == ("tradeoff-all-MiniLM-L6-v2.png", "spectra.png", "planner.png")
+    assert set(rep.figures()) == {"tradeoff-all-MiniLM-L6-v2", "spectra", "planner"}
+    seen = []
+    files = rep.write(tmp_path, width=100, on_figure=seen.append)
+    assert seen == ["tradeoff-all-MiniLM-L6-v2", "spectra", "planner"]
+    assert sorted(files) == sorted(p.name for p in tmp_path.iterdir())
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert all("sv" not in s and len(s["sv_head"]) <= 8 for s in data["spectra"]["series"])
+    assert len(rep.plots["spectra"]["series"][0]["sv"]) > 8  # the value keeps its full spectra
+    assert (tmp_path / "report.txt").read_text() == rep.to_text(100) + "\n"
+    readme = (tmp_path / "README.md").read_text()
+    assert "| `planner.png` | planner's predicted time" in readme and "all-MiniLM-L6-v2 (log–log)" in readme
+
+
+def test_build_report_refuses_what_is_not_settings():
+    from tera_tn.analysis.report_folder import build_report
+
+    with pytest.raises(ValueError, match="build_report needs a ReportSettings"):
+        build_report({"models": ["minilm"]})
