@@ -7,7 +7,6 @@ precision, non-finite λ, and forward inputs of the wrong kind.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np

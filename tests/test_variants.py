@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bad_inputs.teach import Case, assert_teaches, params
-from strategies import alphas, reference_kron, relerr, scales_for, seeds, spec_and_scales, specs
+from strategies import alphas, reference_kron, relerr, seeds, spec_and_scales, specs
 from tera_tn import TeRASpec, apply, delta_weight, init_scales, random_factors, theoretical_rank
 from tera_tn.core.spec import BUDGET_FAMILIES
 from tera_tn.analysis.spectrum import tera_singular_values, theoretical_multilinear_ranks
