@@ -248,10 +248,10 @@ def make_batch(case: ModelCase, model: nn.Module, device: str) -> dict:
 
 
 def adapted_linears(model: nn.Module, case: ModelCase) -> list[tuple[str, nn.Linear]]:
-    """The Linear layers the adapters target, by PEFT's suffix rule (TeRAConfig.matches is that rule)."""
-    from tera_tn.torch import TeRAConfig
+    """The Linear layers the adapters target, by PEFT's suffix rule (TeRALayersConfig.matches is that rule)."""
+    from tera_tn.torch import TeRALayersConfig
 
-    rule = TeRAConfig(target_modules=TARGETS[case.arch])
+    rule = TeRALayersConfig(target_modules=TARGETS[case.arch])
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and rule.matches(n)]
 
 
@@ -479,7 +479,7 @@ def decoders(base: nn.Module, case: ModelCase, names: Sequence[str]) -> dict[str
     import peft
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from tera_tn.torch import TeRAConfig, add_tera
+    from tera_tn.torch import TeRALayersConfig, add_tera
 
     out: dict[str, nn.Module] = {}
     tera_kw = {"scale_init": "random"}  # zero λ would run the same kernels; random λ keep ΔW honest
@@ -500,7 +500,7 @@ def decoders(base: nn.Module, case: ModelCase, names: Sequence[str]) -> dict[str
         elif name == "tera_cached":
             model = _sharing_copy(base)
             torch.manual_seed(0)
-            add_tera(model, TeRAConfig(target_modules=TARGETS[case.arch], cache_delta=True, scale_init="random"))
+            add_tera(model, TeRALayersConfig(target_modules=TARGETS[case.arch], cache_delta=True, scale_init="random"))
             out[name] = model
         elif name == "merged":
             torch.manual_seed(0)

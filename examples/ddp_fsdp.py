@@ -36,9 +36,9 @@ def wrap(api: str, fsdp: bool):
     """The model to train, wrapped for the chosen engine, and the unwrapped model (to save)."""
     model = tiny_bert()
     if api == "torch":
-        from tera_tn.torch import TeRAConfig, add_tera
+        from tera_tn.torch import TeRALayersConfig, add_tera
 
-        add_tera(model, TeRAConfig(target_modules=["query", "value", "dense"], order=4, seed=5))
+        add_tera(model, TeRALayersConfig(target_modules=["query", "value", "dense"], order=4, seed=5))
         return DDP(model), model
     from peft import get_peft_model
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tera_tn.torch import TeRAConfig, add_tera, load_tera, merge_and_unload, save_tera, tera_layers
+from tera_tn.torch import TeRALayersConfig, add_tera, load_tera, merge_and_unload, save_tera, tera_layers
 
 
 def main(argv=None):
@@ -32,11 +32,11 @@ def main(argv=None):
     torch.set_num_threads(1 if args.smoke else torch.get_num_threads())
 
     base = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-    config = TeRAConfig(order=4, seed=0)
+    config = TeRALayersConfig(order=4, seed=0)
 
     # target: the base with a random (trained-looking) TeRA update on every Linear
     target = copy.deepcopy(base)
-    add_tera(target, TeRAConfig(order=4, seed=0, scale_init="ones"))
+    add_tera(target, TeRALayersConfig(order=4, seed=0, scale_init="ones"))
     with torch.no_grad():
         for _, layer in tera_layers(target):
             for lam in layer.scales():

@@ -4,25 +4,22 @@
 network with a frozen random core and factors and trainable diagonal scalings λ_n, so a layer
 trains only Σ_n R_n numbers while ΔW can be full-rank. Start with :class:`TeRASpec`.
 
-The public names are listed in ``docs/api.md``; helpers such as :mod:`tera_tn.analysis.accounting` (peer
+The public names are listed in ``docs/api/index.md``; helpers such as :mod:`tera_tn.analysis.accounting` (peer
 methods' parameter counts) stay importable from their modules.
 """
 
 from .analysis.spectrum import tera_conditioning as conditioning
 from .analysis.spectrum import tera_singular_values as singular_values
-from .contract.contraction import ContractionPlan, apply, plan
-from .contract.costmodel import CostModel, calibrate
+from .contract.contraction import apply, plan
 from .core.factors import TeRAFactors, init_scales, random_factors
 from .core.network import delta_weight, theoretical_rank
-from .core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
+from .core.spec import TeRASpec
 from .core.tensorize import matricize, tensorize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TeRASpec",
-    "DEFAULT_ORDER",
-    "DEFAULT_DIAG",
     "TeRAFactors",
     "random_factors",
     "init_scales",
@@ -30,9 +27,6 @@ __all__ = [
     "theoretical_rank",
     "apply",
     "plan",
-    "ContractionPlan",
-    "CostModel",
-    "calibrate",
     "singular_values",
     "conditioning",
     "tensorize",

@@ -8,7 +8,7 @@ mean-pooling linear head; the method decides what else trains (``tera``, ``lora`
 for a given seed on a given machine and thread count.
 
 ``tera-tn finetune`` is a command over this recipe; studies that compare methods build on it.
-:func:`tera_tn.textdata.read_examples` reads its data files, :func:`save_adapter` writes a trained classifier
+:func:`tera_tn.textdata.read_examples` reads its data files, :func:`save_classifier` writes a trained classifier
 (adapter plus a self-describing ``head.safetensors``) and :func:`load_classifier` rebuilds it.
 """
 
@@ -31,7 +31,7 @@ from .training import loss_diverged, train_steps
 
 __all__ = ["DEFAULT_LR", "METHODS", "Classifier", "FinetuneConfig", "FinetuneResult", "adapt_model", "collapsed",
            "default_model_dir", "finetune", "load_classifier", "load_model", "max_positions", "mean_pool_classifier",
-           "read_head_metadata", "save_adapter"]
+           "read_head_metadata", "save_classifier"]
 
 METHODS = ("tera", "lora", "vera", "hira", "full", "head")
 #: learning rate of the adapted part per method when none is given; for ``head`` it is the head's
@@ -116,7 +116,7 @@ class FinetuneResult:
     metrics: dict[str, Any]
     model: Any = field(repr=False)
     predictions: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    #: the run's configuration (recorded in the head file by :func:`save_adapter`)
+    #: the run's configuration (recorded in the head file by :func:`save_classifier`)
     config: FinetuneConfig | None = field(default=None, repr=False)
 
 
@@ -481,14 +481,14 @@ def _checked_examples(name: str, part: Sequence[Example]) -> list[Example]:
 _META_KEY = "tera_tn"  #: the safetensors metadata key, as in tera_tn.torch checkpoints
 _HEAD_KIND = "finetune_head"
 _HEAD_FORMAT = 1
-_HEAD_EXPECTED = "a head.safetensors written by tera_tn.finetune.save_adapter"
+_HEAD_EXPECTED = "a head.safetensors written by tera_tn.finetune.save_classifier"
 
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def save_adapter(result: FinetuneResult, folder: str | os.PathLike, *, labels: Sequence[str] | None = None,
+def save_classifier(result: FinetuneResult, folder: str | os.PathLike, *, labels: Sequence[str] | None = None,
                  model_dir: str | os.PathLike | None = None, text_column: str | None = None,
                  label_column: str | None = None) -> Path:
     """Write a trained classifier into ``folder``: the adapter (PEFT's ``save_pretrained``; for
@@ -598,7 +598,7 @@ class Classifier:
 
 
 def load_classifier(folder: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> Classifier:
-    """Rebuild the classifier that :func:`save_adapter` (or ``tera-tn finetune``, one ``seedN/``
+    """Rebuild the classifier that :func:`save_classifier` (or ``tera-tn finetune``, one ``seedN/``
     folder) wrote: the base model (``model_dir``, default the folder recorded in the head file),
     the adapter from ``folder`` (TeRA is registered with PEFT here), the mean-pooling head."""
     from safetensors.torch import load_file

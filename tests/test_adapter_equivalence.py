@@ -1,7 +1,7 @@
 """The plain-torch layer and the PEFT layer are one implementation.
 
 For the same base weights, spec, seed, α and λ, :class:`tera_tn.torch.TeRALinear` and
-:class:`tera_tn.peft.Linear` give the same outputs, input and λ gradients, ΔW and merged weights,
+:class:`tera_tn.peft.layer.Linear` give the same outputs, input and λ gradients, ΔW and merged weights,
 for every diag placement and strategy; both keep λ in the same layout (one fp32 vector per
 adapter), and both checkpoint formats are checked by the same mismatch checker.
 """
@@ -25,7 +25,8 @@ from torch import nn  # noqa: E402
 from tera_tn.peft import TeraConfig  # noqa: E402
 from tera_tn.peft.layer import Linear as PeftLinear  # noqa: E402
 from tera_tn.peft.model import signature_diff  # noqa: E402
-from tera_tn.torch import FactorBank, TeRALinear  # noqa: E402
+from tera_tn.torch import TeRALinear  # noqa: E402
+from tera_tn.torch.bank import FactorBank
 from tera_tn.torch.adapter import TeRAAdapters  # noqa: E402
 from tera_tn.torch.checkpoint import adapter_diff  # noqa: E402
 
@@ -122,7 +123,8 @@ def test_tera_dropout_is_a_deprecated_alias_of_dropout():
 def test_peft_layers_rechoose_their_strategy_after_a_new_cost_model():
     """The one strategy memo is keyed by the installed cost model, for the PEFT layer as well."""
     import tera_tn.contract.costmodel as costmodel
-    from tera_tn import CostModel, TeRASpec
+    from tera_tn import TeRASpec
+    from tera_tn.contract.costmodel import CostModel
 
     # Rank side: it builds ΔW by a chain of mode products, so the two cost models choose differently
     # (the mode side streams its cached P G Qᵀ and materializes under both).

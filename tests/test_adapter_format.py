@@ -22,7 +22,7 @@ from tera_tn.core.adapter_format import (  # noqa: E402
     FORMAT, PER_LAYER, PER_MODE, SHARED_FIELDS, SIGNATURE_KEY, AdapterFormatError, adapter_metadata, decode, encode,
     layer_entry, metadata_diff,
 )
-from tera_tn.torch import CheckpointMismatch, TeRAConfig, add_tera, load_tera, save_tera, tera_layers  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRALayersConfig, add_tera, load_tera, save_tera, tera_layers  # noqa: E402
 from tera_tn.torch.adapter_file import read_adapter_metadata  # noqa: E402
 
 from tolerance import assert_matches_golden  # noqa: E402
@@ -54,7 +54,7 @@ def _trained(model, layers):
 
 def _torch_model(**cfg) -> nn.Module:
     m = _base()
-    add_tera(m, TeRAConfig(order=3, seed=7, **cfg))
+    add_tera(m, TeRALayersConfig(order=3, seed=7, **cfg))
     return _trained(m, [layer.tera_lambda["default"] for _, layer in tera_layers(m)])
 
 
@@ -167,7 +167,8 @@ def test_save_tera_writes_format_2_in_the_tensor_and_nothing_in_the_header(tmp_p
 def test_peft_round_trip_writes_format_2(tmp_path):
     from peft import PeftModel
 
-    from tera_tn.peft import read_adapter_signature, save_adapter
+    from tera_tn.peft import save_adapter
+    from tera_tn.peft.io import read_adapter_signature
 
     src = _peft_model()
     save_adapter(src, tmp_path / "a")
@@ -192,7 +193,7 @@ def test_a_peft_adapter_loads_with_load_tera(tmp_path, as_file):
     torch.testing.assert_close(plain(_x()), src(_x()), rtol=0, atol=1e-6)
     # Into a model adapted differently: the one checker names the field.
     other = _base()
-    add_tera(other, TeRAConfig(order=3, seed=8, factor_dtype="float64"))
+    add_tera(other, TeRALayersConfig(order=3, seed=8, factor_dtype="float64"))
     with pytest.raises(CheckpointMismatch, match="seed: checkpoint 7, model 8"):
         load_tera(other, tmp_path / "a")
 

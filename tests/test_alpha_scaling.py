@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from tera_tn.torch import CheckpointMismatch, TeRAConfig, TeRALinear, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRALayersConfig, TeRALinear, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -42,7 +42,7 @@ def _frozen_map(layer) -> np.ndarray:
 @given(st.floats(0.05, 3.0), st.floats(0.2, 20.0), st.sampled_from(["mode", "rank", "both"]))
 def test_every_layer_gets_the_same_frozen_map_size_relative_to_its_weight(alpha, scale, diag):
     m = _model(scale)
-    add_tera(m, TeRAConfig(alpha=alpha, alpha_scaling="w0_relative", diag=diag, order=2, factor_dtype="float64"))
+    add_tera(m, TeRALayersConfig(alpha=alpha, alpha_scaling="w0_relative", diag=diag, order=2, factor_dtype="float64"))
     for _, layer in tera_layers(m):
         w0 = layer.get_base_layer().weight.double()
         ratio = layer.alpha * np.linalg.norm(_frozen_map(layer)) / float(w0.norm())
@@ -51,7 +51,7 @@ def test_every_layer_gets_the_same_frozen_map_size_relative_to_its_weight(alpha,
 
 def test_delta_is_the_constant_scaling_delta_at_the_layer_alpha():
     m = _model()
-    add_tera(m, TeRAConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
+    add_tera(m, TeRALayersConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
     for _, layer in tera_layers(m):
         plain = TeRALinear(nn.Linear(layer.in_features, layer.out_features), layer.spec, bank=layer.tera_bank,
                            alpha=layer.alpha, scale_init="random")
@@ -66,7 +66,7 @@ def test_golden_delta_of_the_recipe():
     # fixed W0 (seeded), fixed λ: ΔW must never move for adapters saved with this recipe
     with np.load(DATA / "golden_w0_relative.npz") as z:
         m = _model()
-        add_tera(m, TeRAConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random", factor_dtype="float64"))
+        add_tera(m, TeRALayersConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random", factor_dtype="float64"))
         for name, layer in tera_layers(m):
             with torch.no_grad():
                 layer.tera_lambda["default"].copy_(torch.as_tensor(z[f"{name}|lambda"]))
@@ -78,7 +78,7 @@ def test_golden_delta_of_the_recipe():
 
 def test_torch_checkpoint_round_trips_and_refuses_another_base(tmp_path):
     m = _model()
-    add_tera(m, TeRAConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
+    add_tera(m, TeRALayersConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
     path = save_tera(m, tmp_path / "a.safetensors")
     plain = _model()
     load_tera(plain, path)
@@ -95,7 +95,7 @@ def test_torch_checkpoint_round_trips_and_refuses_another_base(tmp_path):
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="alpha_scaling must be one of .*'w0_relative'.*got 'relative'"):
-        TeRAConfig(alpha_scaling="relative")
+        TeRALayersConfig(alpha_scaling="relative")
     zero = nn.Linear(4, 4)
     nn.init.zeros_(zero.weight)
     with pytest.raises(ValueError, match="needs a finite, non-zero base weight"):
@@ -154,7 +154,7 @@ def test_merge_folds_the_delta_of_the_original_w0_and_unmerge_restores_it():
     # α_l is fixed when the adapter is made: folding ΔW into W0 must not rescale it from the merged
     # weight (that would change ΔW on merge and leave W0 + ΔW - ΔW' on unmerge)
     m = _model()
-    add_tera(m, TeRAConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
+    add_tera(m, TeRALayersConfig(alpha=0.5, alpha_scaling="w0_relative", scale_init="random"))
     x = torch.randn(5, 12)
     before = m(x)
     originals = {name: layer.get_base_layer().weight.detach().clone() for name, layer in tera_layers(m)}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tera_tn.backends as B
-from tera_tn import TeRASpec, apply, calibrate, delta_weight, init_scales, matricize, plan, random_factors, tensorize, theoretical_rank
+from tera_tn import TeRASpec, apply, delta_weight, init_scales, matricize, plan, random_factors, tensorize, theoretical_rank
+from tera_tn.contract.costmodel import calibrate
 from tera_tn.core.modeproduct import multi_mode_product
 from tera_tn.analysis.rank import numerical_rank, rank_summary, singular_values, stable_rank
 from tera_tn.analysis.spectrum import tera_rank_summary, tera_singular_values

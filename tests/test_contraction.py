@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import opt_einsum as oe
 
 from strategies import alphas, reference_einsum, relerr, seeds, spec_and_scales, specs
-from tera_tn import CostModel, TeRASpec, apply, calibrate, delta_weight, init_scales, plan, random_factors
+from tera_tn import TeRASpec, apply, delta_weight, init_scales, plan, random_factors
+from tera_tn.contract.costmodel import CostModel, calibrate
 from tera_tn.contract import costmodel
 from tera_tn.contract.contraction import ContractionPlan, StrategyCost, _factored_equation
 from tera_tn.core.modeproduct import chain_steps

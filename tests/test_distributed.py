@@ -102,11 +102,11 @@ def _mlp_batches(rank):
 def _mlp_tera():
     from torch import nn
 
-    from tera_tn.torch import TeRAConfig, add_tera
+    from tera_tn.torch import TeRALayersConfig, add_tera
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-    add_tera(model, TeRAConfig(target_modules=["0", "2"], order=4, seed=1234, alpha=4.0))
+    add_tera(model, TeRALayersConfig(target_modules=["0", "2"], order=4, seed=1234, alpha=4.0))
     return model
 
 

@@ -39,7 +39,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
-from tera_tn.peft import AdapterStore, TeraConfig, TeraLayer, export_lora  # noqa: E402
+from tera_tn.peft import AdapterStore, TeraConfig, export_lora  # noqa: E402
+from tera_tn.peft.layer import TeraLayer
 from tera_tn.peft.export_report import ExportReport  # noqa: E402
 from tera_tn.peft.lora_folder import MODULES_TO_SAVE_FILE  # noqa: E402
 

@@ -28,11 +28,11 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE
 _TORCH_MODEL = """
 import torch
 from torch import nn
-from tera_tn.torch import TeRAConfig, add_tera
+from tera_tn.torch import TeRALayersConfig, add_tera
 def make(width=1024):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(width, width))
-    add_tera(net, TeRAConfig(order=2, seed=1, factor_init="gaussian", scale_init="random"))
+    add_tera(net, TeRALayersConfig(order=2, seed=1, factor_init="gaussian", scale_init="random"))
     return net
 """
 _PEFT_MODEL = """
@@ -128,7 +128,8 @@ def test_sigkill_during_save_tera_keeps_earlier_file_and_next_save_sweeps(tmp_pa
 
 def test_sigkill_during_save_adapter_keeps_earlier_files_and_next_save_sweeps(tmp_path):
     pytest.importorskip("peft")
-    from tera_tn.peft import read_adapter_signature, save_adapter
+    from tera_tn.peft import save_adapter
+    from tera_tn.peft.io import read_adapter_signature
 
     target = tmp_path / "adapter"
     earlier = _kill_mid_save("peft", tmp_path, target)

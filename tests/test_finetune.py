@@ -338,7 +338,7 @@ def test_saved_head_describes_itself_and_load_classifier_rebuilds_the_classifier
     ex, names = ft.read_examples(_write_csv(tmp_path / "d.csv", n=1))
     result = ft.finetune(ft.FinetuneConfig(method="tera", adapter={"order": 4}, steps=2, batch_size=6, max_length=16,
                                            head_lr=0.05), ex, ex, model=model)
-    folder = ft.save_adapter(result, tmp_path / "seed0", labels=names, text_column="text", label_column="label")
+    folder = ft.save_classifier(result, tmp_path / "seed0", labels=names, text_column="text", label_column="label")
     with safe_open(str(folder / "head.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["tera_tn"])  # the checkpoints' metadata style
     assert meta["labels"] == ["neg", "pos"] and meta["pooling"] == "mean" and meta["max_length"] == 16

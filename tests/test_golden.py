@@ -26,7 +26,7 @@ from tera_tn import TeRASpec, delta_weight, random_factors
 from tera_tn.core import factors as factors_module
 from tera_tn.core.factors import CORE_SCALE, FACTOR_INITS, GENERATOR_VERSION
 from tera_tn.core.spec import DIAG_PLACEMENTS
-from tera_tn.torch import TeRAConfig, add_tera, load_tera, save_tera
+from tera_tn.torch import TeRALayersConfig, add_tera, load_tera, save_tera
 from tera_tn.torch.checkpoint import CheckpointMismatch, read_tera_metadata
 
 from tolerance import assert_matches_golden
@@ -96,7 +96,7 @@ def _torch_model() -> nn.Module:
     torch.manual_seed(0)
     m = _Tiny()
     # The legacy adapters were written with rank-side diagonals, the default of their day.
-    add_tera(m, TeRAConfig(order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64"))
+    add_tera(m, TeRALayersConfig(order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64"))
     return m
 
 
@@ -183,7 +183,7 @@ def _peft_load(path):
 
 def test_legacy_peft_adapter_loads_as_generator_version_1():
     pytest.importorskip("peft")
-    from tera_tn.peft import read_adapter_signature
+    from tera_tn.peft.io import read_adapter_signature
 
     sig = read_adapter_signature(DATA / "legacy_peft")
     assert sig["generator_version"] == 1 and sig["core_scale"] == CORE_SCALE
@@ -212,7 +212,8 @@ def _rewrite_signature(folder: Path, **changes) -> None:
 
 
 def test_peft_adapter_records_the_recipe_and_refuses_another(tmp_path, monkeypatch):
-    from tera_tn.peft import TeraAdapterMismatch, read_adapter_signature, save_adapter
+    from tera_tn.peft import TeraAdapterMismatch, save_adapter
+    from tera_tn.peft.io import read_adapter_signature
 
     save_adapter(_peft_model(), tmp_path / "a")
     sig = read_adapter_signature(tmp_path / "a")
@@ -236,7 +237,7 @@ def test_changing_a_default_never_changes_an_adapter_saved_earlier(tmp_path):
     its committed ΔW (above) whatever the defaults are now. A hand-edited config without them would
     fall back to today's defaults; the saved signature holds every layer's spec, so that is refused
     by name instead of loading λ into other factors."""
-    from tera_tn import DEFAULT_DIAG
+    from tera_tn.core.spec import DEFAULT_DIAG
     from tera_tn.peft import TeraAdapterMismatch
 
     config = json.loads((DATA / "legacy_peft" / "adapter_config.json").read_text())

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers  # noqa: E402
+from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, merge_and_unload, tera_layers  # noqa: E402
 
 SPEC = TeRASpec((4, 4), (4, 4), d_out=16, d_in=16)
 
@@ -37,7 +37,7 @@ class TwoBlocks(nn.Module):
 
 def _torch_model(**cfg):
     model = TwoBlocks()
-    add_tera(model, TeRAConfig(target_modules=["a", "b"], order=4, scale_init="random", **cfg))
+    add_tera(model, TeRALayersConfig(target_modules=["a", "b"], order=4, scale_init="random", **cfg))
     return model
 
 
@@ -119,7 +119,7 @@ def test_split_model_layers_use_factors_on_their_own_device(api, strategy, when)
         model = TwoBlocks()
         model.b.to("meta")
         if api == "torch":
-            add_tera(model, TeRAConfig(target_modules=["a", "b"], order=4, scale_init="random", strategy=strategy))
+            add_tera(model, TeRALayersConfig(target_modules=["a", "b"], order=4, scale_init="random", strategy=strategy))
         else:
             from peft import get_peft_model
 
@@ -190,7 +190,7 @@ def test_add_tera_refuses_quantized_base_layers(kind):
     model.b = _quantized(kind)
     grads = [p.requires_grad for p in model.parameters()]
     with pytest.raises(TypeError) as info:
-        add_tera(model, TeRAConfig(target_modules=["a", "b"], order=4))
+        add_tera(model, TeRALayersConfig(target_modules=["a", "b"], order=4))
     msg = str(info.value)
     assert "'b'" in msg and type(model.b).__name__ in msg and "quantized" in msg
     # Refused before anything changed: no layer replaced, nothing frozen.

@@ -29,14 +29,9 @@ from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tera_tn  # noqa: E402
-from tera_tn.peft import (  # noqa: E402
-    IncompatiblePeftError,
-    TeraAdapterMismatch,
-    TeraConfig,
-    TeraLayer,
-    read_adapter_signature,
-    save_adapter,
-)
+from tera_tn.peft import IncompatiblePeftError, TeraAdapterMismatch, TeraConfig, save_adapter  # noqa: E402
+from tera_tn.peft.io import read_adapter_signature  # noqa: E402
+from tera_tn.peft.layer import TeraLayer  # noqa: E402
 from tera_tn.peft._compat import SUPPORTED_PEFT, check_peft  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

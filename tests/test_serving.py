@@ -23,7 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from bad_inputs.teach import Case, assert_teaches, params  # noqa: E402
 from tera_tn.peft import AdapterStore, TeraAdapterMismatch, TeraConfig, save_adapter  # noqa: E402
 from tera_tn.core.spec import TeRASpec  # noqa: E402
-from tera_tn.torch import FactorBank, TeRALinear  # noqa: E402
+from tera_tn.torch import TeRALinear  # noqa: E402
+from tera_tn.torch.bank import FactorBank
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ROWS = 6

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import specs
-from tera_tn import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
+from tera_tn import TeRASpec
+from tera_tn.core.spec import DEFAULT_DIAG, DEFAULT_ORDER
 from tera_tn.core.factorize import balanced_factorization, imbalance, padded_factorization
 
 

@@ -576,6 +576,13 @@ def test_protocol_2_smoke_plan_stores_predictions_and_the_trained_adapter(tmp_pa
         correct = sum(p == y for p, y in zip(preds, labels)) / len(labels)
         assert abs(correct - r["metrics"]["test_accuracy"]) < 1e-12
         assert r["config"]["max_grad_norm"] == 1.0 and "collapsed" in r["metrics"]
+        m = r["measures"]
+        assert m["drift"]["texts"] == 256 and set(m["intruders"]) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
+        if r["method"] == "head":  # the encoder is untouched: no layer, no drift
+            assert m["layers"] == 0 and m["drift"]["mean_cosine_distance"] < 1e-12
+        else:  # MiniLM's q/k/v/dense in 6 blocks; the trained ΔW is nonzero, so the embeddings moved
+            assert m["layers"] == 36 and m["delta_effective_rank"]["min"] >= 1.0
+            assert m["drift"]["mean_cosine_distance"] > 0
         if r["method"] == "tera":
             folder = f.path.parent / r["adapter_dir"]
             assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
@@ -612,6 +619,15 @@ def test_protocol_2_tables_show_item_level_intervals_beside_the_seed_only_ones(t
     assert d.mean == pytest.approx(-6 / 40) and d.low < d.mean < d.high and d.seed_half == pytest.approx(0.0)
     text = publish.render("p", (stage,), records)
     assert f"; items {d}" in text and "items bootstrap interval" in text
+    assert "What each adapter did to the encoder" not in text  # no run recorded its measures
+    for r in records:  # seed means of the recorded measures, one row per contender
+        lo_rank = r["contender"] == "lora_r8"
+        r["measures"] = {"layers": 36 if lo_rank else 0, "intruders": {"0.5": 1.0 + r["seed"], "0.9": 3.0},
+                         "delta_effective_rank": {"mean": 7.0 + r["seed"]} if lo_rank else None,
+                         "drift": {"mean_cosine_distance": 0.01 * lo_rank}}
+    text = publish.render("p", (stage,), records)
+    assert "| LoRA r=8 | 36 | 1.50 | 3.00 | 7.5 | 1.00e-02 |" in text
+    assert "| head only | 0 | 1.50 | 3.00 | – | 0.00e+00 |" in text
 
 
 def test_a_worker_restricted_to_datasets_runs_only_those(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tera_tn import TeRASpec, apply, init_scales, random_factors  # noqa: E402
-from tera_tn.torch import tera_linear  # noqa: E402
+from tera_tn.torch.autograd import tera_linear  # noqa: E402
 from tera_tn.torch.frozen import FrozenNetwork  # noqa: E402
 from tera_tn.torch.planning import layer_plan  # noqa: E402
 from tera_tn.torch.factored import expand, project  # noqa: E402

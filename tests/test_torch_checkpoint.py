@@ -13,13 +13,13 @@ from torch import nn  # noqa: E402
 from tolerance import assert_matches_golden  # noqa: E402
 
 from tera_tn import TeRASpec, __version__  # noqa: E402
-from tera_tn.torch import CheckpointMismatch, TeRAConfig, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRALayersConfig, add_tera, load_tera, read_tera_metadata, save_tera, tera_layers  # noqa: E402
 
 
 def _model(seed=0, cfg=None, width=32):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, width))
-    add_tera(model, cfg or TeRAConfig(order=4, seed=7, scale_init="random"))
+    add_tera(model, cfg or TeRALayersConfig(order=4, seed=7, scale_init="random"))
     return model
 
 
@@ -74,13 +74,13 @@ def test_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        (TeRAConfig(order=4, seed=8), "seed: checkpoint 7, model 8"),
-        (TeRAConfig(order=4, seed=7, ranks=0.5), r"ranks: checkpoint \[.*\], model \[.*\]"),
+        (TeRALayersConfig(order=4, seed=8), "seed: checkpoint 7, model 8"),
+        (TeRALayersConfig(order=4, seed=7, ranks=0.5), r"ranks: checkpoint \[.*\], model \[.*\]"),
         # The saved adapter has the default diagonal side, mode.
-        (TeRAConfig(order=4, seed=7, diag="rank"), "diag: checkpoint 'mode', model 'rank'"),
-        (TeRAConfig(order=6, seed=7), "row_modes: checkpoint"),
-        (TeRAConfig(order=4, seed=7, factor_init="gaussian"), "factor_init: checkpoint 'orthogonal', model 'gaussian'"),
-        (TeRAConfig(order=4, seed=7, alpha=2.0), "alpha: checkpoint 1.0, model 2.0"),
+        (TeRALayersConfig(order=4, seed=7, diag="rank"), "diag: checkpoint 'mode', model 'rank'"),
+        (TeRALayersConfig(order=6, seed=7), "row_modes: checkpoint"),
+        (TeRALayersConfig(order=4, seed=7, factor_init="gaussian"), "factor_init: checkpoint 'orthogonal', model 'gaussian'"),
+        (TeRALayersConfig(order=4, seed=7, alpha=2.0), "alpha: checkpoint 1.0, model 2.0"),
     ],
 )
 def test_mismatch_errors_say_what_differs(tmp_path, cfg, match):
@@ -100,7 +100,7 @@ def test_shape_and_missing_layer_errors(tmp_path):
         load_tera(_model(width=48), path)
     torch.manual_seed(0)
     partial = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
-    add_tera(partial, TeRAConfig(target_modules=["0"], order=4, seed=7))
+    add_tera(partial, TeRALayersConfig(target_modules=["0"], order=4, seed=7))
     with pytest.raises(CheckpointMismatch, match=r"1 adapted layer\(s\) in the checkpoint are not adapted in the model: 2"):
         load_tera(partial, path)
     load_tera(partial, path, strict=False)
@@ -180,7 +180,7 @@ def test_load_refuses_non_finite_lambda_and_loads_nothing(tmp_path):
 
 
 def test_load_refuses_another_factor_dtype(tmp_path):
-    path = save_tera(_model(cfg=TeRAConfig(order=4, seed=7, factor_dtype="float64")), tmp_path / "a.safetensors")
+    path = save_tera(_model(cfg=TeRALayersConfig(order=4, seed=7, factor_dtype="float64")), tmp_path / "a.safetensors")
     with pytest.raises(CheckpointMismatch, match="factor_dtype: checkpoint 'float64', model 'float32'"):
         load_tera(_model(), path)
 
@@ -210,7 +210,7 @@ def test_load_into_a_plain_model_in_a_fresh_process_rebuilds_the_adapter(tmp_pat
     import subprocess
     import sys
 
-    cfg = TeRAConfig(order=4, seed=7, alpha=3.0, diag="both", factor_init="gaussian", factor_dtype="float64")
+    cfg = TeRALayersConfig(order=4, seed=7, alpha=3.0, diag="both", factor_init="gaussian", factor_dtype="float64")
     src = _model(cfg=cfg)
     opt = torch.optim.Adam([p for p in src.parameters() if p.requires_grad], lr=0.05)
     x = torch.randn(6, 32)

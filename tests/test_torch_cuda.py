@@ -9,7 +9,8 @@ from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec  # noqa: E402
 from tera_tn.torch.autograd import FrozenNetwork  # noqa: E402
-from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers, tera_linear  # noqa: E402
+from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, merge_and_unload, tera_layers  # noqa: E402
+from tera_tn.torch.autograd import tera_linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_bank_moves_once_and_layers_share_storage_on_cuda():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    add_tera(model, TeRAConfig(order=4, scale_init="random"))
+    add_tera(model, TeRALayersConfig(order=4, scale_init="random"))
     cpu_out = model(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)))
     model.cuda()
     (_, a), (_, b) = list(tera_layers(model))
@@ -88,7 +89,7 @@ def test_split_model_across_cpu_and_cuda_uses_factors_on_each_device():
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     ref = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     ref.load_state_dict(model.state_dict())
-    cfg = TeRAConfig(order=4, scale_init="random")
+    cfg = TeRALayersConfig(order=4, scale_init="random")
     add_tera(ref, cfg)
     model[1].cuda()
     add_tera(model, cfg)

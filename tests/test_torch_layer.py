@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec, apply, random_factors  # noqa: E402
-from tera_tn.torch import FactorBank, TeRALinear  # noqa: E402
+from tera_tn.torch import TeRALinear  # noqa: E402
+from tera_tn.torch.bank import FactorBank
 
 SPEC = TeRASpec((4, 4), (2, 4), d_out=14, d_in=8)  # padded rows
 SPECS = [SPEC, TeRASpec((4, 4), (2, 4), ranks=(2, 3, 2, 2)), TeRASpec((4, 4), (2, 4), diag="mode"), TeRASpec((4, 4), (2, 4), diag="identity")]

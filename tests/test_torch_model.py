@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, merge_and_unload, tera_layers  # noqa: E402
+from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, merge_and_unload, tera_layers  # noqa: E402
 
 
 class Block(nn.Module):
@@ -31,7 +31,7 @@ def _model():
 
 def test_targets_by_names_freeze_and_summary():
     model = _model()
-    summary = add_tera(model, TeRAConfig(target_modules=["q_proj", "v_proj"], order=4, seed=1))
+    summary = add_tera(model, TeRALayersConfig(target_modules=["q_proj", "v_proj"], order=4, seed=1))
     names = [name for name, _ in tera_layers(model)]
     assert names == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -49,7 +49,7 @@ def test_targets_by_names_freeze_and_summary():
 def test_target_regex_and_explicit_spec_per_shape():
     model = _model()
     spec48 = TeRASpec((6, 8), (4, 8), ranks=(3, 4, 2, 4))
-    add_tera(model, TeRAConfig(target_modules=r"\d\.(up|q_proj)", specs={(48, 32): spec48}, order=4))
+    add_tera(model, TeRALayersConfig(target_modules=r"\d\.(up|q_proj)", specs={(48, 32): spec48}, order=4))
     layers = dict(tera_layers(model))
     assert set(layers) == {"0.up", "0.q_proj", "1.up", "1.q_proj"}
     assert layers["0.up"].spec == spec48
@@ -58,7 +58,7 @@ def test_target_regex_and_explicit_spec_per_shape():
 
 def test_training_changes_output_and_merged_plain_model_matches():
     model = _model()
-    add_tera(model, TeRAConfig(target_modules=["q_proj", "v_proj", "up"], order=4, alpha=2.0))
+    add_tera(model, TeRALayersConfig(target_modules=["q_proj", "v_proj", "up"], order=4, alpha=2.0))
     x = torch.randn(16, 32)
     with torch.no_grad():
         y0 = model(x)
@@ -81,15 +81,15 @@ def test_training_changes_output_and_merged_plain_model_matches():
 
 def test_add_tera_errors():
     with pytest.raises(ValueError, match=r"matched no nn.Linear; the model's Linear layers: 0.q_proj"):
-        add_tera(_model(), TeRAConfig(target_modules=["k_proj"]))
+        add_tera(_model(), TeRALayersConfig(target_modules=["k_proj"]))
     model = _model()
-    add_tera(model, TeRAConfig(target_modules=["q_proj"], order=4))
+    add_tera(model, TeRALayersConfig(target_modules=["q_proj"], order=4))
     with pytest.raises(ValueError, match="already has TeRA layers"):
-        add_tera(model, TeRAConfig(target_modules=["q_proj"], order=4))
-    with pytest.raises(TypeError, match="TeRAConfig"):
+        add_tera(model, TeRALayersConfig(target_modules=["q_proj"], order=4))
+    with pytest.raises(TypeError, match="TeRALayersConfig"):
         add_tera(_model(), {"target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="no TeRA spec for a 32×32 layer with order=12"):
-        add_tera(_model(), TeRAConfig(target_modules=["q_proj"], order=12))
+        add_tera(_model(), TeRALayersConfig(target_modules=["q_proj"], order=12))
 
 
 @pytest.mark.parametrize(
@@ -109,11 +109,11 @@ def test_add_tera_errors():
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TeRAConfig(**kwargs)
+        TeRALayersConfig(**kwargs)
 
 
 def test_config_is_frozen_and_hashable():
-    cfg = TeRAConfig(target_modules=["q"], ranks=[2, 2, 2, 2], order=4)
+    cfg = TeRALayersConfig(target_modules=["q"], ranks=[2, 2, 2, 2], order=4)
     hash(cfg)
     with pytest.raises(Exception):
         cfg.seed = 3  # type: ignore[misc]

@@ -21,7 +21,7 @@ from strategies import alphas, reference_kron, relerr, seeds, spec_and_scales, s
 from tera_tn import TeRASpec, apply, delta_weight, init_scales, random_factors, theoretical_rank
 from tera_tn.core.spec import BUDGET_FAMILIES
 from tera_tn.analysis.spectrum import tera_singular_values, theoretical_multilinear_ranks
-from tera_tn.torch import TeRAConfig, TeRALinear, add_tera, load_tera, save_tera
+from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, load_tera, save_tera
 from tera_tn.torch.autograd import FrozenNetwork, tera_linear
 
 both_specs = specs(diags=("both",))
@@ -193,7 +193,7 @@ def _randomize(lams, seed: int) -> None:
 def test_both_torch_layer_merge_and_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = _Tiny()
-    summary = add_tera(model, TeRAConfig(order=3, diag="both", alpha=2.0))
+    summary = add_tera(model, TeRALayersConfig(order=3, diag="both", alpha=2.0))
     layers = [m for m in model.modules() if isinstance(m, TeRALinear)]
     assert all(layer.spec.diag == "both" for layer in layers) and len(layers) == 2
     assert summary.trainable == sum(sum(k + r for k, r in zip(l.spec.modes, l.spec.ranks)) for l in layers)
@@ -213,7 +213,7 @@ def test_both_torch_layer_merge_and_checkpoint(tmp_path):
     save_tera(model, tmp_path / "a.safetensors")
     torch.manual_seed(0)
     fresh = _Tiny()
-    add_tera(fresh, TeRAConfig(order=3, diag="both", alpha=2.0))
+    add_tera(fresh, TeRALayersConfig(order=3, diag="both", alpha=2.0))
     load_tera(fresh, tmp_path / "a.safetensors")
     assert torch.equal(fresh(x), y)
 
@@ -222,7 +222,8 @@ def test_both_peft_roundtrip(tmp_path):
     pytest.importorskip("peft")
     from peft import PeftModel, get_peft_model
 
-    from tera_tn.peft import TeraConfig, TeraLayer, save_adapter
+    from tera_tn.peft import TeraConfig, save_adapter
+    from tera_tn.peft.layer import TeraLayer
 
     torch.manual_seed(0)
     cfg = TeraConfig(target_modules=["up", "down"], order=3, diag="both", alpha=2.0)
@@ -264,7 +265,7 @@ def test_scale_init_value_sets_the_nonzero_vectors(spec, value):
 def test_scale_init_value_reaches_the_layers():
     torch.manual_seed(0)
     model = _Tiny()
-    add_tera(model, TeRAConfig(order=3, scale_init_value=0.1))
+    add_tera(model, TeRALayersConfig(order=3, scale_init_value=0.1))
     layer = model.up
     assert torch.all(layer.scales()[0] == 0)
     assert all(torch.allclose(lam, torch.full_like(lam, 0.1)) for lam in layer.scales()[1:])
@@ -284,7 +285,7 @@ _BAD_VALUES = [0.0, -1.0, float("nan"), float("inf"), True, "0.1"]
 BAD = [
     *(Case(f"init_scales-{v!r}", lambda v=v: init_scales(TeRASpec((2,), (2,)), value=v), ValueError,
            ("value", repr(v), "> 0")) for v in _BAD_VALUES),
-    *(Case(f"TeRAConfig-{v!r}", lambda v=v: TeRAConfig(scale_init_value=v), ValueError,
+    *(Case(f"TeRALayersConfig-{v!r}", lambda v=v: TeRALayersConfig(scale_init_value=v), ValueError,
            ("scale_init_value", repr(v), "> 0")) for v in _BAD_VALUES),
     Case("TeRALinear-0", lambda: TeRALinear(nn.Linear(64, 64), scale_init_value=0.0), ValueError,
          ("scale_init_value", "0.0", "> 0")),

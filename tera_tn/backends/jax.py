@@ -120,7 +120,7 @@ def svdvals(a: jax.Array) -> jax.Array:
 
 
 def timing_kernels(device: str, dtype: str) -> dict:
-    """What :func:`tera_tn.calibrate` times. JAX allocates every result (no ``out=``), which the
+    """What :func:`tera_tn.contract.costmodel.calibrate` times. JAX allocates every result (no ``out=``), which the
     measured rates then include, as they would in use."""
     dt = np.dtype(dtype) if dtype != "bfloat16" else jnp.bfloat16
     if np.dtype(dt).itemsize > jnp.zeros(0, dt).dtype.itemsize:

@@ -108,7 +108,7 @@ def needs_grad(arrays: Sequence[np.ndarray]) -> bool:
 
 
 def timing_kernels(device: str, dtype: str) -> dict:
-    """What :func:`tera_tn.calibrate` times: makers of operands, and closures running one kernel."""
+    """What :func:`tera_tn.contract.costmodel.calibrate` times: makers of operands, and closures running one kernel."""
     rng = np.random.default_rng(0)
     return {
         "random": lambda *s: rng.standard_normal(s).astype(dtype),

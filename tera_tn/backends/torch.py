@@ -133,7 +133,7 @@ def needs_grad(arrays: Sequence[torch.Tensor]) -> bool:
 
 
 def timing_kernels(device: str, dtype: str) -> dict:
-    """What :func:`tera_tn.calibrate` times; every closure waits for the device to finish."""
+    """What :func:`tera_tn.contract.costmodel.calibrate` times; every closure waits for the device to finish."""
     dt, dev = getattr(torch, dtype), torch.device(device)
 
     def synced(fn):

@@ -181,7 +181,7 @@ def _cmd_finetune(args) -> int:
             # rewritten atomically: a run killed at any point leaves every finished seed recorded
             name = f"seed{config.seed}"
             with staging_dir(out, name) as tmp:
-                ft.save_adapter(result, tmp, labels=data.labels, model_dir=model_dir, text_column=args.text_column,
+                ft.save_classifier(result, tmp, labels=data.labels, model_dir=model_dir, text_column=args.text_column,
                                 label_column=args.label_column)
                 os.rename(tmp, out / name)
             published = True

@@ -27,8 +27,7 @@ extend_peft_type()
 
 from .config import TeraConfig  # noqa: E402
 from .export import export_lora  # noqa: E402
-from .io import read_adapter_signature, save_adapter  # noqa: E402
-from .layer import Linear, TeraLayer  # noqa: E402
+from .io import save_adapter  # noqa: E402
 from .model import TeraAdapterMismatch, TeraModel  # noqa: E402
 from .store import AdapterStore  # noqa: E402
 
@@ -63,11 +62,8 @@ __all__ = [
     "AdapterStore",
     "TeraConfig",
     "TeraModel",
-    "TeraLayer",
-    "Linear",
     "TeraAdapterMismatch",
     "save_adapter",
-    "read_adapter_signature",
     "export_lora",
     "IncompatiblePeftError",
 ]

@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
-from ..torch.config import TeRAConfig
+from ..torch.config import TeRALayersConfig
 
 __all__ = ["TeraConfig"]
 
@@ -119,7 +119,7 @@ class TeraConfig(PeftConfig):
         if self.tera_dropout is not None:
             # adapter_config.json files written before the rename carry the old key.
             warnings.warn(
-                "TeraConfig(tera_dropout=...) is renamed dropout (the name TeRAConfig uses); tera_dropout will be "
+                "TeraConfig(tera_dropout=...) is renamed dropout (the name TeRALayersConfig uses); tera_dropout will be "
                 "removed in the next release",
                 DeprecationWarning,
                 stacklevel=3,
@@ -138,7 +138,7 @@ class TeraConfig(PeftConfig):
             raise ValueError(f"TeraConfig supports bias='none' only, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        self.tera_config()  # validates every field once, with TeRAConfig's messages
+        self.tera_config()  # validates every field once, with TeRALayersConfig's messages
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -152,10 +152,10 @@ class TeraConfig(PeftConfig):
         check_weights_readable(pretrained_model_name_or_path, subfolder)
         return config
 
-    def tera_config(self) -> TeRAConfig:
-        """The equivalent :class:`tera_tn.torch.TeRAConfig` (spec policy, seed, init, strategy)."""
+    def tera_config(self) -> TeRALayersConfig:
+        """The equivalent :class:`tera_tn.torch.TeRALayersConfig` (spec policy, seed, init, strategy)."""
         specs = {tuple(int(s) for s in k.split("x")): TeRASpec.from_dict(v) for k, v in (self.specs or {}).items()}
-        return TeRAConfig(
+        return TeRALayersConfig(
             target_modules=None,
             order=tuple(self.order) if isinstance(self.order, list) else self.order,
             ranks=tuple(self.ranks) if isinstance(self.ranks, list) else self.ranks,
@@ -177,9 +177,9 @@ class TeraConfig(PeftConfig):
 
     def spec_for(self, d_out: int, d_in: int) -> TeRASpec:
         """The spec of a ``(d_out, d_in)`` layer under this config (the spec policy is
-        :meth:`TeRAConfig.spec_for`'s, shared by both APIs)."""
+        :meth:`TeRALayersConfig.spec_for`'s, shared by both APIs)."""
         return self.tera_config().spec_for(d_out, d_in)
 
     def layer_options(self) -> dict:
-        """The per-adapter options of a TeRA layer this config sets (see :meth:`TeRAConfig.layer_options`)."""
+        """The per-adapter options of a TeRA layer this config sets (see :meth:`TeRALayersConfig.layer_options`)."""
         return self.tera_config().layer_options()

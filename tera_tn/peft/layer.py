@@ -2,7 +2,7 @@
 
 The layer is :class:`~tera_tn.torch.adapter.TeRAAdapters`, the implementation
 :class:`tera_tn.torch.TeRALinear` runs too (λ layout, ΔW, merge/unmerge, strategy choice,
-forward); frozen operands come from a shared :class:`~tera_tn.torch.FactorBank` (one per
+forward); frozen operands come from a shared :class:`~tera_tn.torch.bank.FactorBank` (one per
 seed/init/dtype, one factor set per spec). This module only adds PEFT's per-adapter bookkeeping
 (active adapters, enable/disable, GPT-2 ``Conv1D``) and the mixed-adapter forward of ``model(..., adapter_names=[...])`` (one adapter per batch row, computed
 by :func:`~tera_tn.torch.autograd.mixed_delta`).

@@ -2,7 +2,7 @@
 
 Besides injection it owns two pieces of model-level state:
 
-* the factor banks, one :class:`~tera_tn.torch.FactorBank` per ``(seed, factor_init, factor_dtype)``
+* the factor banks, one :class:`~tera_tn.torch.bank.FactorBank` per ``(seed, factor_init, factor_dtype)``
   shared by every layer and adapter that uses it (neither parameters nor buffers, never in
   ``state_dict``: regenerated from the seed, so DDP/FSDP/accelerate never send them);
 * ``tera_signature``: the adapter's description (:mod:`tera_tn.core.adapter_format`, the one
@@ -156,7 +156,7 @@ def _check_config_type(config) -> None:
     kind = f"{type(config).__module__}.{type(config).__qualname__}"
     hint = (
         " — that is the plain-torch API's config (for tera_tn.torch.add_tera); with PEFT use tera_tn.peft.TeraConfig(...)"
-        if type(config).__name__ == "TeRAConfig"
+        if type(config).__name__ == "TeRALayersConfig"
         else ""
     )
     raise TypeError(f"the PEFT TeRA method takes a tera_tn.peft.TeraConfig, got {kind}{hint}")

@@ -5,7 +5,7 @@ their math: λ initialization, ΔW, merge/unmerge (refusing a non-finite ΔW), t
 strategy choice (keyed by the installed cost model, so ``calibrate()`` makes layers re-choose),
 the finiteness checks, the optional cached merged weight and the forward.
 :class:`tera_tn.torch.TeRALinear` is its PEFT-free face with one adapter called ``"default"``;
-:class:`tera_tn.peft.Linear` adds PEFT's bookkeeping (active adapters, enable/disable,
+:class:`tera_tn.peft.layer.Linear` adds PEFT's bookkeeping (active adapters, enable/disable,
 mixed-adapter batches) around the same methods.
 
 λ layout: one float32 vector per adapter, ``λ_1..λ_N`` concatenated (sizes ``spec.scale_sizes``,
@@ -80,7 +80,7 @@ def weight_norm(w: torch.Tensor) -> float:
 
 def _check_options(alpha, alpha_scaling, scale_init, zero_mode, scale_init_value, dropout, strategy, check_finite,
                    cache_delta) -> None:
-    """Validate the per-adapter options (the keys of :meth:`TeRAConfig.layer_options`)."""
+    """Validate the per-adapter options (the keys of :meth:`TeRALayersConfig.layer_options`)."""
     if alpha_scaling not in ALPHA_SCALINGS:
         raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {alpha_scaling!r}")
     if strategy not in LAYER_STRATEGIES:
@@ -138,7 +138,7 @@ class TeRAAdapters:
         self, name: str, spec: TeRASpec, bank: FactorBank, options: dict, *, scale_seed: int = 0,
         device: Optional[torch.device] = None,
     ) -> None:
-        """Validate ``options`` (every key of :meth:`TeRAConfig.layer_options`), register ``spec``
+        """Validate ``options`` (every key of :meth:`TeRALayersConfig.layer_options`), register ``spec``
         with ``bank`` (the host stores the bank) and create adapter ``name``'s λ on ``device``.
         ``scale_seed`` seeds ``scale_init="random"``."""
         if not isinstance(spec, TeRASpec):

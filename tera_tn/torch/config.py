@@ -1,4 +1,4 @@
-"""`TeRAConfig`: which layers get a TeRA adapter and how (validated on construction)."""
+"""`TeRALayersConfig`: which layers get a TeRA adapter and how (validated on construction)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Mapping, Sequence, Union
 from ..core.factors import FACTOR_INITS, SCALE_INITS, check_scale_value, check_seed
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, check_modes
 
-__all__ = ["TeRAConfig", "LAYER_STRATEGIES"]
+__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES"]
 
 LAYER_STRATEGIES = ("auto", "materialize", "dense", "factored")
 _FACTOR_DTYPES = ("float32", "float64")
@@ -24,7 +24,7 @@ _LAYER_OPTIONS = (
 
 
 @dataclass(frozen=True)
-class TeRAConfig:
+class TeRALayersConfig:
     """How :func:`tera_tn.torch.add_tera` adapts a model.
 
     Attributes:
@@ -153,12 +153,12 @@ class TeRAConfig:
 
     def __getattr__(self, name: str):
         # Only reached for missing attributes: PEFT reads its own fields (peft_type, task_type,
-        # base_model_name_or_path, ...) from whatever config it is given, so a TeRAConfig passed
+        # base_model_name_or_path, ...) from whatever config it is given, so a TeRALayersConfig passed
         # to peft.get_peft_model or add_adapter would fail with a bare AttributeError.
         if name.startswith("__"):
             raise AttributeError(name)
         raise AttributeError(
-            f"TeRAConfig has no attribute {name!r}. TeRAConfig is the plain-torch API's config "
+            f"TeRALayersConfig has no attribute {name!r}. TeRALayersConfig is the plain-torch API's config "
             "(tera_tn.torch.add_tera); for peft.get_peft_model / add_adapter use tera_tn.peft.TeraConfig"
         )
 

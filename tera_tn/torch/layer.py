@@ -2,7 +2,7 @@
 
 Construction needs only a base Linear and a spec (a bank is created when none is shared). The
 math (λ layout, ΔW, merge, strategy, forward) is :class:`~tera_tn.torch.adapter.TeRAAdapters`',
-the same code PEFT's :class:`tera_tn.peft.Linear` runs: this class is its PEFT-free face with one
+the same code PEFT's :class:`tera_tn.peft.layer.Linear` runs: this class is its PEFT-free face with one
 adapter called ``"default"``.
 """
 
@@ -72,7 +72,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
             ``factor_init``. Giving both a bank and a different seed is an error.
         alpha: scale α of ΔW.
         alpha_scaling: ``"constant"`` or ``"w0_relative"``: α becomes ``alpha·‖W0‖_F / ‖M‖_F`` (M the
-            frozen map at unit λ), see :class:`~tera_tn.torch.TeRAConfig`.
+            frozen map at unit λ), see :class:`~tera_tn.torch.TeRALayersConfig`.
         scale_init, zero_mode, scale_init_value: λ initialization (see :func:`tera_tn.init_scales`:
             ``scale_init_value`` is its ``value``, the starting magnitude of the non-zero vectors).
         dropout: dropout probability on the adapter's input only.

@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapter import DEFAULT_ADAPTER
 from .bank import FactorBank
-from .config import TeRAConfig
+from .config import TeRALayersConfig
 from .layer import TeRALinear, check_base_weight
 
 __all__ = [
@@ -100,7 +100,7 @@ def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
+def add_tera(model: nn.Module, config: TeRALayersConfig) -> TeRASummary:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by :class:`TeRALinear`, in place.
 
     Every parameter other than the λ vectors is frozen (``requires_grad=False``). All layers
@@ -108,18 +108,18 @@ def add_tera(model: nn.Module, config: TeRAConfig) -> TeRASummary:
 
     Raises:
         ValueError: when ``model`` already has TeRA layers or no Linear matches ``config``.
-        TypeError: when ``config`` is not a :class:`TeRAConfig`, or a targeted layer is quantized
+        TypeError: when ``config`` is not a :class:`TeRALayersConfig`, or a targeted layer is quantized
             (its weight is not a plain floating-point tensor). Nothing is changed then.
     """
-    if not isinstance(config, TeRAConfig):
+    if not isinstance(config, TeRALayersConfig):
         kind = f"{type(config).__module__}.{type(config).__qualname__}"
         hint = (
             " — that is the PEFT API's config: use it with peft.get_peft_model(model, config), or build a "
-            "tera_tn.torch.TeRAConfig(...) for add_tera"
+            "tera_tn.torch.TeRALayersConfig(...) for add_tera"
             if type(config).__name__ == "TeraConfig"
             else ""
         )
-        raise TypeError(f"add_tera takes a tera_tn.torch.TeRAConfig, got {kind}{hint}")
+        raise TypeError(f"add_tera takes a tera_tn.torch.TeRALayersConfig, got {kind}{hint}")
     existing = [name for name, _ in tera_layers(model)]
     if existing:
         raise ValueError(f"model already has TeRA layers ({', '.join(existing[:3])}...); add_tera runs once per model")

@@ -6,7 +6,7 @@ totals differ from the ``ΔW x`` ones by the base GEMM. With the calibrated cost
 :mod:`tera_tn.contract.costmodel` (same constants as :func:`tera_tn.plan`):
 
 Layer plans are cached per (spec, token count, training, device, dtype, cost model): installing a
-new model (:func:`tera_tn.calibrate`) makes layers re-choose on their next call.
+new model (:func:`tera_tn.contract.costmodel.calibrate`) makes layers re-choose on their next call.
 
 inference (no grad)
     materialize = ΔW + W0 add + GEMM;  factored = base GEMM + factored ΔW x.

@@ -16,7 +16,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tera_tn.torch import CheckpointMismatch, TeRAConfig, add_tera, load_tera, read_tera_metadata, save_tera  # noqa: E402
+from tera_tn.torch import CheckpointMismatch, TeRALayersConfig, add_tera, load_tera, read_tera_metadata, save_tera  # noqa: E402
 
 from .teach import Case, assert_teaches, params  # noqa: E402
 
@@ -32,7 +32,7 @@ F: dict[str, Path] = {}
 def _model(**cfg) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
-    add_tera(model, TeRAConfig(order=4, seed=7, scale_init="random", **cfg))
+    add_tera(model, TeRALayersConfig(order=4, seed=7, scale_init="random", **cfg))
     return model
 
 
@@ -171,7 +171,7 @@ PEFT = [] if peft is None else [
 
 
 def _read_signature(path):
-    from tera_tn.peft import read_adapter_signature
+    from tera_tn.peft.io import read_adapter_signature
 
     return read_adapter_signature(path)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import tera_tn as tt
-from tera_tn import CostModel, TeRASpec, init_scales, random_factors
+from tera_tn import TeRASpec, init_scales, random_factors
+from tera_tn.contract.costmodel import CostModel
 from tera_tn.analysis import accounting, rank, spectrum
 from tera_tn.contract import costmodel
 from tera_tn.core import factorize, modeproduct

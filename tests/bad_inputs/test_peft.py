@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tera_tn.peft import AdapterStore, TeraAdapterMismatch, TeraConfig, TeraModel, save_adapter  # noqa: E402
-from tera_tn.torch import TeRAConfig  # noqa: E402
+from tera_tn.torch import TeRALayersConfig  # noqa: E402
 
 from .teach import Case, assert_teaches, params  # noqa: E402
 
@@ -64,7 +64,7 @@ def _checked_forward():
 
 
 def _add_torch_config():
-    _peft().add_adapter("other", TeRAConfig(target_modules=["lin"]))
+    _peft().add_adapter("other", TeRALayersConfig(target_modules=["lin"]))
 
 
 # --- saved adapters, tampered -------------------------------------------------------------------------
@@ -200,9 +200,9 @@ CASES = [
     Case("peft-embedding-target", lambda: get_peft_model(_Net(), TeraConfig(target_modules=["emb"], order=4)), TypeError, ("emb", "Embedding", "nn.Linear")),
     Case("peft-order-too-high", lambda: get_peft_model(_Net(), TeraConfig(target_modules=["lin"], order=40)), ValueError, ("lin", "16×16", "order=40", "lower order")),
     Case("peft-quantized-base", _quantized, TypeError, ("lin", "uint8", "quantized")),
-    Case("peft-torch-config", lambda: get_peft_model(_Net(), TeRAConfig(target_modules=["lin"])), AttributeError, ("TeRAConfig", "plain-torch", "tera_tn.peft.TeraConfig")),
-    Case("peft-tuner-torch-config", lambda: TeraModel(_Net(), TeRAConfig(target_modules=["lin"]), "default"), TypeError, ("TeRAConfig", "add_tera", "tera_tn.peft.TeraConfig")),
-    Case("peft-add-adapter-torch-config", _add_torch_config, AttributeError, ("TeRAConfig", "tera_tn.peft.TeraConfig")),
+    Case("peft-torch-config", lambda: get_peft_model(_Net(), TeRALayersConfig(target_modules=["lin"])), AttributeError, ("TeRALayersConfig", "plain-torch", "tera_tn.peft.TeraConfig")),
+    Case("peft-tuner-torch-config", lambda: TeraModel(_Net(), TeRALayersConfig(target_modules=["lin"]), "default"), TypeError, ("TeRALayersConfig", "add_tera", "tera_tn.peft.TeraConfig")),
+    Case("peft-add-adapter-torch-config", _add_torch_config, AttributeError, ("TeRALayersConfig", "tera_tn.peft.TeraConfig")),
     # --- forward and merge -------------------------------------------------------------------------
     Case("peft-forward-numpy", lambda: _peft()(np.ones((2, 16), np.float32)), TypeError, ("numpy.ndarray", "torch.Tensor")),
     Case("peft-forward-int", lambda: _layer()(torch.ones(2, 16, dtype=torch.int32)), TypeError, ("torch.int32", "floating-point")),

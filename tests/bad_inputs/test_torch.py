@@ -1,4 +1,4 @@
-"""Bad inputs to the plain-torch API (TeRAConfig, add_tera, TeRALinear, FactorBank, tera_linear,
+"""Bad inputs to the plain-torch API (TeRALayersConfig, add_tera, TeRALinear, FactorBank, tera_linear,
 merge): every error names the offending value and what was expected."""
 
 from __future__ import annotations
@@ -10,14 +10,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import (  # noqa: E402
-    FactorBank,
-    TeRAConfig,
-    TeRALinear,
-    add_tera,
-    merge_and_unload,
-    tera_linear,
-)
+from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, merge_and_unload  # noqa: E402
+from tera_tn.torch.autograd import tera_linear  # noqa: E402
+from tera_tn.torch.bank import FactorBank  # noqa: E402
 from tera_tn.torch.planning import layer_plan  # noqa: E402
 
 from .teach import Case, assert_teaches, params  # noqa: E402
@@ -32,7 +27,7 @@ def _model():
 
 def _adapted(**cfg):
     model = _model()
-    add_tera(model, TeRAConfig(order=4, scale_init="random", **cfg))
+    add_tera(model, TeRALayersConfig(order=4, scale_init="random", **cfg))
     return model
 
 
@@ -42,7 +37,7 @@ def _layer(**kw):
 
 def _add_twice():
     model = _adapted()
-    add_tera(model, TeRAConfig(order=4))
+    add_tera(model, TeRALayersConfig(order=4))
 
 
 def _quantized_model():
@@ -90,39 +85,39 @@ def _functional(strategy="materialize", x=None):
 
 
 CASES = [
-    # --- TeRAConfig ---------------------------------------------------------------------------
-    Case("config-order-zero", lambda: TeRAConfig(order=0), ValueError, ("order", "0", "positive integer")),
-    Case("config-order-str", lambda: TeRAConfig(order="6"), ValueError, ("order", "'6'", "positive integer")),
-    Case("config-order-triple", lambda: TeRAConfig(order=(2, 2, 2)), ValueError, ("order", "(2, 2, 2)", "row_order, col_order")),
-    Case("config-ranks-word", lambda: TeRAConfig(ranks="half"), ValueError, ("ranks", "'half'", "'full'", "fraction")),
-    Case("config-ranks-fraction", lambda: TeRAConfig(ranks=1.5), ValueError, ("ranks", "1.5", "(0, 1]")),
-    Case("config-ranks-negative-mode", lambda: TeRAConfig(ranks=(2, -1)), ValueError, ("ranks", "-1", "positive integer")),
-    Case("config-diag", lambda: TeRAConfig(diag="row"), ValueError, ("diag", "'row'", "'rank'", "'mode'")),
-    Case("config-factor-init", lambda: TeRAConfig(factor_init="he"), ValueError, ("factor_init", "'he'", "orthogonal")),
-    Case("config-scale-init", lambda: TeRAConfig(scale_init="zeros"), ValueError, ("scale_init", "'zeros'", "zero_start")),
-    Case("config-strategy", lambda: TeRAConfig(strategy="einsum"), ValueError, ("strategy", "'einsum'", "factored")),
-    Case("config-factor-dtype", lambda: TeRAConfig(factor_dtype="float16"), ValueError, ("factor_dtype", "'float16'", "float32")),
-    Case("config-seed-negative", lambda: TeRAConfig(seed=-1), ValueError, ("seed", "-1", ">= 0")),
-    Case("config-seed-str", lambda: TeRAConfig(seed="0"), ValueError, ("seed", "'0'", "integer")),
-    Case("config-alpha-nan", lambda: TeRAConfig(alpha=float("nan")), ValueError, ("alpha", "nan", "finite")),
-    Case("config-alpha-str", lambda: TeRAConfig(alpha="2"), ValueError, ("alpha", "'2'", "finite number")),
-    Case("config-dropout-one", lambda: TeRAConfig(dropout=1.0), ValueError, ("dropout", "1.0", "[0, 1)")),
-    Case("config-zero-mode", lambda: TeRAConfig(zero_mode=-2), ValueError, ("zero_mode", "-2", "non-negative")),
-    Case("config-cache-flag", lambda: TeRAConfig(cache_delta="yes"), ValueError, ("cache_delta", "'yes'", "True or False")),
-    Case("config-check-finite-flag", lambda: TeRAConfig(check_finite=1), ValueError, ("check_finite", "1", "True or False")),
-    Case("config-targets-int", lambda: TeRAConfig(target_modules=5), ValueError, ("target_modules", "5", "regex", "list of names")),
-    Case("config-targets-empty-name", lambda: TeRAConfig(target_modules=[""]), ValueError, ("target_modules", "['']", "non-empty")),
-    Case("config-targets-bad-regex", lambda: TeRAConfig(target_modules="(q"), ValueError, ("target_modules", "'(q'", "regular expression")),
-    Case("config-specs-value", lambda: TeRAConfig(specs={(16, 16): "4x4"}), ValueError, ("specs[(16, 16)]", "TeRASpec", "str")),
-    Case("config-specs-shape", lambda: TeRAConfig(specs={(16, 8): SPEC}), ValueError, ("specs[(16, 8)]", "(16, 16)", "agree")),
-    Case("config-used-with-peft", lambda: TeRAConfig().peft_type, AttributeError, ("peft_type", "add_tera", "tera_tn.peft.TeraConfig")),
+    # --- TeRALayersConfig ---------------------------------------------------------------------------
+    Case("config-order-zero", lambda: TeRALayersConfig(order=0), ValueError, ("order", "0", "positive integer")),
+    Case("config-order-str", lambda: TeRALayersConfig(order="6"), ValueError, ("order", "'6'", "positive integer")),
+    Case("config-order-triple", lambda: TeRALayersConfig(order=(2, 2, 2)), ValueError, ("order", "(2, 2, 2)", "row_order, col_order")),
+    Case("config-ranks-word", lambda: TeRALayersConfig(ranks="half"), ValueError, ("ranks", "'half'", "'full'", "fraction")),
+    Case("config-ranks-fraction", lambda: TeRALayersConfig(ranks=1.5), ValueError, ("ranks", "1.5", "(0, 1]")),
+    Case("config-ranks-negative-mode", lambda: TeRALayersConfig(ranks=(2, -1)), ValueError, ("ranks", "-1", "positive integer")),
+    Case("config-diag", lambda: TeRALayersConfig(diag="row"), ValueError, ("diag", "'row'", "'rank'", "'mode'")),
+    Case("config-factor-init", lambda: TeRALayersConfig(factor_init="he"), ValueError, ("factor_init", "'he'", "orthogonal")),
+    Case("config-scale-init", lambda: TeRALayersConfig(scale_init="zeros"), ValueError, ("scale_init", "'zeros'", "zero_start")),
+    Case("config-strategy", lambda: TeRALayersConfig(strategy="einsum"), ValueError, ("strategy", "'einsum'", "factored")),
+    Case("config-factor-dtype", lambda: TeRALayersConfig(factor_dtype="float16"), ValueError, ("factor_dtype", "'float16'", "float32")),
+    Case("config-seed-negative", lambda: TeRALayersConfig(seed=-1), ValueError, ("seed", "-1", ">= 0")),
+    Case("config-seed-str", lambda: TeRALayersConfig(seed="0"), ValueError, ("seed", "'0'", "integer")),
+    Case("config-alpha-nan", lambda: TeRALayersConfig(alpha=float("nan")), ValueError, ("alpha", "nan", "finite")),
+    Case("config-alpha-str", lambda: TeRALayersConfig(alpha="2"), ValueError, ("alpha", "'2'", "finite number")),
+    Case("config-dropout-one", lambda: TeRALayersConfig(dropout=1.0), ValueError, ("dropout", "1.0", "[0, 1)")),
+    Case("config-zero-mode", lambda: TeRALayersConfig(zero_mode=-2), ValueError, ("zero_mode", "-2", "non-negative")),
+    Case("config-cache-flag", lambda: TeRALayersConfig(cache_delta="yes"), ValueError, ("cache_delta", "'yes'", "True or False")),
+    Case("config-check-finite-flag", lambda: TeRALayersConfig(check_finite=1), ValueError, ("check_finite", "1", "True or False")),
+    Case("config-targets-int", lambda: TeRALayersConfig(target_modules=5), ValueError, ("target_modules", "5", "regex", "list of names")),
+    Case("config-targets-empty-name", lambda: TeRALayersConfig(target_modules=[""]), ValueError, ("target_modules", "['']", "non-empty")),
+    Case("config-targets-bad-regex", lambda: TeRALayersConfig(target_modules="(q"), ValueError, ("target_modules", "'(q'", "regular expression")),
+    Case("config-specs-value", lambda: TeRALayersConfig(specs={(16, 16): "4x4"}), ValueError, ("specs[(16, 16)]", "TeRASpec", "str")),
+    Case("config-specs-shape", lambda: TeRALayersConfig(specs={(16, 8): SPEC}), ValueError, ("specs[(16, 8)]", "(16, 16)", "agree")),
+    Case("config-used-with-peft", lambda: TeRALayersConfig().peft_type, AttributeError, ("peft_type", "add_tera", "tera_tn.peft.TeraConfig")),
     # --- add_tera --------------------------------------------------------------------------------
-    Case("add-tera-dict-config", lambda: add_tera(_model(), {"order": 4}), TypeError, ("TeRAConfig", "dict")),
-    Case("add-tera-peft-config", lambda: add_tera(_model(), _peft_config()), TypeError, ("TeraConfig", "get_peft_model", "tera_tn.torch.TeRAConfig")),
-    Case("add-tera-no-match", lambda: add_tera(_model(), TeRAConfig(target_modules=["q_proj"])), ValueError, ("q_proj", "matched no nn.Linear", "0, 2")),
+    Case("add-tera-dict-config", lambda: add_tera(_model(), {"order": 4}), TypeError, ("TeRALayersConfig", "dict")),
+    Case("add-tera-peft-config", lambda: add_tera(_model(), _peft_config()), TypeError, ("TeraConfig", "get_peft_model", "tera_tn.torch.TeRALayersConfig")),
+    Case("add-tera-no-match", lambda: add_tera(_model(), TeRALayersConfig(target_modules=["q_proj"])), ValueError, ("q_proj", "matched no nn.Linear", "0, 2")),
     Case("add-tera-twice", _add_twice, ValueError, ("already has TeRA layers", "once per model")),
-    Case("add-tera-order-too-high", lambda: add_tera(_model(), TeRAConfig(order=12)), ValueError, ("16×16", "order=12", "lower order")),
-    Case("add-tera-quantized", lambda: add_tera(_quantized_model(), TeRAConfig(order=4)), TypeError, ("'2'", "int8", "quantized")),
+    Case("add-tera-order-too-high", lambda: add_tera(_model(), TeRALayersConfig(order=12)), ValueError, ("16×16", "order=12", "lower order")),
+    Case("add-tera-quantized", lambda: add_tera(_quantized_model(), TeRALayersConfig(order=4)), TypeError, ("'2'", "int8", "quantized")),
     # --- TeRALinear --------------------------------------------------------------------------------
     Case("layer-not-linear", lambda: TeRALinear(nn.Conv1d(2, 2, 1)), ValueError, ("nn.Linear", "Conv1d")),
     Case("layer-spec-str", lambda: TeRALinear(nn.Linear(16, 16), "4x4"), ValueError, ("spec", "TeRASpec", "str")),
