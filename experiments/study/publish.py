@@ -258,6 +258,34 @@ def _row(o: Outcome, refs: Mapping[str, Outcome]) -> list[str]:
             _interval(list(o.test.values())), *deltas, "" if o.state == "done" else o.state]
 
 
+def _measures(o: Outcome) -> dict[str, float] | None:
+    """Seed means of a chosen rate's encoder measures (protocol 2 runs that recorded them)."""
+    at = [r["measures"] for r in (o.runs.get(o.lr, {}).values() if o.lr is not None else ()) if "measures" in r]
+    if len(at) < len(o.stage.seeds):
+        return None
+    mean = lambda xs: math.fsum(xs) / len(xs)  # noqa: E731
+    rank = [m["delta_effective_rank"]["mean"] for m in at if m["delta_effective_rank"]]
+    return {"layers": at[0]["layers"], "i05": mean([m["intruders"]["0.5"] for m in at]),
+            "i09": mean([m["intruders"]["0.9"] for m in at]), "rank": mean(rank) if rank else None,
+            "drift": mean([m["drift"]["mean_cosine_distance"] for m in at])}
+
+
+def _measures_table(dataset: str, group: Sequence[Outcome]) -> list[str]:
+    rows = [(o, m) for o in group for m in [_measures(o)] if m is not None]
+    if not rows:
+        return []
+    out = [f"#### What each adapter did to the encoder on {dataset}", "",
+           "At the chosen rate, mean over seeds: intruder dimensions per adapted layer among W0 + ΔW's top 10 left "
+           "singular vectors (best cosine to any of W0's below 0.5, and below 0.9); the effective rank of the trained "
+           "ΔW (mean over layers); the drift of the encoder's mean-pooled embeddings of 256 texts from the other "
+           "datasets (mean 1 − cos against the base encoder; a forgetting measure).", ""]
+    out += _table(["contender", "adapted layers", "intruders < 0.5", "intruders < 0.9", "ΔW effective rank",
+                   "embedding drift (1 − cos)"],
+                  ([_label(o.name), str(m["layers"]), f"{m['i05']:.2f}", f"{m['i09']:.2f}",
+                    "–" if m["rank"] is None else f"{m['rank']:.1f}", f"{m['drift']:.2e}"] for o, m in rows))
+    return out
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -367,6 +395,7 @@ def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]],
         missing = [o.name for o in group if not o.runs]
         if missing:
             out += [f"Not run yet: {', '.join(f'`{m}`' for m in missing)}.", ""]
+        out += _measures_table(dataset, group)
         default = next((o for o in group if o.name == FORMER_DEFAULT), None)
         tera = [o for o in group if o.contender.method == "tera" and o.name != FORMER_DEFAULT and o.runs]
         groups: dict[str, list[Outcome]] = defaultdict(list)

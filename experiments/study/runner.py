@@ -21,8 +21,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from threadpoolctl import threadpool_limits
+
 import tera_tn
 from experiments.datasets import DATASETS, HELD_OUT, TextSplits, load, split_examples
+from experiments.study.measures import run_measures
 from experiments.study.plans import Budget, Contender, Stage, resolved_adapter
 from experiments.study.results import ResultsFile
 from tera_tn.finetune import FinetuneConfig, finetune, load_model
@@ -37,6 +40,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 #: the folder beside the results file where protocol-2 TeRA runs keep their trained adapter and head
 #: (``<key>/``), so that exports can be evaluated later without training again
 ADAPTERS = "adapters"
+#: the base encoder's drift-text embeddings, per (dataset, max_length), for the whole process
+_BASE_EMBEDDINGS: dict = {}
 
 
 def _half_decade(lr: float, up: bool) -> float:
@@ -305,10 +310,15 @@ def _run_one(plan: str, key: str, dataset: str, stage: Stage, b: Budget, c: Cont
         # per-example test predictions (and labels, in split order) for item-level paired intervals
         extra["test_predictions"] = encode_labels(result.predictions["test"])
         extra["test_labels"] = encode_labels(y for _, y in data.test)
+        # intruder dimensions, ΔW's effective rank and the embedding drift on out-of-task text
+        # (numpy's BLAS held to the run's thread count: its default of every core thrashes beside other workers)
+        with threadpool_limits(b.threads):
+            extra["measures"] = run_measures(model[0], result.model.encoder, model[1], dataset, b.max_length,
+                                             _BASE_EMBEDDINGS)
         if c.method == "tera":
-            from tera_tn.finetune import save_adapter
+            from tera_tn.finetune import save_classifier
 
-            save_adapter(result, adapters / key)
+            save_classifier(result, adapters / key)
             extra["adapter_dir"] = f"{ADAPTERS}/{key}"  # relative to the results file's folder
     return {**extra,
         "key": key, "plan": plan, "contender": c.name, "method": c.method, "adapter": dict(c.adapter),

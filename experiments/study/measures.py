@@ -1,0 +1,103 @@
+"""What a trained run did to the encoder, beyond accuracy: intruder dimensions and the effective
+rank of every adapted weight, and the drift of the pooled embeddings on out-of-task text.
+
+* **Intruders** (:func:`tera_tn.analysis.intruders.intruder_dimensions`, k = 10, thresholds 0.5 to
+  0.9): per adapted layer, how many of ``W0 + ΔW``'s 10 leading left singular vectors have no
+  singular vector of ``W0`` within that cosine; reported as the mean count per layer.
+* **Effective rank** (:func:`tera_tn.analysis.rank.effective_rank`) of each trained ΔW, taken from
+  the PEFT layer's own ``get_delta_weight`` (never ``merged − W0``, whose float32 rounding would add
+  a full-rank floor); mean, min and max over layers.
+* **Drift** (:func:`tera_tn.analysis.forgetting.embedding_drift`): 1 − cos between the base and the
+  adapted encoder's attention-masked mean-pooled embeddings of 256 texts from the *other* datasets
+  (an equal share of each, drawn with a fixed seed, so the text is outside the task and the same
+  for every run on a dataset). The head is not involved: this is what the adapter did to the
+  representation every other task would reuse.
+
+Head-only runs leave the encoder untouched: 0 layers, drift 0 (measured, not assumed).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from experiments.datasets import DATASETS, load
+from tera_tn.analysis.forgetting import embedding_drift
+from tera_tn.analysis.intruders import DEFAULT_THRESHOLDS, intruder_dimensions
+from tera_tn.analysis.rank import effective_rank
+
+__all__ = ["DRIFT_TEXTS", "INTRUDER_K", "adapted_weights", "drift_texts", "pooled_embeddings", "run_measures"]
+
+#: how many out-of-task texts the drift is measured on
+DRIFT_TEXTS = 256
+#: the leading singular vectors checked for intruders (the paper's and PEFT's k)
+INTRUDER_K = 10
+
+
+def drift_texts(dataset: str, n: int = DRIFT_TEXTS, seed: int = 0) -> list[str]:
+    """``n`` texts from the datasets other than ``dataset``, an equal share of each (seeded)."""
+    others = [name for name in DATASETS if name != dataset]
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i, name in enumerate(others):
+        share = n // len(others) + (i < n % len(others))
+        examples, _ = load(name)
+        out.extend(t for t, _ in rng.sample(examples, share))
+    return out
+
+
+def pooled_embeddings(encoder, tok, texts: list[str], max_length: int, batch_size: int = 64):
+    """Attention-masked mean of the last hidden state, ``(len(texts), hidden)`` float32."""
+    import torch
+
+    was_training = encoder.training
+    encoder.eval()
+    rows = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            h = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            rows.append((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+    encoder.train(was_training)
+    return torch.cat(rows)
+
+
+def adapted_weights(encoder):
+    """``[(name, W0, ΔW)]`` for every PEFT tuner layer of ``encoder`` (its active adapter); empty for
+    a plain (head-only) encoder."""
+    out = []
+    for name, module in encoder.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            adapter = module.active_adapters[0]
+            out.append((name, module.base_layer.weight.detach(), module.get_delta_weight(adapter).detach()))
+    return out
+
+
+def run_measures(base_encoder, adapted_encoder, tok, dataset: str, max_length: int,
+                 cache: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``measures`` entry; ``cache`` keeps the base's embeddings per dataset."""
+    layers = adapted_weights(adapted_encoder)
+    counts = {f"{t:g}": [] for t in DEFAULT_THRESHOLDS}
+    ranks = []
+    for _, w0, dw in layers:
+        k = min(INTRUDER_K, *w0.shape)
+        found = intruder_dimensions(w0, w0.double() + dw.double(), k=k)
+        for t, c in found.counts.items():
+            counts[f"{t:g}"].append(c)
+        ranks.append(effective_rank(dw.double().numpy()))
+    key = (dataset, max_length)
+    if key not in cache:
+        texts = drift_texts(dataset)
+        cache[key] = (texts, pooled_embeddings(base_encoder, tok, texts, max_length))
+    texts, before = cache[key]
+    drift = embedding_drift(before, pooled_embeddings(adapted_encoder, tok, texts, max_length))
+    n = len(layers)
+    return {
+        "layers": n, "intruder_k": INTRUDER_K,
+        "intruders": {t: (math.fsum(v) / n if n else 0.0) for t, v in counts.items()},
+        "delta_effective_rank": {"mean": math.fsum(ranks) / n, "min": min(ranks), "max": max(ranks)} if n else None,
+        "drift": {**drift.to_dict(), "source": "other datasets, equal shares, seed 0"},
+    }
