@@ -503,7 +503,7 @@ def save_classifier(result: FinetuneResult, folder: str | os.PathLike, *, labels
     from safetensors.torch import save
 
     from . import __version__
-    from ._files import write_atomic
+    from .atomic_files import write_atomic
 
     folder = Path(folder)
     net = result.model

@@ -128,6 +128,28 @@ def test_imports_run_down_the_layers_only(layer, forbidden):
     assert upward == []
 
 
+def _private_imports(path: Path) -> list[str]:
+    """What ``path`` imports from another tera_tn module under a private name (``_x``), or from a
+    private module (``tera_tn._x``, ``tera_tn.y._x``)."""
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    return sorted(m for m in _imported_modules(path) if any(private(part) for part in m.split(".")))
+
+
+def test_no_private_name_or_module_is_imported_across_modules():
+    found = {str(f.relative_to(PACKAGE_DIR.parent)): _private_imports(f) for f in sorted(PACKAGE_DIR.rglob("*.py"))}
+    assert {f: names for f, names in found.items() if names} == {}
+    assert not [f for f in PACKAGE_DIR.rglob("_*.py") if f.name != "__init__.py" and f.name != "__main__.py"]
+
+
+def test_private_import_check_sees_one():
+    probe = PACKAGE_DIR / "core" / "_probe_private_import.py"
+    try:
+        probe.write_text("from .network import _secret\nfrom .._hidden import x\n", encoding="utf-8")
+        assert _private_imports(probe) == ["tera_tn._hidden", "tera_tn._hidden.x", "tera_tn.core.network._secret"]
+    finally:
+        probe.unlink()
+
+
 def test_layer_check_sees_an_upward_import(tmp_path):
     assert "tera_tn.analysis.summary" in _imported_modules(PACKAGE_DIR / "cli" / "analysis.py")
     assert "tera_tn.core.spec" in _imported_modules(PACKAGE_DIR / "contract" / "contraction.py")

@@ -173,9 +173,9 @@ def test_full_disk_save_tera_keeps_earlier_file_and_leaves_no_temp(full_disk, mo
     path = save_tera(net, folder / "adapter.safetensors")  # λ only: a few KB, fits
     before = path.read_bytes()
     if fault:
-        from tera_tn import _files
+        from tera_tn import atomic_files as files_mod
 
-        monkeypatch.setattr(_files.os, "fsync", fault)
+        monkeypatch.setattr(files_mod.os, "fsync", fault)
     with pytest.raises(OSError) as info:
         save_tera(net, path, include_factors=True, overwrite=True)  # ~12 MB: does not fit
     assert info.value.errno == errno.ENOSPC

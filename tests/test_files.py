@@ -1,4 +1,4 @@
-"""tera_tn._files: atomic folder claims, atomic writes, and sweeping what killed processes left."""
+"""tera_tn.atomic_files: atomic folder claims, atomic writes, and sweeping what killed processes left."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from tera_tn import _files
-from tera_tn._files import (
+from tera_tn import atomic_files as files_mod
+from tera_tn.atomic_files import (
     MARKER,
     OutputFolderError,
     claim_dir,
@@ -123,7 +123,7 @@ def test_write_atomic_failure_keeps_earlier_file_and_no_temp(tmp_path, monkeypat
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_files.os, "fsync", full)
+    monkeypatch.setattr(files_mod.os, "fsync", full)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(path, b"second" * 1000, overwrite=True)
     assert path.read_bytes() == b"first" and _temps(tmp_path) == []
@@ -141,7 +141,7 @@ def test_staging_dir_is_removed_on_error(tmp_path):
 
 
 def test_sweep_removes_only_temporaries_of_dead_processes(tmp_path):
-    dead, host = _dead_pid(), _files._host_id()
+    dead, host = _dead_pid(), files_mod._host_id()
     stale_file = tmp_path / f".a.safetensors.tera-tmp-{host}-{dead}-abc123.tmp"
     stale_dir = tmp_path / f".adapter.tera-tmp-{host}-{dead}-q1w2e3"
     stale_file.write_bytes(b"x")

@@ -420,7 +420,7 @@ def _claim_in_child(folder):
     import subprocess
     import sys
 
-    code = ("import sys; from tera_tn._files import claim_dir; claim_dir(sys.argv[1], kind='finetune'); "
+    code = ("import sys; from tera_tn.atomic_files import claim_dir; claim_dir(sys.argv[1], kind='finetune'); "
             "open(sys.argv[1] + '/seed0.partial', 'w').close(); print('claimed', flush=True); sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
@@ -430,7 +430,7 @@ def _claim_in_child(folder):
 
 def test_overwrite_refuses_a_folder_whose_run_is_alive(tmp_path, capsys, monkeypatch):
     """Item 2: run B with --overwrite emptied the folder of run A, still training."""
-    from tera_tn._files import MARKER, claim_dir
+    from tera_tn.atomic_files import MARKER, claim_dir
 
     monkeypatch.setattr(ft, "load_model", _no_model)
     out = tmp_path / "run"

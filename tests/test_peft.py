@@ -32,7 +32,7 @@ import tera_tn  # noqa: E402
 from tera_tn.peft import IncompatiblePeftError, TeraAdapterMismatch, TeraConfig, save_adapter  # noqa: E402
 from tera_tn.peft.io import read_adapter_signature  # noqa: E402
 from tera_tn.peft.layer import TeraLayer  # noqa: E402
-from tera_tn.peft._compat import SUPPORTED_PEFT, check_peft  # noqa: E402
+from tera_tn.peft.compat import SUPPORTED_PEFT, check_peft  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

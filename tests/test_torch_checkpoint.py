@@ -133,13 +133,13 @@ def test_save_and_load_sweep_temporaries_of_a_killed_save(tmp_path):
     import subprocess
     import sys
 
-    from tera_tn import _files
+    from tera_tn import atomic_files as files_mod
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    stale = tmp_path / f".adapter.safetensors.tera-tmp-{_files._host_id()}-{proc.pid}-abcdef.tmp"
+    stale = tmp_path / f".adapter.safetensors.tera-tmp-{files_mod._host_id()}-{proc.pid}-abcdef.tmp"
     stale.write_bytes(b"half a checkpoint")
-    live = _files.temp_path_in(tmp_path, "other.safetensors")  # a save still running (this process)
+    live = files_mod.temp_path_in(tmp_path, "other.safetensors")  # a save still running (this process)
     path = save_tera(_model(), tmp_path / "adapter.safetensors")
     assert not stale.exists() and os.path.exists(live)
     stale.write_bytes(b"again")
@@ -150,12 +150,12 @@ def test_save_and_load_sweep_temporaries_of_a_killed_save(tmp_path):
 def test_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = save_tera(_model(), tmp_path / "adapter.safetensors")
     before = path.read_bytes()
-    from tera_tn import _files
+    from tera_tn import atomic_files as files_mod
 
     def disk_error(fd):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(_files.os, "fsync", disk_error)
+    monkeypatch.setattr(files_mod.os, "fsync", disk_error)
     with pytest.raises(OSError, match="Input/output error"):
         save_tera(_model(1), path, overwrite=True)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .._backend import check_size
+from ..checks import check_size
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 
 __all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]

@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .._backend import as_array
+from ..checks import as_array
 from ..backends import Array, dtype_name, namespace, to_numpy
 from ..core.network import theoretical_rank
 from ..core.spec import check_spec

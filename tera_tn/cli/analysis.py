@@ -96,7 +96,7 @@ def _cmd_plan(args) -> int:
     with contextlib.ExitStack() as stack:
         staged = None
         if args.plot:
-            from .._files import staging_dir
+            from ..atomic_files import staging_dir
 
             target, fmt = _plot_target(args.plot, args.force)
             try:  # creating the staging folder proves the plot's folder is writable, before any work
@@ -125,7 +125,7 @@ def _run_plan(args, spec, staged: Optional[Path]) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if staged is not None:
-        from .._files import publish
+        from ..atomic_files import publish
         from ..analysis import figures
 
         figures.save_figure(summary.figure(), staged, (staged.suffix.lstrip("."),))

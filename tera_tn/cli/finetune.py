@@ -99,7 +99,7 @@ def _available_cpus() -> int:
 
 def _cmd_finetune(args) -> int:
     from .. import finetune as ft
-    from .._files import OutputFolderError, claim_dir, release_dir, staging_dir, write_atomic
+    from ..atomic_files import OutputFolderError, claim_dir, release_dir, staging_dir, write_atomic
     from ..finetune_runs import FinetuneRuns
     from ..textdata import read_text_data
 

@@ -65,7 +65,7 @@ def add_report(sub) -> None:
 def _claim_report_folder(out: Optional[str], force: bool, now: _dt.datetime) -> tuple[Path, bool]:
     """Claim the report's output folder atomically, before any computation; return it and whether
     this run created it (a failed run then removes it). Two runs never share a folder."""
-    from .._files import OutputFolderError, claim_dir, unique_sibling
+    from ..atomic_files import OutputFolderError, claim_dir, unique_sibling
 
     if out is None:
         try:

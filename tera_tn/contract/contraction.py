@@ -23,7 +23,7 @@ from typing import Literal, Optional, Sequence
 
 import opt_einsum as oe
 
-from .._backend import as_array
+from ..checks import as_array
 from ..backends import Array, backend_key, namespace, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
 from ..core.factors import TeRAFactors

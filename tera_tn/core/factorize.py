@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .._backend import check_real, check_size
+from ..checks import check_real, check_size
 
 __all__ = ["balanced_factorization", "padded_factorization", "imbalance"]
 

@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from .._backend import as_array, check_size
+from ..checks import as_array, check_size
 from ..backends import Array, backend_module, is_array, namespace, to_like
 from .spec import TeRASpec, check_spec
 

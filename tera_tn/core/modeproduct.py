@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
-from .._backend import as_array
+from ..checks import as_array
 from ..backends import Array, is_array, namespace
 from .blocked_kernel import blocked_product
 from .workspace import clear_workspace

@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .._backend import check_alpha
+from ..checks import check_alpha
 from ..backends import Array, floating_like, namespace, pick_like, to_like, to_numpy
 from .factors import (
     RECIPE_FIELDS,

@@ -25,7 +25,7 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 
-from .._backend import check_real, check_size
+from ..checks import check_real, check_size
 from .factorize import padded_factorization
 
 __all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "DEFAULT_ORDER", "DEFAULT_DIAG", "BUDGET_FAMILIES", "check_spec"]

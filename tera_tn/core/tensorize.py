@@ -7,7 +7,7 @@ reshapes it to ``spec.modes``; ``matricize(spec, X)`` reverses it and slices the
 
 from __future__ import annotations
 
-from .._backend import as_array
+from ..checks import as_array
 from ..backends import Array, namespace
 from .spec import TeRASpec, check_spec
 

@@ -13,14 +13,14 @@ Importing this package registers TeRA with the installed PEFT (``PeftType.TERA``
     merged = model.merge_and_unload()
 
 PEFT's ``register_peft_method`` only accepts names already in its ``PeftType`` enum, so the member
-``TERA`` is added to that enum first (see :mod:`tera_tn.peft._compat`); both steps are idempotent
+``TERA`` is added to that enum first (see :mod:`tera_tn.peft.compat`); both steps are idempotent
 and guarded by a PEFT version/internals check that raises :class:`IncompatiblePeftError` naming
 the installed and the supported versions. See ``docs/peft.md``.
 """
 
 from __future__ import annotations
 
-from ._compat import IncompatiblePeftError, check_peft, extend_peft_type, peft_version
+from .compat import IncompatiblePeftError, check_peft, extend_peft_type, peft_version
 
 check_peft()
 extend_peft_type()

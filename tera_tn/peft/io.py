@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .._files import publish, staging_dir, sweep_stale_temps
+from ..atomic_files import publish, staging_dir, sweep_stale_temps
 from ..torch.adapter_file import WEIGHTS_NAME, read_adapter_metadata, unreadable
 
 __all__ = ["save_adapter", "read_adapter_signature"]

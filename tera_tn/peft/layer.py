@@ -30,7 +30,7 @@ __all__ = ["TeraLayer", "Linear"]
 BASE_ROW = "__base__"
 
 
-def _conv1d_type():
+def conv1d_type():
     try:
         from transformers.pytorch_utils import Conv1D
 
@@ -63,7 +63,7 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             check_base_weight(base, "base_layer")
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
-        elif isinstance(base, _conv1d_type()):
+        elif isinstance(base, conv1d_type()):
             in_features, out_features = base.weight.shape
         else:
             raise TypeError(
@@ -238,7 +238,7 @@ class Linear(nn.Module, TeraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, spec: TeRASpec, bank: FactorBank, config, **kwargs) -> None:
         super().__init__()
         TeraLayer.__init__(self, base_layer, **kwargs)
-        is_conv1d = isinstance(self.get_base_layer(), _conv1d_type())
+        is_conv1d = isinstance(self.get_base_layer(), conv1d_type())
         if is_conv1d and not config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting fan_in_fan_out to True.")
             config.fan_in_fan_out = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._files import publish, staging_dir, sweep_stale_temps
+from ..atomic_files import publish, staging_dir, sweep_stale_temps
 
 __all__ = ["WEIGHTS_FILE", "CONFIG_FILE", "MODULES_TO_SAVE_FILE", "check_export_folder", "lora_config",
            "write_lora_folder"]

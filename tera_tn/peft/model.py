@@ -38,7 +38,7 @@ from ..torch.bank import FactorBank
 from ..torch.layer import check_base_weight
 from ..torch.load_checks import factor_diff, layer_lambda_problems, nonfinite_lambdas
 from .config import TeraConfig
-from .layer import BASE_ROW, Linear, TeraLayer, _conv1d_type
+from .layer import BASE_ROW, Linear, TeraLayer, conv1d_type
 from .quantized import QuantizedLinear, quantization_of
 
 __all__ = ["TeraModel", "TeraAdapterMismatch", "find_tera_model", "describe_adapter"]
@@ -295,7 +295,7 @@ class TeraModel(BaseTuner):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, _conv1d_type())):
+        if not isinstance(base, (nn.Linear, conv1d_type())):
             raise TypeError(
                 f"Target module {current_key} ({type(base).__name__}) is not supported: TeRA adapts torch.nn.Linear "
                 "and transformers' Conv1D layers only; check `target_modules`."

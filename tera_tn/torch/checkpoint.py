@@ -25,7 +25,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .._files import sweep_stale_temps, write_atomic
+from ..atomic_files import sweep_stale_temps, write_atomic
 from ..core.adapter_format import (
     PER_MODE, SIGNATURE_KEY, adapter_diff, adapter_metadata, entry_diff, metadata_diff, per_layer_view,
 )
