@@ -587,6 +587,23 @@ def test_protocol_2_smoke_plan_stores_predictions_and_the_trained_adapter(tmp_pa
             folder = f.path.parent / r["adapter_dir"]
             assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
             assert r["budget"]["head_lr"] == r["config"]["head_lr"]
+    # a run recorded before the measures existed is measured later from its kept adapter, into the
+    # side file, and reads back as what the run itself measured
+    from experiments.study.measures import measure_kept_adapters
+    from experiments.study.results import MEASURES, with_measures
+
+    tera = next(r for r in records if r["method"] == "tera")
+    old = ResultsFile(tmp_path / "old.jsonl")
+    old.append({k: v for k, v in tera.items() if k != "measures"})
+    assert measure_kept_adapters(old, log=lambda s: None) == 1 == len(list(ResultsFile(tmp_path / MEASURES).records()))
+    assert measure_kept_adapters(old, log=lambda s: None) == 0  # resumable: nothing left to measure
+    (again,) = with_measures(old)
+    assert again["measures"]["layers"] == tera["measures"]["layers"]
+    assert again["measures"]["intruders"] == tera["measures"]["intruders"]
+    assert again["measures"]["delta_effective_rank"]["mean"] == pytest.approx(
+        tera["measures"]["delta_effective_rank"]["mean"], rel=1e-5)
+    assert again["measures"]["drift"]["mean_cosine_distance"] == pytest.approx(
+        tera["measures"]["drift"]["mean_cosine_distance"], rel=1e-3, abs=1e-7)
 
 
 def test_protocol_2_tables_show_item_level_intervals_beside_the_seed_only_ones(tmp_path, monkeypatch):

@@ -1,4 +1,7 @@
-"""``python -m experiments.study run|status|publish --plan NAME [--results FILE] [--docs]``."""
+"""``python -m experiments.study run|status|publish|measure --plan NAME [--results FILE] [--docs]``.
+
+``measure`` takes the encoder measures (intruders, ΔW's effective rank, embedding drift) of runs that
+kept their adapter but ran before the measures existed, into ``measures.jsonl`` beside the results."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.study.plans import PLANS
 
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__)
-    parser.add_argument("action", choices=("run", "status", "publish"))
+    parser.add_argument("action", choices=("run", "status", "publish", "measure"))
     parser.add_argument("--plan", required=True, choices=sorted(PLANS))
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                         help=f"JSON-lines file (default {DEFAULT_RESULTS})")
@@ -57,15 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-    from experiments.study.results import ResultsFile
+    from experiments.study.results import ResultsFile, with_measures
 
     results = ResultsFile(args.results)
+    if args.action == "measure":
+        from experiments.study.measures import measure_kept_adapters
+
+        n = measure_kept_adapters(results, log=lambda s: print(s, flush=True), model_dir=args.model)
+        print(f"{n} kept adapters measured", flush=True)
+        return 0
     if args.action == "publish":
         from experiments.study.publish import DOCS, GENERATIVE_PLAN, publish
 
         if not args.results.exists():
             parser.error(f"--results {args.results} does not exist: nothing to publish")
-        print(publish(list(results.records()), args.plan, PLANS[args.plan], all_plans=PLANS,
+        print(publish(with_measures(results), args.plan, PLANS[args.plan], all_plans=PLANS,
                       docs=DOCS if args.docs else None, with_generative=args.plan == GENERATIVE_PLAN), end="")
         if args.docs:
             print(f"wrote {DOCS / 'choosing.md'} and its figures in {DOCS / 'results'}")

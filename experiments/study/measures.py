@@ -27,7 +27,8 @@ from tera_tn.analysis.forgetting import embedding_drift
 from tera_tn.analysis.intruders import DEFAULT_THRESHOLDS, intruder_dimensions
 from tera_tn.analysis.rank import effective_rank
 
-__all__ = ["DRIFT_TEXTS", "INTRUDER_K", "adapted_weights", "drift_texts", "pooled_embeddings", "run_measures"]
+__all__ = ["DRIFT_TEXTS", "INTRUDER_K", "adapted_weights", "drift_texts", "measure_kept_adapters", "pooled_embeddings",
+           "run_measures"]
 
 #: how many out-of-task texts the drift is measured on
 DRIFT_TEXTS = 256
@@ -101,3 +102,35 @@ def run_measures(base_encoder, adapted_encoder, tok, dataset: str, max_length: i
         "delta_effective_rank": {"mean": math.fsum(ranks) / n, "min": min(ranks), "max": max(ranks)} if n else None,
         "drift": {**drift.to_dict(), "source": "other datasets, equal shares, seed 0"},
     }
+
+
+def measure_kept_adapters(results, *, log=print, model_dir: str | None = None) -> int:
+    """Measure every protocol-2 run that kept its adapter (``adapter_dir``) but recorded no
+    ``measures`` (it ran before they existed): rebuild its classifier from the folder, measure, and
+    append ``{"key", "measures"}`` to the side file (:data:`experiments.study.results.MEASURES`).
+    Resumable like the runs; returns how many were measured."""
+    from threadpoolctl import threadpool_limits
+
+    from experiments.study.results import MEASURES, ResultsFile
+    from tera_tn.finetune import load_classifier, load_model
+
+    side = ResultsFile(results.path.parent / MEASURES)
+    done = side.keys()
+    todo = [r for r in results.records() if "adapter_dir" in r and "measures" not in r and r["key"] not in done]
+    if not todo:
+        return 0
+    base, tok = load_model(model_dir)
+    cache: dict[str, Any] = {}
+    for i, r in enumerate(todo, 1):
+        b = r["budget"]
+        with threadpool_limits(b["threads"]):
+            import torch
+
+            torch.set_num_threads(b["threads"])
+            clf = load_classifier(results.path.parent / r["adapter_dir"], model_dir=model_dir)
+            m = run_measures(base, clf.model.encoder, tok, r["dataset"], b["max_length"], cache)
+        side.append({"key": r["key"], "measures": m})
+        log(f"[{i}/{len(todo)}] {r['dataset']} {r['contender']} seed={r['seed']} lr={r['lr']:g}: "
+            f"intruders<0.5 {m['intruders']['0.5']:.2f}, drift {m['drift']['mean_cosine_distance']:.2e}")
+    return len(todo)
+

@@ -69,3 +69,17 @@ class ResultsFile:
                 return
             pos = start
         os.ftruncate(fd, 0)
+
+
+#: the side file beside the results where measures taken after a run (from its kept adapter) live,
+#: one ``{"key", "measures"}`` line per run: the results file stays append-only and its lines unchanged
+MEASURES = "measures.jsonl"
+
+
+def with_measures(results: ResultsFile) -> list[dict[str, Any]]:
+    """The records of ``results``; a record without ``measures`` takes them from the side file
+    (:data:`MEASURES`) when a later measurement of its kept adapter recorded them."""
+    side = {r["key"]: r["measures"] for r in ResultsFile(results.path.parent / MEASURES).records()}
+    return [r if "measures" in r or r["key"] not in side else {**r, "measures": side[r["key"]]}
+            for r in results.records()]
+
