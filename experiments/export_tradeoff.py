@@ -48,7 +48,8 @@ def trained_runs(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]
 
 
 def _classifier(encoder, head_state, num_labels: int, tok, max_length: int):
-    from tera_tn.finetune import Classifier, mean_pool_classifier
+    from tera_tn.classifier import Classifier
+    from tera_tn.finetune import mean_pool_classifier
 
     net = mean_pool_classifier(encoder, num_labels)
     net.head.load_state_dict(head_state)

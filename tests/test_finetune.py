@@ -13,7 +13,9 @@ import re
 
 import pytest
 
+from tera_tn import classifier as clf_mod
 from tera_tn import finetune as ft
+from tera_tn.textdata import read_examples
 from tera_tn.cli import build_parser, main
 from tests.bad_inputs.teach import Case, assert_teaches, params
 
@@ -64,19 +66,19 @@ def test_config_rejects_bad_values(case):
 
 
 def test_read_examples_csv_and_jsonl(tmp_path):
-    ex, names = ft.read_examples(_write_csv(tmp_path / "d.csv", n=1))
+    ex, names = read_examples(_write_csv(tmp_path / "d.csv", n=1))
     assert names == ("neg", "pos") and len(ex) == 12
     assert ex[0] == ("a wonderful, moving film 0", 1)
     j = tmp_path / "d.jsonl"
     j.write_text("\n".join(json.dumps({"body": t, "stars": s}) for t, s in [("x", 10), ("y", 2), ("z", 2)]) + "\n")
-    ex, names = ft.read_examples(j, text_column="body", label_column="stars")
+    ex, names = read_examples(j, text_column="body", label_column="stars")
     assert names == ("2", "10") and ex == [("x", 1), ("y", 0), ("z", 0)]  # numeric labels sort numerically
     with pytest.raises(ValueError, match="no column 'text'.*found \\['body', 'stars'\\]"):
-        ft.read_examples(j)
+        read_examples(j)
 
 
 def test_recipe_learns_an_easy_task_and_is_deterministic(tmp_path, model):
-    ex, _ = ft.read_examples(_write_csv(tmp_path / "d.csv", n=3))
+    ex, _ = read_examples(_write_csv(tmp_path / "d.csv", n=3))
     config = ft.FinetuneConfig(method="tera", adapter={"order": 4}, steps=12, batch_size=12, max_length=16,
                                head_lr=2e-2, warmup_ratio=0.0)
     a = ft.finetune(config, ex, ex[::3], ex[1::3], model=model)
@@ -180,7 +182,7 @@ def test_collapsed_catches_a_classifier_stuck_on_one_class():
 def test_one_step_run_is_not_diverged_and_clipping_reaches_every_step(tmp_path, model, monkeypatch):
     import torch
 
-    ex, _ = ft.read_examples(_write_csv(tmp_path / "d.csv", n=1))
+    ex, _ = read_examples(_write_csv(tmp_path / "d.csv", n=1))
     clipped: list[float] = []
     real = torch.nn.utils.clip_grad_norm_
 
@@ -243,37 +245,37 @@ READ_CASES = [
 def test_read_examples_never_invents_a_class_and_names_file_and_record(tmp_path, name, text, needles):
     path = _write(tmp_path / name, text)
     with pytest.raises(ValueError) as info:
-        ft.read_examples(path)
+        read_examples(path)
     message = str(info.value).lower()
     assert path.lower() in message and all(n.lower() in message for n in needles), info.value
 
 
 def test_read_examples_numeric_labels_compare_as_numbers(tmp_path):
-    ex, names = ft.read_examples(_write(tmp_path / "d.csv", "text,label\na,1\nb,1.0\nc,01\nd,2\ne,10\nf,0.50\n"))
+    ex, names = read_examples(_write(tmp_path / "d.csv", "text,label\na,1\nb,1.0\nc,01\nd,2\ne,10\nf,0.50\n"))
     assert names == ("0.5", "1", "2", "10") and [y for _, y in ex] == [1, 1, 1, 2, 3, 0]
     j = _write(tmp_path / "d.jsonl", "\n".join(json.dumps({"text": t, "label": y})
                                                for t, y in [("a", 1), ("b", 1.0), ("c", "1"), ("d", 2e0)]))
-    ex, names = ft.read_examples(j)
+    ex, names = read_examples(j)
     assert names == ("1", "2") and [y for _, y in ex] == [0, 0, 0, 1]
     # words stay words, sorted alphabetically; inf and nan are words, not numbers
-    assert ft.read_examples(_write(tmp_path / "w.csv", "text,label\na,nan\nb,inf\n"))[1] == ("inf", "nan")
+    assert read_examples(_write(tmp_path / "w.csv", "text,label\na,nan\nb,inf\n"))[1] == ("inf", "nan")
 
 
 def test_read_examples_accepts_excel_bom_json_arrays_and_one_class_evaluation_files(tmp_path):
     bom = tmp_path / "excel.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + "text,label\ncaf\u00e9,x\nb,y\n".encode())
-    assert ft.read_examples(bom) == ([("caf\u00e9", 0), ("b", 1)], ("x", "y"))
+    assert read_examples(bom) == ([("caf\u00e9", 0), ("b", 1)], ("x", "y"))
     arr = _write(tmp_path / "d.json", json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], indent=1))
-    assert ft.read_examples(arr) == ([("a", 0), ("b", 1)], ("x", "y"))
+    assert read_examples(arr) == ([("a", 0), ("b", 1)], ("x", "y"))
     one = _write(tmp_path / "v.csv", "text,label\na,x\n")
-    assert ft.read_examples(one, min_classes=1) == ([("a", 0)], ("x",))
+    assert read_examples(one, min_classes=1) == ([("a", 0)], ("x",))
 
 
 def test_read_examples_latin1_file_is_named_with_a_suggested_encoding(tmp_path):
     path = _write(tmp_path / "latin.csv", "text,label\na,x\ncaf\u00e9,y\n", encoding="latin-1")
     with pytest.raises(ValueError, match=r"latin\.csv.*0xe9 on line 3.*latin-1"):
-        ft.read_examples(path)
-    assert ft.read_examples(path, encoding="latin-1")[0][1] == ("caf\u00e9", 1)
+        read_examples(path)
+    assert read_examples(path, encoding="latin-1")[0][1] == ("caf\u00e9", 1)
 
 
 def test_read_examples_csv_field_over_128_kib(tmp_path):
@@ -281,7 +283,7 @@ def test_read_examples_csv_field_over_128_kib(tmp_path):
 
     limit = csv.field_size_limit()
     long = "word " * 60_000  # 300 KB in one cell
-    ex, names = ft.read_examples(_write(tmp_path / "long.csv", f'text,label\n"{long}",a\nshort,b\n'))
+    ex, names = read_examples(_write(tmp_path / "long.csv", f'text,label\n"{long}",a\nshort,b\n'))
     assert ex[0] == (long, 0) and names == ("a", "b")
     assert csv.field_size_limit() == limit  # the process-wide limit is left as it was
 
@@ -335,18 +337,18 @@ def test_saved_head_describes_itself_and_load_classifier_rebuilds_the_classifier
     import torch
     from safetensors import safe_open
 
-    ex, names = ft.read_examples(_write_csv(tmp_path / "d.csv", n=1))
+    ex, names = read_examples(_write_csv(tmp_path / "d.csv", n=1))
     result = ft.finetune(ft.FinetuneConfig(method="tera", adapter={"order": 4}, steps=2, batch_size=6, max_length=16,
                                            head_lr=0.05), ex, ex, model=model)
-    folder = ft.save_classifier(result, tmp_path / "seed0", labels=names, text_column="text", label_column="label")
+    folder = clf_mod.save_classifier(result, tmp_path / "seed0", labels=names, text_column="text", label_column="label")
     with safe_open(str(folder / "head.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["tera_tn"])  # the checkpoints' metadata style
     assert meta["labels"] == ["neg", "pos"] and meta["pooling"] == "mean" and meta["max_length"] == 16
     assert meta["text_column"] == "text" and meta["label_column"] == "label" and meta["method"] == "tera"
     assert meta["model"] == str(ft.default_model_dir().resolve()) and meta["config"]["adapter"] == {"order": 4}
-    assert ft.read_head_metadata(folder) == meta
+    assert clf_mod.read_head_metadata(folder) == meta
 
-    loaded = ft.load_classifier(folder)
+    loaded = clf_mod.load_classifier(folder)
     assert loaded.labels == ("neg", "pos") and loaded.max_length == 16
     texts = [t for t, _ in ex]
     enc = loaded.tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
@@ -363,9 +365,9 @@ def test_read_head_metadata_refuses_an_undescribed_head(tmp_path):
 
     save_file({"weight": torch.zeros(2, 3)}, str(tmp_path / "head.safetensors"))
     with pytest.raises(ValueError, match="head.safetensors.*no classifier description"):
-        ft.read_head_metadata(tmp_path)
+        clf_mod.read_head_metadata(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing"):
-        ft.load_classifier(tmp_path / "missing")
+        clf_mod.load_classifier(tmp_path / "missing")
 
 
 # --------------------------------------------------------------- reliability of the command
@@ -411,7 +413,7 @@ def test_command_accepts_a_one_class_validation_file_and_a_bom_csv(tmp_path, cap
     assert main(_quick(data, out, "--validation-path", val, "--method", "lora")) == 0, capsys.readouterr().err
     res = _strict_json(out / "results.json")
     assert res["labels"] == ["neg", "pos"] and res["complete"] is True
-    meta = ft.read_head_metadata(out / "seed0")
+    meta = clf_mod.read_head_metadata(out / "seed0")
     assert meta["labels"] == ["neg", "pos"] and meta["method"] == "lora"
 
 

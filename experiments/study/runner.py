@@ -316,7 +316,7 @@ def _run_one(plan: str, key: str, dataset: str, stage: Stage, b: Budget, c: Cont
             extra["measures"] = run_measures(model[0], result.model.encoder, model[1], dataset, b.max_length,
                                              _BASE_EMBEDDINGS)
         if c.method == "tera":
-            from tera_tn.finetune import save_classifier
+            from tera_tn.classifier import save_classifier
 
             save_classifier(result, adapters / key)
             extra["adapter_dir"] = f"{ADAPTERS}/{key}"  # relative to the results file's folder

@@ -99,6 +99,7 @@ def _available_cpus() -> int:
 
 def _cmd_finetune(args) -> int:
     from .. import finetune as ft
+    from ..classifier import save_classifier
     from ..atomic_files import OutputFolderError, claim_dir, release_dir, staging_dir, write_atomic
     from ..finetune_runs import FinetuneRuns
     from ..textdata import read_text_data
@@ -181,7 +182,7 @@ def _cmd_finetune(args) -> int:
             # rewritten atomically: a run killed at any point leaves every finished seed recorded
             name = f"seed{config.seed}"
             with staging_dir(out, name) as tmp:
-                ft.save_classifier(result, tmp, labels=data.labels, model_dir=model_dir, text_column=args.text_column,
+                save_classifier(result, tmp, labels=data.labels, model_dir=model_dir, text_column=args.text_column,
                                 label_column=args.label_column)
                 os.rename(tmp, out / name)
             published = True
