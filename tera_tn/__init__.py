@@ -15,8 +15,7 @@ from .core.factors import TeRAFactors, init_scales, random_factors
 from .core.network import delta_weight, theoretical_rank
 from .core.spec import TeRASpec
 from .core.tensorize import matricize, tensorize
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (tera_tn.__version__, by convention)
 
 __all__ = [
     "TeRASpec",

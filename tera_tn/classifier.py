@@ -42,7 +42,7 @@ def save_classifier(result: FinetuneResult, folder: str | os.PathLike, *, labels
     """
     from safetensors.torch import save
 
-    from . import __version__
+    from .version import __version__
     from .atomic_files import write_atomic
 
     folder = Path(folder)

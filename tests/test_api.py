@@ -174,3 +174,13 @@ def test_every_entry_point_takes_its_order_and_diag_defaults_from_the_spec():
     assert (TeRALayersConfig().order, TeRALayersConfig().diag) == pinned
     TeraConfig = _module("tera_tn.peft").TeraConfig
     assert (TeraConfig().order, TeraConfig().diag) == pinned
+
+
+def test_the_version_has_one_home_and_matches_the_package_metadata():
+    import tomllib
+
+    import tera_tn
+    from tera_tn.version import __version__
+
+    declared = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert tera_tn.__version__ is __version__ and __version__ == declared

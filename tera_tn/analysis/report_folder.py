@@ -135,7 +135,7 @@ class Report:
     def to_dict(self) -> dict:
         """Everything of ``report.json``: settings, one dict per model, the figures' data
         (spectra cut to their 8 largest values) and the folder's file names."""
-        from .. import __version__
+        from ..version import __version__
 
         extra = dict(self.plots)
         if "spectra" in extra:  # keep the JSON small: summaries, not 768 values each
@@ -171,7 +171,7 @@ class Report:
 
     def readme(self, command: str = "tera-tn report") -> str:
         """The folder's ``README.md``: what wrote it, and what each file holds."""
-        from .. import __version__
+        from ..version import __version__
 
         rows = []
         for name in self.plot_files:

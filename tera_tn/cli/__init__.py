@@ -32,7 +32,7 @@ __all__ = ["main", "build_parser", "DEFAULT_REPORT_DIR", "UsageError"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tera-tn`` argument parser (subcommands report, rank, plan, finetune)."""
-    from .. import __version__
+    from ..version import __version__
     from . import analysis, export, finetune, report
 
     parser = Parser(prog="tera-tn", description="TeRA adapters as tensor networks: reports, rank analysis, "

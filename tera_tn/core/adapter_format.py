@@ -47,6 +47,7 @@ import json
 import math
 from typing import Iterable, Mapping, Optional
 
+from ..version import __version__
 from .factors import RECIPE_FIELDS, factor_recipe, recipe_diff, with_legacy_recipe
 from .spec import TeRASpec
 
@@ -108,12 +109,6 @@ def spec_groups(specs: Iterable[TeRASpec]) -> dict[TeRASpec, str]:
     return groups
 
 
-def _library_version() -> str:
-    from .. import __version__  # late: tera_tn/__init__ imports core modules before defining it
-
-    return __version__
-
-
 def adapter_metadata(entries: Mapping[str, dict], *, lambda_layout: str, factors_included: bool = False,
                      defaults: Optional[Mapping] = None) -> dict:
     """The description a file stores, from every layer's full entry (:func:`layer_entry`), in the
@@ -133,7 +128,7 @@ def adapter_metadata(entries: Mapping[str, dict], *, lambda_layout: str, factors
         if field not in top and len(values) == 1:
             top[field] = next(iter(layers.values()))[field]
     compact = {name: {k: v for k, v in e.items() if not (k in top and top[k] == v)} for name, e in layers.items()}
-    return {"format": FORMAT, "library_version": _library_version(), "factors_included": bool(factors_included),
+    return {"format": FORMAT, "library_version": __version__, "factors_included": bool(factors_included),
             "lambda_layout": lambda_layout, **top, "layers": compact}
 
 

@@ -101,7 +101,7 @@ def _heads(tera, adapter_name: str, stored: bool, mode: str) -> dict[str, torch.
 
 def _spectrum(layer: TeraLayer, adapter_name: str) -> np.ndarray:
     """All ``min(d_out, d_in)`` singular values of the layer's ΔW, descending, exact in float64."""
-    from .. import singular_values
+    from ..analysis.spectrum import tera_singular_values as singular_values
 
     spec, bank, lams, alpha = layer.adapter_operands(adapter_name)
     stored = bank.group_tensors(spec)
