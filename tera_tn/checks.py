@@ -58,3 +58,16 @@ def as_array(name: str, x: object, expected: str) -> Array:
     if x.dtype.kind not in "biufc":
         raise TypeError(f"{name} must hold numbers ({expected}), got dtype {x.dtype} from {type(x).__name__}")
     return x
+
+
+def float64_matrix(x: object, name: str, layout: str) -> np.ndarray:
+    """``x`` (a numpy array, or a torch tensor wherever it lives and whatever its dtype) as a finite,
+    non-empty 2-D float64 array; ``layout`` names its axes in the message, e.g. ``"(d_out, d_in)"``."""
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu").double().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{name} must be a non-empty {layout} matrix, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds non-finite entries")
+    return a

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import float64_matrix
+
 __all__ = ["EmbeddingDrift", "embedding_drift"]
 
 
@@ -42,13 +44,7 @@ class EmbeddingDrift:
 
 
 def _rows(x, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, wherever it lives and whatever its dtype
-        x = x.detach().to("cpu").double().numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or 0 in a.shape:
-        raise ValueError(f"{name} must be a non-empty (n_texts, hidden) matrix of embeddings, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds non-finite entries")
+    a = float64_matrix(x, name, "(n_texts, hidden)")
     norms = np.linalg.norm(a, axis=1)
     if (norms == 0).any():
         raise ValueError(f"{name} has an all-zero embedding in row {int(np.argmax(norms == 0))}; "

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..checks import float64_matrix
+
 __all__ = ["IntruderDimensions", "intruder_dimensions"]
 
 #: thresholds reported by default: PEFT's 0.5 up to 0.9, as in the paper's sweep
@@ -48,21 +50,10 @@ class IntruderDimensions:
         return f"intruders among the top {self.k}: " + ", ".join(f"{c} below {t:g}" for t, c in self.counts.items())
 
 
-def _matrix(x, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, wherever it lives and whatever its dtype
-        x = x.detach().to("cpu").double().numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or 0 in a.shape:
-        raise ValueError(f"{name} must be a non-empty (d_out, d_in) matrix, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds non-finite entries")
-    return a
-
-
 def intruder_dimensions(w0, w, *, k: int = 10, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
                         ) -> IntruderDimensions:
     """Intruder dimensions of the adapted weight ``w`` (``W0 + ΔW``) against the base ``w0``."""
-    a0, a = _matrix(w0, "w0"), _matrix(w, "w")
+    a0, a = float64_matrix(w0, "w0", "(d_out, d_in)"), float64_matrix(w, "w", "(d_out, d_in)")
     if a0.shape != a.shape:
         raise ValueError(f"w0 and w must have the same (d_out, d_in) shape, got {a0.shape} and {a.shape}")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(a.shape):
