@@ -112,7 +112,8 @@ def measure_kept_adapters(results, *, log=print, model_dir: str | None = None) -
     from threadpoolctl import threadpool_limits
 
     from experiments.study.results import MEASURES, ResultsFile
-    from tera_tn.finetune import load_classifier, load_model
+    from tera_tn.classifier import load_classifier
+    from tera_tn.finetune import load_model
 
     side = ResultsFile(results.path.parent / MEASURES)
     done = side.keys()
