@@ -18,6 +18,7 @@ Head-only runs leave the encoder untouched: 0 layers, drift 0 (measured, not ass
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from typing import Any
@@ -106,13 +107,15 @@ def run_measures(base_encoder, adapted_encoder, tok, dataset: str, max_length: i
 
 def measure_kept_adapters(results, *, log=print, model_dir: str | None = None) -> int:
     """Measure every protocol-2 run that kept its adapter (``adapter_dir``) but recorded no
-    ``measures`` (it ran before they existed): rebuild its classifier from the folder, measure, and
+    ``measures`` (it ran before they existed): load its adapter onto the base encoder (the head is
+    not needed, and the earliest kept heads do not describe themselves), measure, and
     append ``{"key", "measures"}`` to the side file (:data:`experiments.study.results.MEASURES`).
     Resumable like the runs; returns how many were measured."""
+    from peft import PeftModel
     from threadpoolctl import threadpool_limits
 
+    import tera_tn.peft  # noqa: F401  registers TeRA with PEFT
     from experiments.study.results import MEASURES, ResultsFile
-    from tera_tn.classifier import load_classifier
     from tera_tn.finetune import load_model
 
     side = ResultsFile(results.path.parent / MEASURES)
@@ -128,8 +131,8 @@ def measure_kept_adapters(results, *, log=print, model_dir: str | None = None) -
             import torch
 
             torch.set_num_threads(b["threads"])
-            clf = load_classifier(results.path.parent / r["adapter_dir"], model_dir=model_dir)
-            m = run_measures(base, clf.model.encoder, tok, r["dataset"], b["max_length"], cache)
+            adapted = PeftModel.from_pretrained(copy.deepcopy(base), str(results.path.parent / r["adapter_dir"]))
+            m = run_measures(base, adapted, tok, r["dataset"], b["max_length"], cache)
         side.append({"key": r["key"], "measures": m})
         log(f"[{i}/{len(todo)}] {r['dataset']} {r['contender']} seed={r['seed']} lr={r['lr']:g}: "
             f"intruders<0.5 {m['intruders']['0.5']:.2f}, drift {m['drift']['mean_cosine_distance']:.2e}")
