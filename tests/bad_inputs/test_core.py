@@ -12,7 +12,7 @@ import pytest
 
 import tera_tn as tt
 from tera_tn import TeRASpec, init_scales, random_factors
-from tera_tn.contract.costmodel import CostModel
+from tera_tn.contract.costmodel import CostModel, calibrate
 from tera_tn.analysis import accounting, rank, spectrum
 from tera_tn.contract import costmodel
 from tera_tn.core import factorize, modeproduct
@@ -151,8 +151,8 @@ CASES = [
     Case("cost-model-string", lambda: CostModel(1e9, 9, "fast", 0), ValueError, ("bandwidth", "'fast'", "> 0")),
     Case("cost-model-nan", lambda: CostModel(1e9, float("nan"), 1e9, 0), ValueError, ("s_half", "nan", "finite")),
     Case("set-cost-model-string", lambda: costmodel.set_cost_model("fast"), ValueError, ("'fast'", "costmodel")),
-    Case("calibrate-int8", lambda: tt.calibrate(backend="numpy", dtype="int8", install=False), ValueError, ("'int8'", "floating dtype")),
-    Case("calibrate-device-tpu", lambda: tt.calibrate(device="tpu", install=False), ValueError, ("'tpu'", "'cuda'")),
+    Case("calibrate-int8", lambda: calibrate(backend="numpy", dtype="int8", install=False), ValueError, ("'int8'", "floating dtype")),
+    Case("calibrate-device-tpu", lambda: calibrate(device="tpu", install=False), ValueError, ("'tpu'", "'cuda'")),
     # --- theoretical rank, rank measures, spectrum ------------------------------------------
     Case("theoretical-rank-nan", lambda: tt.theoretical_rank(S, NAN_L), ValueError, ("scales[0]", "nan", "finite")),
     Case("theoretical-rank-none", lambda: tt.theoretical_rank(S, None), TypeError, ("scales", "nonetype", "4 vectors")),
@@ -190,7 +190,7 @@ CASES = [
     Case("mode-product-core-scalar", lambda: modeproduct.multi_mode_product(np.float64(1), []), ValueError, ("core", "0-d", "at least one mode")),
     Case("factors-core-none", lambda: tt.delta_weight(S, tt.TeRAFactors(None, F.factors), L), TypeError, ("core", "nonetype", "numpy array")),
     Case("as-torch-dtype-name", lambda: F.as_torch(dtype="float33"), ValueError, ("'float33'", "torch dtype")),
-    Case("calibrate-install-string", lambda: tt.calibrate(backend="numpy", dtype="float64", install="no"), ValueError, ("install", "'no'", "true or false")),
+    Case("calibrate-install-string", lambda: calibrate(backend="numpy", dtype="float64", install="no"), ValueError, ("install", "'no'", "true or false")),
     Case("prefix-kron-d-zero", lambda: spectrum.prefix_kron_r([np.eye(2)], 0), ValueError, ("d must be in [1, 2]", "got 0")),
     # --- accounting -------------------------------------------------------------------------
     Case("layer-cost-method", lambda: accounting.layer_cost("dora", 4, 4, r=2), ValueError, ("'dora'", "'lora'")),
