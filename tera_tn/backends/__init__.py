@@ -6,7 +6,9 @@ from a global switch, and cached per type. Each backend is one module here (``nu
 signatures differ, constants, and (numpy and torch only) the in-place primitives of the
 cache-blocked mode-product kernel. Code outside this package calls ``namespace(x).<name>`` and
 never asks which library it holds. torch and JAX are imported only once an array of theirs
-is seen.
+is seen. ``backends/protocol.py`` names what each backend module must provide
+(:class:`~tera_tn.backends.protocol.Backend`, and for mutable ones
+:class:`~tera_tn.backends.protocol.KernelBackend`); ``tests/test_backend_protocol.py`` checks all three.
 """
 
 from __future__ import annotations
