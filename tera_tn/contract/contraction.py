@@ -1,6 +1,7 @@
 """Computing ``ΔW x`` for a batch: the contraction planner and :func:`apply`.
 
-Two exact strategies, both computing the same ``ΔW x``:
+Two exact strategies, both computing the same ``ΔW x`` (their costs and descriptions are kept in
+the one registry :mod:`tera_tn.contract.strategies`, which :func:`plan` iterates):
 
 * ``"materialize"``: contract the network into ΔW (a chain of mode products), then one GEMM
   ``x ΔWᵀ``. The chain costs ≈ 2·d_out·d_in·ΣK_n FLOPs once, whatever the token count.
@@ -21,41 +22,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Optional, Sequence
 
-import opt_einsum as oe
-
 from ..checks import as_array
 from ..backends import Array, backend_key, namespace, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
+from .strategies import PREFERENCE, StrategyCost, factored_equation, factored_expression, get_strategy, strategy_names
 from ..core.factors import TeRAFactors
-from ..core.modeproduct import chain_steps
 from ..core.network import TeRANetwork, materialize, network_of, scale_factor_matrices
 from ..core.spec import TeRASpec, check_spec
 
 __all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "STRATEGIES"]
 
 Strategy = Literal["auto", "materialize", "factored"]
-STRATEGIES = ("auto", "materialize", "factored")
-
-
-@dataclass(frozen=True)
-class StrategyCost:
-    """Predicted cost of one strategy for one call of ``ΔW x``.
-
-    Attributes:
-        strategy: ``"materialize"`` or ``"factored"``.
-        flops: floating-point operations (multiply and add counted separately).
-        largest_intermediate: elements of the largest tensor created on the way.
-        bytes_moved: main-memory traffic assumed by the roofline model.
-        seconds: predicted time under the cost model.
-        steps: one line per kernel call, for the explanation.
-    """
-
-    strategy: str
-    flops: int
-    largest_intermediate: int
-    bytes_moved: int
-    seconds: float
-    steps: tuple[str, ...]
+#: What ``apply(strategy=...)`` takes: ``"auto"`` and the registry's strategies that price ``ΔW x``.
+STRATEGIES = ("auto",) + strategy_names(layer=False)
+_APPLY = STRATEGIES[1:]
+# Kept under its old name for callers of the equation helper (it lives in strategies.py).
+_factored_equation = factored_equation
 
 
 @dataclass(frozen=True)
@@ -76,6 +58,11 @@ class ContractionPlan:
     @property
     def chosen(self) -> StrategyCost:
         return self.materialize if self.strategy == "materialize" else self.factored
+
+    @property
+    def costs(self) -> dict[str, StrategyCost]:
+        """Each priced strategy's cost, by registry name."""
+        return {c.strategy: c for c in (self.materialize, self.factored)}
 
     @property
     def speedup(self) -> float:
@@ -113,105 +100,12 @@ def check_tokens(n_tokens: object) -> int:
     return int(n_tokens)
 
 
-def _materialize_cost(spec: TeRASpec, n: int, itemsize: int, model: CostModel) -> StrategyCost:
-    po, pi = spec.padded_shape
-    steps, flops, traffic, seconds = [], 0, 0, 0.0
-    largest = math.prod(spec.ranks)
-    if spec.diag == "identity":
-        nbytes = 2 * po * pi * itemsize
-        seconds += model.stream_seconds(2 * nbytes, calls=2)
-        flops += 2 * po * pi
-        traffic += 2 * nbytes
-        steps.append(f"G_mat ⊙ u vᵀ: 2 elementwise passes over {po}×{pi}")
-    else:
-        for mode, size_before, k, r in chain_steps(spec.ranks, spec.modes):
-            m = size_before // r
-            t = model.gemm_seconds(m, k, r, itemsize)
-            flops += 2 * m * k * r
-            traffic += (size_before + m * k) * itemsize
-            seconds += t
-            largest = max(largest, m * k)
-            steps.append(f"mode {mode}: ({m}×{r}) @ ({r}×{k})  {t * 1e3:.3f} ms")
-    t = model.gemm_seconds(n, spec.d_out, spec.d_in, itemsize)
-    flops += 2 * n * spec.d_out * spec.d_in
-    traffic += (n * spec.d_in + spec.d_in * spec.d_out + n * spec.d_out) * itemsize
-    seconds += t
-    steps.append(f"x ΔWᵀ: ({n}×{spec.d_in}) @ ({spec.d_in}×{spec.d_out})  {t * 1e3:.3f} ms")
-    return StrategyCost("materialize", flops, max(largest, po * pi), traffic, seconds, tuple(steps))
-
-
-def _factored_equation(spec: TeRASpec) -> tuple[str, list[tuple[int, ...]]]:
-    """Einsum equation and operand shapes (without x) for the factored contraction.
-
-    Operand order: column operands, core, row operands. For rank/mode diag each operand is
-    ``A_n`` of shape (K_n, R_n); for identity it is λ_n of shape (K_n,) and the core carries
-    the K indices directly.
-    """
-    sym = oe.get_symbol
-    n_idx = sym(0)
-    k_idx = [sym(1 + i) for i in range(spec.order)]
-    r_idx = k_idx if spec.diag == "identity" else [sym(1 + spec.order + i) for i in range(spec.order)]
-    p = spec.n_row
-
-    def operand(i: int) -> tuple[str, tuple[int, ...]]:
-        if spec.diag == "identity":
-            return k_idx[i], (spec.modes[i],)
-        return k_idx[i] + r_idx[i], (spec.modes[i], spec.ranks[i])
-
-    cols = [operand(i) for i in range(p, spec.order)]
-    rows = [operand(i) for i in range(p)]
-    terms = [n_idx + "".join(k_idx[p:])] + [t for t, _ in cols] + ["".join(r_idx)] + [t for t, _ in rows]
-    shapes = [s for _, s in cols] + [spec.ranks] + [s for _, s in rows]
-    eq = ",".join(terms) + "->" + n_idx + "".join(k_idx[:p])
-    return eq, shapes
-
-
-@lru_cache(maxsize=512)
-def _factored_expression(spec: TeRASpec, n: int):
-    eq, shapes = _factored_equation(spec)
-    all_shapes = [(n,) + spec.col_modes] + shapes
-    expr = oe.contract_expression(eq, *all_shapes, optimize="dp")
-    _, info = oe.contract_path(eq, *all_shapes, shapes=True, optimize="dp")
-    return expr, info
-
-
-def _factored_cost(spec: TeRASpec, n: int, itemsize: int, model: CostModel) -> StrategyCost:
-    _, info = _factored_expression(spec, n)
-    sizes = info.size_dict
-    steps, flops, traffic, seconds = [], 0, 0, 0.0
-    for contraction in info.contraction_list:
-        _, removed, eq, _, _ = contraction[:5]
-        inputs, out = eq.split("->")
-        terms = inputs.split(",")
-        k = math.prod(sizes[c] for c in removed)
-        out_size = math.prod(sizes[c] for c in out)
-        # Counted as opt_einsum counts (PathInfo.opt_cost): every index combination once per
-        # operand beyond the first, plus one add when an index is summed away.
-        f = math.prod(sizes[c] for c in set("".join(terms))) * max(len(terms) - 1 + bool(removed), 1)
-        if len(terms) == 2:
-            shared = set(terms[0]) & set(terms[1]) & set(out)
-            batch = math.prod(sizes[c] for c in shared)
-            m = math.prod(sizes[c] for c in terms[0] if c not in removed and c not in shared)
-            nn = math.prod(sizes[c] for c in terms[1] if c not in removed and c not in shared)
-            t = model.gemm_seconds(m * batch, nn, k, itemsize) if batch == 1 else model.gemm_seconds(m, nn, k, itemsize, calls=batch)
-            moved = (batch * (m * k + nn * k) + out_size) * itemsize
-        else:
-            moved = sum(math.prod(sizes[c] for c in t) for t in terms) * itemsize + out_size * itemsize
-            t = model.stream_seconds(moved)
-        flops += f
-        traffic += moved
-        seconds += t
-        steps.append(f"{eq}  {t * 1e3:.3f} ms")
-    return StrategyCost("factored", flops, int(info.largest_intermediate), traffic, seconds, tuple(steps))
-
-
 @lru_cache(maxsize=2048)
 def _plan_cached(spec: TeRASpec, n_tokens: int, backend: tuple[str, str, str], model: CostModel) -> ContractionPlan:
     itemsize = DTYPES[backend[2]]
-    mat = _materialize_cost(spec, n_tokens, itemsize, model)
-    fac = _factored_cost(spec, n_tokens, itemsize, model)
-    strategy = "materialize" if mat.seconds < fac.seconds else "factored"
-    return ContractionPlan(spec, n_tokens, backend, strategy, mat, fac, model)
+    costs = {name: get_strategy(name).cost(spec, n_tokens, itemsize, model) for name in _APPLY}  # type: ignore[misc]
+    strategy = min((n for n in PREFERENCE if n in costs), key=lambda n: costs[n].seconds)
+    return ContractionPlan(spec, n_tokens, backend, strategy, costs["materialize"], costs["factored"], model)
 
 
 def plan(
@@ -284,12 +178,12 @@ def apply(
     if strategy == "auto":
         key = normalize_key(*backend_key(x))  # what plan() does, without checking spec again
         strategy = _plan_cached(spec, n, key, cost_model(*key)).strategy
-    net = net.to(like)
-    if strategy == "materialize":
-        y = x2 @ materialize(net).T
-    else:
-        y = _factored(net, x2)
+    y = _RUN[strategy](net.to(like), x2)
     return y.reshape(batch + (spec.d_out,))
+
+
+def _materialized(net: TeRANetwork, x2: Array) -> Array:
+    return x2 @ materialize(net).T
 
 
 def _factored(net: TeRANetwork, x2: Array) -> Array:
@@ -305,7 +199,13 @@ def _factored(net: TeRANetwork, x2: Array) -> Array:
         ops[0] = ops[0] * net.alpha
     else:
         ops = list(scale_factor_matrices(spec, net.factors.factors, net.scales, net.alpha))
-    expr, _ = _factored_expression(spec, n)
+    expr, _ = factored_expression(spec, n)
     y = expr(xt, *ops[p:], net.factors.core, *ops[:p])
     y = y.reshape(n, spec.padded_shape[0])
     return y[:, : spec.d_out] if spec.padding[0] else y
+
+
+# How apply() runs each registry strategy it offers (keyed by the registry's names).
+_RUN = {"materialize": _materialized, "factored": _factored}
+if set(_RUN) != set(_APPLY):
+    raise ImportError(f"contraction.apply runs {sorted(_RUN)}, the registry offers {sorted(_APPLY)}")

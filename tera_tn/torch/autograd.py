@@ -50,6 +50,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..contract.strategies import REGISTRY, get_strategy
 from ..core.modeproduct import multi_mode_product
 from ..core.network import kron_vectors, scale_factor_matrices, scale_sides
 from .factored import factored_delta, factored_scale_grads, pad_cols, project, scale_grads_from_h, single_threaded
@@ -187,17 +188,12 @@ class TeRALinearFunction(torch.autograd.Function):
         lams_c = [_as(lam, dt) for lam in lams]
         w = _as(weight, dt)
         b = _as(bias, dt)
-        kr, inter = KronVectors(None, None, None, None), (None, None, None)
-        if strategy in ("materialize", "dense"):
-            y = F.linear(x, merged_weight(net, lams_c, alpha, w), b)
-        elif strategy == "factored":
-            kr = scale_kron(net, lams_c, alpha)
-            delta, *inter = factored_delta(net, kr, x)
-            y = delta if w is None else F.linear(x, w, b).add_(delta)
-            if w is None and b is not None:
-                y = y + b
-        else:
-            raise ValueError(f"strategy must be 'materialize', 'dense' or 'factored', got {strategy!r}")
+        try:
+            run = _FORWARD[strategy]
+        except (KeyError, TypeError):
+            get_strategy(strategy)  # raises the ValueError listing the registry's names
+            raise
+        y, kr, inter = run(net, lams_c, alpha, x, w, b)
         ctx.net, ctx.alpha, ctx.strategy = net, alpha, strategy
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *inter, *kr, *lams)
@@ -220,32 +216,9 @@ class TeRALinearFunction(torch.autograd.Function):
         g = _as(g, dt).contiguous()
         lams_c = [_as(lam, dt) for lam in lams]
         w = _as(weight, dt)
-        gx = gw = gb = None
-        dk = None
-        if strategy == "materialize" or (strategy == "dense" and not need_lam):
-            if need_x:
-                gx = g @ merged_weight(net, lams_c, alpha, w)
-            if need_lam:
-                kr = scale_kron(net, lams_c, alpha)
-                if kr.uk is not None:
-                    # Mode-side gradients need the forward's P-side output z: rerun the factored chain.
-                    _, s, z, xq = factored_delta(net, kr, x)
-                    _, dk = factored_scale_grads(net, kr, x, g, s, z, xq, False)
-                else:
-                    po, pi = net.spec.padded_shape
-                    gp = project(pad_cols(g, po), net.row_factors, net.spec.row_modes)
-                    xq = project(pad_cols(x, pi), net.col_factors, net.spec.col_modes)
-                    dk = KronVectors(None, None, *scale_grads_from_h(gp, xq, net.g_mat, kr.ur, kr.vr))
-        elif strategy == "dense":
-            if need_x or need_lam:
-                gx, dw, dk = _dense_backward(net, lams_c, alpha, x, g, w, need_x)
-                if need_w and weight is not None:
-                    gw = dw.to(weight.dtype)
-        else:
-            if need_x or need_lam:
-                gx_delta, dk = factored_scale_grads(net, KronVectors(uk, vk, ur, vr), x, g, s, z, xq, need_x)
-                if need_x:
-                    gx = gx_delta if w is None else torch.addmm(gx_delta, g, w)
+        saved = (s, z, xq, KronVectors(uk, vk, ur, vr))
+        gx, gw, dk = _BACKWARD[strategy](net, alpha, x, g, w, weight, lams_c, saved, need_x, need_w, need_lam)
+        gb = None
         if need_w and weight is not None and gw is None:
             gw = (g.T @ x).to(weight.dtype)
         if need_b and ctx.has_bias:
@@ -258,6 +231,66 @@ class TeRALinearFunction(torch.autograd.Function):
                 _as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None for i, (gr, lam) in enumerate(zip(grads, lams))
             ]
         return (gx, gw, gb, None, None, None, *grads_lam)
+
+
+# --- per-strategy forward and backward, dispatched by registry name ----------------------------
+def _forward_merged(net, lams_c, alpha, x, w, b):
+    """``materialize`` and ``dense``: one GEMM with ``W0 + ΔW``; nothing activation-sized saved."""
+    return F.linear(x, merged_weight(net, lams_c, alpha, w), b), KronVectors(None, None, None, None), (None, None, None)
+
+
+def _forward_factored(net, lams_c, alpha, x, w, b):
+    """``factored``: base GEMM + ``x → Q → G → P``; saves the chain's intermediates and Kronecker vectors."""
+    kr = scale_kron(net, lams_c, alpha)
+    delta, *inter = factored_delta(net, kr, x)
+    y = delta if w is None else F.linear(x, w, b).add_(delta)
+    if w is None and b is not None:
+        y = y + b
+    return y, kr, inter
+
+
+def _backward_materialize(net, alpha, x, g, w, weight, lams_c, saved, need_x, need_w, need_lam):
+    """``(gx, gw or None, dk)``: ``grad_x = g (W0 + ΔW)``, λ gradients from ``H = (g P)ᵀ (x Q)``."""
+    gx = dk = None
+    if need_x:
+        gx = g @ merged_weight(net, lams_c, alpha, w)
+    if need_lam:
+        kr = scale_kron(net, lams_c, alpha)
+        if kr.uk is not None:
+            # Mode-side gradients need the forward's P-side output z: rerun the factored chain.
+            _, s, z, xq = factored_delta(net, kr, x)
+            _, dk = factored_scale_grads(net, kr, x, g, s, z, xq, False)
+        else:
+            po, pi = net.spec.padded_shape
+            gp = project(pad_cols(g, po), net.row_factors, net.spec.row_modes)
+            xq = project(pad_cols(x, pi), net.col_factors, net.spec.col_modes)
+            dk = KronVectors(None, None, *scale_grads_from_h(gp, xq, net.g_mat, kr.ur, kr.vr))
+    return gx, None, dk
+
+
+def _backward_dense(net, alpha, x, g, w, weight, lams_c, saved, need_x, need_w, need_lam):
+    """Without λ gradients as materialize; with them, from the dense weight gradient ``gᵀ x``."""
+    if not need_lam:
+        return _backward_materialize(net, alpha, x, g, w, weight, lams_c, saved, need_x, need_w, need_lam)
+    gx, dw, dk = _dense_backward(net, lams_c, alpha, x, g, w, need_x)
+    return gx, (dw.to(weight.dtype) if need_w and weight is not None else None), dk
+
+
+def _backward_factored(net, alpha, x, g, w, weight, lams_c, saved, need_x, need_w, need_lam):
+    """The factored chain's backward over the saved intermediates."""
+    gx = dk = None
+    if need_x or need_lam:
+        s, z, xq, kr = saved
+        gx_delta, dk = factored_scale_grads(net, kr, x, g, s, z, xq, need_x)
+        if need_x:
+            gx = gx_delta if w is None else torch.addmm(gx_delta, g, w)
+    return gx, None, dk
+
+
+_FORWARD = {"materialize": _forward_merged, "dense": _forward_merged, "factored": _forward_factored}
+_BACKWARD = {"materialize": _backward_materialize, "dense": _backward_dense, "factored": _backward_factored}
+if set(_FORWARD) != set(REGISTRY) or set(_BACKWARD) != set(REGISTRY):
+    raise ImportError(f"autograd implements {sorted(_FORWARD)}, the strategy registry lists {sorted(REGISTRY)}")
 
 
 def check_input(x, d_in: int, where: str) -> None:

@@ -10,10 +10,12 @@ from typing import Mapping, Sequence, Union
 
 from ..core.factors import FACTOR_INITS, SCALE_INITS, check_scale_value, check_seed
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, check_modes
+from ..contract.strategies import strategy_names
 
 __all__ = ["TeRALayersConfig", "LAYER_STRATEGIES"]
 
-LAYER_STRATEGIES = ("auto", "materialize", "dense", "factored")
+#: ``"auto"`` and every strategy of the registry (:mod:`tera_tn.contract.strategies`).
+LAYER_STRATEGIES = ("auto",) + strategy_names()
 _FACTOR_DTYPES = ("float32", "float64")
 #: how a layer's α is set: ``"constant"`` (``alpha`` itself) or ``"w0_relative"``
 #: (``alpha·‖W0‖_F / ‖M‖_F``, M the frozen map at unit λ: equal relative updates in every layer)

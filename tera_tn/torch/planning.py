@@ -19,16 +19,20 @@ training (λ and x need gradients; the memory-lean backward of :mod:`.autograd`)
     weight-gradient GEMM ``gᵀ x`` + its pull-back (one more chain for a rank side, elementwise
     passes for a mode side);
     factored = 2 × (base GEMM + factored ΔW x) (the backward mirrors the forward).
+
+The formulas live with each strategy in the registry :mod:`tera_tn.contract.strategies`
+(``Strategy.layer_seconds`` over the shared :class:`~tera_tn.contract.strategies.LayerTerms`);
+this module only walks the registry and keeps the cheapest.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 from ..contract.contraction import check_tokens, plan
 from ..contract.costmodel import DTYPES, CostModel, cost_model, normalize_key
+from ..contract.strategies import PREFERENCE, REGISTRY, layer_terms
 from ..core.spec import TeRASpec, check_spec
 
 __all__ = ["LayerPlan", "layer_plan"]
@@ -66,17 +70,6 @@ class LayerPlan:
         )
 
 
-def _projection_seconds(model, n: int, modes, ranks, itemsize: int) -> float:
-    """Time of contracting ``(n, ∏K)`` through one side's factors, mode by mode (see ``project``)."""
-    sizes = list(modes)
-    total = 0.0
-    for i, (k, r) in enumerate(zip(modes, ranks)):
-        rest = n * math.prod(sizes) // k
-        total += model.gemm_seconds(rest, r, k, itemsize)
-        sizes[i] = r
-    return total
-
-
 def layer_plan(
     spec: TeRASpec,
     n_tokens: int,
@@ -105,44 +98,9 @@ def layer_plan(
 @lru_cache(maxsize=4096)
 def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtype: str, model: CostModel) -> LayerPlan:
     core = plan(spec, n_tokens, backend="torch", device=device, dtype=dtype, model=model)
-    itemsize = DTYPES[dtype]
-    d_out, d_in = spec.shape
-    po, pi = spec.padded_shape
-    p = spec.n_row
-    r_row, r_col = math.prod(spec.ranks[:p]), math.prod(spec.ranks[p:])
-    base = model.gemm_seconds(n_tokens, d_out, d_in, itemsize)
-    grid = d_out * d_in * itemsize
-    w0_add = model.stream_seconds(3 * grid)
-    if spec.diag in ("mode", "identity"):
-        # frozen F (P G Qᵀ kept per shape group, or G_mat) scaled by two Kronecker diagonals
-        delta = model.stream_seconds(4 * po * pi * itemsize, calls=2)
-    else:
-        delta = core.materialize.seconds - base  # core.materialize is the chain plus this GEMM
-    mat = delta + w0_add + base
-    fac = base + core.factored.seconds
-    dense = mat
-    if training:
-        proj = _projection_seconds(model, n_tokens, spec.row_modes, spec.ranks[:p], itemsize)
-        proj += _projection_seconds(model, n_tokens, spec.col_modes, spec.ranks[p:], itemsize)
-        if spec.diag == "mode":
-            # Mode-side scales have no H shortcut: two core GEMMs (see factored.factored_scale_grads).
-            h = 2 * model.gemm_seconds(n_tokens, r_row, r_col, itemsize)
-        else:
-            h = model.gemm_seconds(r_row, r_col, n_tokens, itemsize) + model.stream_seconds(r_row * r_col * itemsize)
-        mode_side = spec.diag in ("mode", "both")
-        rank_side = spec.diag != "mode"
-        pull_back = 0.0
-        if rank_side:
-            # Pᵀ D Q runs the chain's products on the d_out × d_in grid (as many multiply-adds as
-            # building ΔW at full ranks), then ⊙ G and two matvecs
-            pull_back = delta + model.stream_seconds(3 * r_row * r_col * itemsize, calls=3)
-        if mode_side:
-            pull_back += model.stream_seconds(5 * grid, calls=3)  # D ⊙ N and its two matvecs
-        dense = (mat + delta + w0_add + model.gemm_seconds(n_tokens, d_in, d_out, itemsize)
-                 + model.gemm_seconds(d_out, d_in, n_tokens, itemsize) + pull_back)
-        mat = 2 * mat + proj + h
-        fac = 2 * fac
-    # On a tie the first listed wins: factored never forms a d_out × d_in tensor.
-    costs = {"factored": fac, "materialize": mat, "dense": dense} if training else {"factored": fac, "materialize": mat}
-    strategy = min(costs, key=costs.__getitem__)
-    return LayerPlan(spec, n_tokens, training, device, dtype, mat, dense, fac, strategy)
+    terms = layer_terms(spec, n_tokens, training, DTYPES[dtype], model, core.costs)
+    seconds = {name: s.layer_seconds(terms, training) for name, s in REGISTRY.items()}
+    # On a tie the first of PREFERENCE wins: factored never forms a d_out × d_in tensor.
+    candidates = [name for name in PREFERENCE if training or not REGISTRY[name].training_only]
+    strategy = min(candidates, key=seconds.__getitem__)
+    return LayerPlan(spec, n_tokens, training, device, dtype, seconds["materialize"], seconds["dense"], seconds["factored"], strategy)
