@@ -47,6 +47,7 @@ import numpy as np
 from ..backends import Array, dtype_name, namespace, pick_like, to_numpy
 from ..core.factors import TeRAFactors
 from ..core.modeproduct import multi_mode_product
+from ..core.workspace import default_scope
 from ..core.network import TeRANetwork, dense_factor_matrices, generic_rank, network_of, scale_sides, spec_and_scales
 from .rank import RankSummary, dtype_eps, summarize_singular_values
 from ..core.spec import TeRASpec
@@ -135,7 +136,8 @@ def _core_matrix(backend: ModuleType, spec: TeRASpec, mats: list, core: Array, g
         modal[:p] = [backend.qr_r(a, grad) for a in mats[:p]]
     if not cols_padded:
         modal[p:] = [backend.qr_r(a, grad) for a in mats[p:]]
-    x = multi_mode_product(core, modal)
+    with default_scope():
+        x = multi_mode_product(core, modal)
     x = x.reshape(math.prod(x.shape[:p]), math.prod(x.shape[p:]))
     if s_row is not None:
         x = s_row @ x

@@ -27,7 +27,9 @@ during a pass through ``threadpoolctl`` when it is installed (otherwise one work
 allocations cost more in page faults than the whole computation), and fresh torch
 outputs are allocated with transparent huge pages where the OS allows it.
 
-The process-wide buffers, thread pool and core count live in :mod:`tera_tn.core.workspace`.
+The buffers and thread pool live in the :class:`~tera_tn.core.workspace.Workspace` the caller
+entered (:func:`~tera_tn.core.workspace.use_workspace`); without one a call runs on one thread
+with private buffers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import itertools
 from typing import List
 
-from .workspace import WORKSPACE_LOCK, in_scope, usable_cores, worker_pool, workspace
+from .workspace import current_workspace, in_scope, usable_cores, workspace
 
 __all__ = ["blocked_product"]
 
@@ -204,18 +206,20 @@ def blocked_product(ops, core, matrices, order, out):
         out = ops.new_output(out_shape, core)
     out_flat = out.reshape(-1)
 
-    # Thread-safety: the cached workspace is used by one call at a time; a
-    # concurrent caller gets private buffers.
-    cache = WORKSPACE_LOCK.acquire(blocking=False)
+    # The workspace entered by the caller (use_workspace) lends its threads; its cached buffers
+    # are used by one call at a time, a concurrent caller gets private buffers. Without one:
+    # private buffers, one thread.
+    ws = current_workspace()
+    cache = ws if ws is not None and ws.lock.acquire(blocking=False) else None
     try:
         return _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat,
-                           scratch_elems, blocked, cache)
+                           scratch_elems, blocked, cache, ws)
     finally:
-        if cache:
-            WORKSPACE_LOCK.release()
+        if cache is not None:
+            cache.lock.release()
 
 
-def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_elems, blocked, cache):
+def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_elems, blocked, cache, ws):
     N = len(shape)
     mats_t = [None if m is None else m.T for m in matrices]
     layout = list(range(N))
@@ -267,7 +271,7 @@ def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_e
         else:
             _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, ks,
                           r_in, k_out, gin, gout, rest_rows, [mats_t[n] for n in grp],
-                          scratch_elems, blocked, cache)
+                          scratch_elems, blocked, cache, ws)
 
         for n in grp:
             sizes[n] = ks[n]
@@ -279,7 +283,7 @@ def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_e
 
 
 def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, ks,
-                  r_in, k_out, gin, gout, rest_rows, mats_t, scratch_elems, blocked, cache):
+                  r_in, k_out, gin, gout, rest_rows, mats_t, scratch_elems, blocked, cache, ws):
     footprint = _group_footprint(sizes, ks, grp)
     if blocked:
         rows_target = max(1, min(rest_rows, scratch_elems // max(footprint, 1)))
@@ -300,7 +304,7 @@ def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, 
         dst_perm = None
     ng = len(grp)
 
-    n_workers = _n_workers(ops, max(rest_rows * gin, rest_rows * gout)) if blocked else 1
+    n_workers = _n_workers(ops, max(rest_rows * gin, rest_rows * gout)) if blocked and ws is not None else 1
     n_workers = min(n_workers, len(blocks))
     buf_elems = max_rows * footprint
 
@@ -329,7 +333,7 @@ def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, 
     # atomic under the GIL): on a shared machine a static split leaves the whole
     # pass waiting for whichever core is being stolen from.
     shared = iter(blocks)
-    pool = worker_pool(n_workers - 1)
+    pool = ws.pool(n_workers - 1)
     pass_scope, worker_scope = ops.worker_scopes()
     with pass_scope:
         futs = [pool.submit(in_scope, worker_scope, work, w, shared) for w in range(1, n_workers)]

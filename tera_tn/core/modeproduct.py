@@ -21,8 +21,9 @@ shape ``(K_1, ..., K_N)``; it is returned C-contiguous.
 How it runs
 -----------
 On the CPU the products run in the cache-blocked, multi-threaded kernel of
-:mod:`tera_tn.core.blocked_kernel` (its buffers, worker threads and core count are
-process-wide, in :mod:`tera_tn.core.workspace`).
+:mod:`tera_tn.core.blocked_kernel`. Its cached buffers and worker threads belong to the
+:class:`~tera_tn.core.workspace.Workspace` entered with ``use_workspace()`` (the torch layers
+enter the default one); outside any, a call runs on one thread with private buffers.
 
 When any torch operand requires grad (and grad mode is on), or the operands are not
 on the CPU, or they are JAX arrays (immutable, so never written in place), a plain

@@ -35,6 +35,7 @@ from .factors import (
     random_factors,
 )
 from .modeproduct import multi_mode_product
+from .workspace import default_scope
 from .spec import TeRASpec, check_spec, prefix_rank
 
 __all__ = [
@@ -309,7 +310,8 @@ def materialize(net: TeRANetwork) -> Array:
         x = core.reshape(po, pi) * u[:, None] * v[None, :]
     else:
         mats = scale_factor_matrices(spec, net.factors.factors, scales, alpha)
-        x = multi_mode_product(core, list(mats)).reshape(po, pi)
+        with default_scope():
+            x = multi_mode_product(core, list(mats)).reshape(po, pi)
     if (po, pi) != spec.shape:
         x = x[: spec.d_out, : spec.d_in]
     return x

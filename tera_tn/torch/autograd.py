@@ -51,10 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from ..contract.strategies import REGISTRY, get_strategy
-from ..core.modeproduct import multi_mode_product
 from ..core.network import kron_vectors, scale_factor_matrices, scale_sides
 from .factored import factored_delta, factored_scale_grads, pad_cols, project, scale_grads_from_h, single_threaded
-from .frozen import FrozenNetwork
+from .frozen import FrozenNetwork, layer_product
 from .scales import KronVectors, scale_grads, scale_kron
 
 __all__ = [
@@ -94,7 +93,7 @@ def merged_weight(
         x.mul_(v[None, :])
     else:
         # A FrozenNetwork's ``factors`` are the U_n that scale_factor_matrices scales.
-        x = multi_mode_product(net.core, list(scale_factor_matrices(spec, net.factors, lams, alpha))).reshape(po, pi)
+        x = layer_product(net.core, list(scale_factor_matrices(spec, net.factors, lams, alpha))).reshape(po, pi)
     if (po, pi) != spec.shape:
         x = x[: spec.d_out, : spec.d_in]
         return x.contiguous() if w0 is None else w0 + x
@@ -115,7 +114,7 @@ def _inner_weight(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float
         return net.frozen_product()
     mats = [u * lam[None, :] for u, lam in zip(net.factors, rank_side)]
     mats[0] = mats[0] * alpha
-    return multi_mode_product(net.core, mats).reshape(po, pi)
+    return layer_product(net.core, mats).reshape(po, pi)
 
 
 def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, x: torch.Tensor,
@@ -163,7 +162,7 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
         if spec.diag == "identity":
             h = d_rank.clone() if d_rank is dw else d_rank
         else:
-            h = multi_mode_product(d_rank.contiguous().reshape(spec.modes), [u.T for u in net.factors])
+            h = layer_product(d_rank.contiguous().reshape(spec.modes), [u.T for u in net.factors])
             h = h.reshape(net.g_mat.shape)
         h.mul_(net.g_mat)
         d_ur = h @ kr.vr

@@ -26,8 +26,8 @@ from torch import nn
 
 from ..core.factors import FACTOR_INITS, check_seed, random_factors
 from ..core.spec import TeRASpec
-from ..core.modeproduct import multi_mode_product
 from .autograd import FrozenNetwork
+from .frozen import layer_product
 
 __all__ = ["FactorBank"]
 
@@ -137,7 +137,7 @@ class FactorBank(nn.Module):
         if found is None:
             net = self.network(spec, torch.float64, torch.device("cpu"))
             with torch.no_grad():
-                m = multi_mode_product(net.core, list(net.factors)).reshape(spec.padded_shape)
+                m = layer_product(net.core, list(net.factors)).reshape(spec.padded_shape)
             found = float(torch.linalg.matrix_norm(m[: spec.d_out, : spec.d_in]))
             self._frozen_norms[spec] = found
         return found

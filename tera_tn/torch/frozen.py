@@ -16,8 +16,19 @@ import torch
 
 from ..core.modeproduct import multi_mode_product
 from ..core.spec import TeRASpec
+from ..core.workspace import default_scope
 
-__all__ = ["FrozenNetwork"]
+__all__ = ["FrozenNetwork", "layer_product"]
+
+
+def layer_product(core: torch.Tensor, matrices) -> torch.Tensor:
+    """:func:`~tera_tn.core.modeproduct.multi_mode_product` as the torch layers run it: in the
+    workspace the caller entered, else in :data:`~tera_tn.core.workspace.DEFAULT_WORKSPACE`
+    (its cached buffers and worker threads keep the layers' CPU products fast)."""
+    if torch.compiler.is_compiling():
+        return multi_mode_product(core, matrices)
+    with default_scope():
+        return multi_mode_product(core, matrices)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class FrozenNetwork:
         if found is None:
             # A tensor made under inference_mode could never join an autograd graph later.
             with torch.inference_mode(False), torch.no_grad():
-                found = multi_mode_product(self.core, list(self.factors)).reshape(self.spec.padded_shape)
+                found = layer_product(self.core, list(self.factors)).reshape(self.spec.padded_shape)
             self.__dict__["_frozen_product"] = found  # a cache, not a field: bypass the frozen setattr
         return found
 

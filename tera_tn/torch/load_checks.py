@@ -14,10 +14,10 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.modeproduct import multi_mode_product
 from ..core.spec import TeRASpec
 from .autograd import FrozenNetwork, merged_weight
 from .bank import FactorBank
+from .frozen import layer_product
 
 __all__ = ["DELTA_RATIO_WARN", "delta_bound", "lambda_problems", "layer_lambda_problems", "nonfinite_lambdas", "factor_diff"]
 
@@ -44,7 +44,7 @@ def _frozen_abs_max(net: FrozenNetwork) -> float:
         with torch.no_grad():
             # A "mode" network that served a forward already holds M (frozen_product); reuse it.
             product = net.__dict__.get("_frozen_product") if signed else None
-            found = float((multi_mode_product(core, mats) if product is None else product).abs().max())
+            found = float((layer_product(core, mats) if product is None else product).abs().max())
         net.__dict__["_tera_abs_max"] = found  # a cache, not a field (FrozenNetwork is frozen)
     return found
 
