@@ -16,7 +16,8 @@ from strategies import alphas, reference_einsum, relerr, seeds, spec_and_scales,
 from tera_tn import TeRASpec, apply, delta_weight, init_scales, plan, random_factors
 from tera_tn.contract.costmodel import CostModel, calibrate
 from tera_tn.contract import costmodel
-from tera_tn.contract.contraction import ContractionPlan, StrategyCost, _factored_equation
+from tera_tn.contract.contraction import ContractionPlan
+from tera_tn.contract.strategies import StrategyCost, factored_equation
 from tera_tn.core.modeproduct import chain_steps
 
 STRATS = ("factored", "materialize", "auto")
@@ -278,7 +279,7 @@ def _chain_path(spec: TeRASpec) -> list[tuple[int, int]]:
 def test_planner_flops_match_opt_einsum(spec, n):
     p = plan(spec, n, backend="numpy", dtype="float64")
     # factored: the same einsum, priced by opt_einsum itself
-    eq, shapes = _factored_equation(spec)
+    eq, shapes = factored_equation(spec)
     _, info = oe.contract_path(eq, (n,) + spec.col_modes, *shapes, shapes=True, optimize="dp")
     assert p.factored.flops == info.opt_cost
     if spec.diag == "identity":

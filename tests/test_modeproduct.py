@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import tera_tn.core.blocked_kernel as bk
 import tera_tn.core.modeproduct as mp
+import tera_tn.core.workspace as workspace
 from tera_tn.core.modeproduct import best_order, chain_steps, mode_product_flops, multi_mode_product
 
 torch = pytest.importorskip("torch")
@@ -76,9 +77,9 @@ def force_blocking(monkeypatch):
     monkeypatch.setattr(bk, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(torch_backend, "SCRATCH_BYTES", 4096)
     monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", 4096)
-    mp.clear_workspace()
+    workspace.clear_workspace()
     yield
-    mp.clear_workspace()
+    workspace.clear_workspace()
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -271,9 +272,9 @@ def test_workspace_made_under_inference_mode_is_not_reused_outside_it():
 
     core = torch.randn(4, 4, 4, dtype=torch.float64)
     mats = [torch.randn(4, 4, dtype=torch.float64) for _ in range(3)]
-    mp.clear_workspace()
+    workspace.clear_workspace()
     with torch.inference_mode():
         inside = mp.multi_mode_product(core, mats)
     outside = mp.multi_mode_product(core, mats)
     torch.testing.assert_close(outside, inside.clone())
-    mp.clear_workspace()
+    workspace.clear_workspace()

@@ -25,19 +25,17 @@ from typing import Literal, Optional, Sequence
 from ..checks import as_array
 from ..backends import Array, backend_key, namespace, to_like
 from .costmodel import DTYPES, CostModel, cost_model, normalize_key
-from .strategies import PREFERENCE, StrategyCost, factored_equation, factored_expression, get_strategy, strategy_names
+from .strategies import PREFERENCE, StrategyCost, factored_expression, get_strategy, strategy_names
 from ..core.factors import TeRAFactors
 from ..core.network import TeRANetwork, materialize, network_of, scale_factor_matrices
 from ..core.spec import TeRASpec, check_spec
 
-__all__ = ["StrategyCost", "ContractionPlan", "plan", "apply", "STRATEGIES"]
+__all__ = ["ContractionPlan", "plan", "apply", "STRATEGIES"]
 
 Strategy = Literal["auto", "materialize", "factored"]
 #: What ``apply(strategy=...)`` takes: ``"auto"`` and the registry's strategies that price ``ΔW x``.
 STRATEGIES = ("auto",) + strategy_names(layer=False)
 _APPLY = STRATEGIES[1:]
-# Kept under its old name for callers of the equation helper (it lives in strategies.py).
-_factored_equation = factored_equation
 
 
 @dataclass(frozen=True)

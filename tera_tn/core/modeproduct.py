@@ -10,8 +10,6 @@ Public API
     FLOP count of a given (default: the optimal) order.
 ``chain_steps(ranks, modes)``
     Per-product ``(mode, size before, K_n, R_n)`` in execution order (for cost models).
-``clear_workspace()``
-    Drop the cached scratch buffers of the fast path.
 
 Convention: ``core`` has shape ``(R_1, ..., R_N)``, ``matrices[n]`` has shape
 ``(K_n, R_n)`` (or is ``None`` = identity), and
@@ -39,14 +37,12 @@ from typing import List, Optional, Sequence, Tuple
 from ..checks import as_array
 from ..backends import Array, is_array, namespace
 from .blocked_kernel import blocked_product
-from .workspace import clear_workspace
 
 __all__ = [
     "multi_mode_product",
     "best_order",
     "mode_product_flops",
     "chain_steps",
-    "clear_workspace",
 ]
 
 

@@ -34,7 +34,7 @@ from contextvars import ContextVar
 from typing import Iterator, Optional
 
 __all__ = [
-    "Workspace", "DEFAULT_WORKSPACE", "use_workspace", "current_workspace", "default_scope", "WORKSPACE_LOCK", "clear_workspace",
+    "Workspace", "DEFAULT_WORKSPACE", "use_workspace", "current_workspace", "default_scope", "clear_workspace",
     "workspace", "usable_cores", "in_scope",
 ]
 
@@ -94,8 +94,6 @@ class Workspace:
 
 #: The workspace the torch layers enter (and ``use_workspace()`` without an argument).
 DEFAULT_WORKSPACE = Workspace()
-#: The default workspace's buffer lock (kept for callers of the former module-level lock).
-WORKSPACE_LOCK = DEFAULT_WORKSPACE.lock
 _ACTIVE: ContextVar[Optional[Workspace]] = ContextVar("tera_tn_workspace", default=None)
 
 
