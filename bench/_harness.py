@@ -326,3 +326,19 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--memory-worker":
         sys.exit(_worker(sys.argv[2:]))
     sys.exit("usage: python -m bench._harness --memory-worker JSON (internal; run bench/suite.py)")
+
+
+def write_outputs(results: dict, out_dir: str, *, json_name: str, md_name: str, png_name: str,
+                  markdown: Callable[[dict], str], plot: Callable[[dict, str], Optional[str]]) -> dict:
+    """Write a bench's results as JSON, its Markdown table and (where matplotlib is there) its
+    figure into ``out_dir``; the paths written, by kind."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, json_name), "md": os.path.join(out_dir, md_name)}
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(results) + "\n")
+    png = plot(results, os.path.join(out_dir, png_name))
+    if png:
+        paths["png"] = png
+    return paths

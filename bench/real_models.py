@@ -818,16 +818,8 @@ def plot(results: dict, path: str) -> Optional[str]:
 
 
 def write_outputs(results: dict, out_dir: str) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, RESULTS), "md": os.path.join(out_dir, "real_models.md")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results) + "\n")
-    png = plot(results, os.path.join(out_dir, "real_models.png"))
-    if png:
-        paths["png"] = png
-    return paths
+    return H.write_outputs(results, out_dir, json_name=RESULTS, md_name="real_models.md",
+                           png_name="real_models.png", markdown=markdown, plot=plot)
 
 
 def update_docs(results: dict, out_dir: str, docs_path: str = DOCS_PATH) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -501,16 +500,8 @@ def plot(results: dict, path: str) -> Optional[str]:
 
 
 def write_outputs(results: dict, out_dir: str) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results) + "\n")
-    png = plot(results, os.path.join(out_dir, "ratio_vs_frozen.png"))
-    if png:
-        paths["png"] = png
-    return paths
+    return H.write_outputs(results, out_dir, json_name="results.json", md_name="results.md",
+                           png_name="ratio_vs_frozen.png", markdown=markdown, plot=plot)
 
 
 def update_docs(

@@ -43,12 +43,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from experiments.datasets import _orange_rows, _package_file
-from experiments.study.plans import resolved_adapter
+from experiments.study.plans import Contender, resolved_adapter
 from experiments.study.results import ResultsFile
 from experiments.study.runner import MAX_EXTENSIONS, _versions, code_version, extend_grid
 
@@ -339,38 +339,30 @@ def adapt(base, method: str, split: DocSplits, budget: AdaptBudget, *, lr: float
     return m
 
 
-@dataclass(frozen=True)
-class LMContender:
-    name: str
-    method: str
-    lrs: tuple[float, ...]
-    adapter: Mapping[str, Any] = field(default_factory=dict)
-
-
-LM_PLANS: dict[str, tuple[AdaptBudget, tuple[int, ...], tuple[LMContender, ...]]] = {
+LM_PLANS: dict[str, tuple[AdaptBudget, tuple[int, ...], tuple[Contender, ...]]] = {
     # every method, one seed, a short budget: does adaptation lower held-out perplexity at all
     "confirm": (AdaptBudget(), (0,), (
-        LMContender("none", "none", (0.0,)),
-        LMContender("tera_default", "tera", (3e-2, 1e-1, 3e-1)),
+        Contender("none", "none", (0.0,)),
+        Contender("tera_default", "tera", (3e-2, 1e-1, 3e-1)),
         # the dialable variant: diagonals on both sides of every factor, order 4 (more trainable numbers)
-        LMContender("tera_both_order4", "tera", (3e-2, 1e-1, 3e-1), {"diag": "both", "order": 4}),
+        Contender("tera_both_order4", "tera", (3e-2, 1e-1, 3e-1), {"diag": "both", "order": 4}),
         # the classification study's candidate default: the largest order within VeRA r=256's count
-        LMContender("tera_order3", "tera", (3e-2, 1e-1, 3e-1), {"order": 3}),
+        Contender("tera_order3", "tera", (3e-2, 1e-1, 3e-1), {"order": 3}),
         # the library's defaults since the study (order 3, mode-side diagonals)
-        LMContender("tera_mode_order3", "tera", (3e-2, 1e-1, 3e-1), {"diag": "mode", "order": 3}),
-        LMContender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8, "lora_alpha": 16}),
-        LMContender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
-        LMContender("full", "full", (3e-4, 1e-3, 3e-3)),
+        Contender("tera_mode_order3", "tera", (3e-2, 1e-1, 3e-1), {"diag": "mode", "order": 3}),
+        Contender("lora_r8", "lora", (1e-3, 3e-3, 1e-2), {"r": 8, "lora_alpha": 16}),
+        Contender("vera_r256", "vera", (3e-2, 1e-1, 3e-1), {"r": 256}),
+        Contender("full", "full", (3e-4, 1e-3, 3e-3)),
     )),
     # the test suite's plan
     "smoke": (AdaptBudget(val_docs=3, test_docs=3, steps=5, batch_size=8, block=64), (0,), (
-        LMContender("none", "none", (0.0,)),
-        LMContender("tera_smoke", "tera", (1e-1,), {"order": 4}),
+        Contender("none", "none", (0.0,)),
+        Contender("tera_smoke", "tera", (1e-1,), {"order": 4}),
     )),
 }
 
 
-def _run_key(budget: AdaptBudget, c: LMContender, seed: int, lr: float, artifact_card: Mapping[str, Any]) -> str:
+def _run_key(budget: AdaptBudget, c: Contender, seed: int, lr: float, artifact_card: Mapping[str, Any]) -> str:
     what = {"dataset": f"lm:{budget.corpus}", "budget": budget.to_dict(), "method": c.method,
             "adapter": dict(c.adapter), "seed": seed, "lr": lr, "base": artifact_card.get("name"),
             "base_val_loss": round(artifact_card.get("val_loss", 0.0), 6)}
