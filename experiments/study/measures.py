@@ -24,9 +24,10 @@ import random
 from typing import Any
 
 from experiments.datasets import DATASETS, load
-from tera_tn.analysis.forgetting import embedding_drift
-from tera_tn.analysis.intruders import DEFAULT_THRESHOLDS, intruder_dimensions
-from tera_tn.analysis.rank import effective_rank
+from tera_tn.analysis.forgetting import drift_of_checked
+from tera_tn.analysis.intruders import DEFAULT_THRESHOLDS, intruders_of_checked
+from tera_tn.analysis.rank import effective_rank_of_checked
+from tera_tn.checks import float64_matrix
 
 __all__ = ["DRIFT_TEXTS", "INTRUDER_K", "adapted_weights", "drift_texts", "measure_kept_adapters", "pooled_embeddings",
            "run_measures"]
@@ -70,32 +71,34 @@ def pooled_embeddings(encoder, tok, texts: list[str], max_length: int, batch_siz
 def adapted_weights(encoder):
     """``[(name, W0, ΔW)]`` for every PEFT tuner layer of ``encoder`` (its active adapter); empty for
     a plain (head-only) encoder."""
-    out = []
-    for name, module in encoder.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            adapter = module.active_adapters[0]
-            out.append((name, module.base_layer.weight.detach(), module.get_delta_weight(adapter).detach()))
-    return out
+    return [(name, module.base_layer.weight.detach(),
+             module.get_delta_weight(module.active_adapters[0]).detach())
+            for name, module in encoder.named_modules()
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")]
 
 
 def run_measures(base_encoder, adapted_encoder, tok, dataset: str, max_length: int,
                  cache: dict[str, Any]) -> dict[str, Any]:
-    """The record's ``measures`` entry; ``cache`` keeps the base's embeddings per dataset."""
-    layers = adapted_weights(adapted_encoder)
+    """The record's ``measures`` entry; ``cache`` keeps the base's embeddings per dataset. Every
+    weight and embedding matrix is converted to checked float64 once, here, and the measures take
+    the arrays."""
+    layers = [(float64_matrix(w0, f"{name} W0", "(d_out, d_in)"), float64_matrix(dw, f"{name} ΔW", "(d_out, d_in)"))
+              for name, w0, dw in adapted_weights(adapted_encoder)]
     counts = {f"{t:g}": [] for t in DEFAULT_THRESHOLDS}
     ranks = []
-    for _, w0, dw in layers:
-        k = min(INTRUDER_K, *w0.shape)
-        found = intruder_dimensions(w0, w0.double() + dw.double(), k=k)
+    for w0, dw in layers:
+        found = intruders_of_checked(w0, w0 + dw, k=min(INTRUDER_K, *w0.shape))
         for t, c in found.counts.items():
             counts[f"{t:g}"].append(c)
-        ranks.append(effective_rank(dw.double().numpy()))
+        ranks.append(effective_rank_of_checked(dw))
     key = (dataset, max_length)
     if key not in cache:
         texts = drift_texts(dataset)
-        cache[key] = (texts, pooled_embeddings(base_encoder, tok, texts, max_length))
+        base = pooled_embeddings(base_encoder, tok, texts, max_length)
+        cache[key] = (texts, float64_matrix(base, "base embeddings", "(n_texts, hidden)"))
     texts, before = cache[key]
-    drift = embedding_drift(before, pooled_embeddings(adapted_encoder, tok, texts, max_length))
+    after = pooled_embeddings(adapted_encoder, tok, texts, max_length)
+    drift = drift_of_checked(before, float64_matrix(after, "adapted embeddings", "(n_texts, hidden)"))
     n = len(layers)
     return {
         "layers": n, "intruder_k": INTRUDER_K,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..checks import float64_matrix
 
-__all__ = ["EmbeddingDrift", "embedding_drift"]
+__all__ = ["EmbeddingDrift", "drift_of_checked", "embedding_drift"]
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,27 @@ class EmbeddingDrift:
                 f"(max {max(self.cosine_distance):.4g}), mean norm ratio {self.mean_norm_ratio:.4g}")
 
 
-def _rows(x, name: str) -> np.ndarray:
-    a = float64_matrix(x, name, "(n_texts, hidden)")
+def _nonzero_rows(a: np.ndarray, name: str) -> None:
     norms = np.linalg.norm(a, axis=1)
     if (norms == 0).any():
         raise ValueError(f"{name} has an all-zero embedding in row {int(np.argmax(norms == 0))}; "
                          "its direction (and the cosine) is undefined")
-    return a
 
 
 def embedding_drift(before, after) -> EmbeddingDrift:
     """Row-wise drift from the base encoder's embeddings ``before`` to the adapted one's ``after``
     (the same texts in the same order)."""
-    a, b = _rows(before, "before"), _rows(after, "after")
+    a = float64_matrix(before, "before", "(n_texts, hidden)")
+    _nonzero_rows(a, "before")
+    return drift_of_checked(a, float64_matrix(after, "after", "(n_texts, hidden)"))
+
+
+def drift_of_checked(before: np.ndarray, after: np.ndarray) -> EmbeddingDrift:
+    """:func:`embedding_drift` of rows already checked by :func:`tera_tn.checks.float64_matrix`
+    (finite, non-empty 2-D float64): no conversion again."""
+    a, b = before, after
+    _nonzero_rows(a, "before")
+    _nonzero_rows(b, "after")
     if a.shape != b.shape:
         raise ValueError(f"before and after must embed the same texts with the same width, got shapes {a.shape} "
                          f"and {b.shape}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checks import float64_matrix
 
-__all__ = ["IntruderDimensions", "intruder_dimensions"]
+__all__ = ["IntruderDimensions", "intruder_dimensions", "intruders_of_checked"]
 
 #: thresholds reported by default: PEFT's 0.5 up to 0.9, as in the paper's sweep
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -54,6 +54,13 @@ def intruder_dimensions(w0, w, *, k: int = 10, thresholds: Sequence[float] = DEF
                         ) -> IntruderDimensions:
     """Intruder dimensions of the adapted weight ``w`` (``W0 + ΔW``) against the base ``w0``."""
     a0, a = float64_matrix(w0, "w0", "(d_out, d_in)"), float64_matrix(w, "w", "(d_out, d_in)")
+    return intruders_of_checked(a0, a, k=k, thresholds=thresholds)
+
+
+def intruders_of_checked(a0: np.ndarray, a: np.ndarray, *, k: int = 10,
+                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> IntruderDimensions:
+    """:func:`intruder_dimensions` of weights already checked by
+    :func:`tera_tn.checks.float64_matrix` (finite, non-empty 2-D float64): no conversion again."""
     if a0.shape != a.shape:
         raise ValueError(f"w0 and w must have the same (d_out, d_in) shape, got {a0.shape} and {a.shape}")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(a.shape):

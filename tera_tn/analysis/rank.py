@@ -54,6 +54,7 @@ __all__ = [
     "numerical_rank",
     "stable_rank",
     "effective_rank",
+    "effective_rank_of_checked",
     "energy_rank",
     "condition_number",
     "RankSummary",
@@ -287,6 +288,12 @@ def effective_rank(a: Array) -> float:
     """
     m, _ = _as_matrix(a)
     return _effective_rank_sv(_sv64(namespace(m).svdvals(m)))
+
+
+def effective_rank_of_checked(a: np.ndarray) -> float:
+    """:func:`effective_rank` of a matrix already checked by :func:`tera_tn.checks.float64_matrix`
+    (finite, non-empty 2-D float64): no conversion again (LAPACK's σ come out descending)."""
+    return _effective_rank_sv(np.linalg.svd(a, compute_uv=False))
 
 
 def energy_rank(a: Array, fraction: float = 0.99) -> int:
