@@ -47,8 +47,9 @@ import numpy as np
 from ..backends import Array, dtype_name, namespace, pick_like, to_numpy
 from ..core.factors import TeRAFactors
 from ..core.modeproduct import multi_mode_product
+from ..core.network import (TeRANetwork, decomposable_network, dense_factor_matrices, generic_rank, network_of,
+                            scale_sides, spec_and_scales)
 from ..core.workspace import default_scope
-from ..core.network import TeRANetwork, dense_factor_matrices, generic_rank, network_of, scale_sides, spec_and_scales
 from .rank import RankSummary, dtype_eps, summarize_singular_values
 from ..core.spec import TeRASpec
 
@@ -116,13 +117,6 @@ def _prefix_r(backend: ModuleType, mats: list, d: int, grad: bool) -> Array:
     return backend.qr_r(s, grad) if s.shape[0] > s.shape[1] else s
 
 
-def _decomposable(net: TeRANetwork) -> TeRANetwork:
-    """``net`` in the backend of its first torch or JAX operand (else numpy), in a dtype that
-    backend decomposes: half precision and integers go to float32/float64 (no half QR/SVD on CPU)."""
-    like = pick_like(*net.scales, net.factors.core)
-    return net.to(namespace(like).decomposable(like))
-
-
 def _core_matrix(backend: ModuleType, spec: TeRASpec, mats: list, core: Array, grad: bool) -> Array:
     """``S_row · G_mat · S_colᵀ`` (α already inside ``mats[0]``), in ``backend``."""
     p = spec.n_row
@@ -171,8 +165,7 @@ def tera_singular_values(
     Cost: QR of each ``K_n × R_n`` factor, mode products on the core and an SVD of a
     ``≤ ∏R_row × ∏R_col`` matrix (see the module docstring for padded specs).
     """
-    net = network_of(spec, factors, scales, alpha, "tera_singular_values")
-    net = _decomposable(net)
+    net = decomposable_network(spec, factors, scales, alpha, "tera_singular_values")
     mats = dense_factor_matrices(net)
     return _singular_values(net.spec, mats, net.factors.core)
 
@@ -206,8 +199,7 @@ def tera_rank_summary(
     the materialized ΔW would report, even when the spectrum was computed in float64. Takes a
     :class:`tera_tn.core.network.TeRANetwork` in place of ``(spec, factors, scales, alpha)``.
     """
-    net = network_of(spec, factors, scales, alpha, "tera_rank_summary")
-    net = _decomposable(net)
+    net = decomposable_network(spec, factors, scales, alpha, "tera_rank_summary")
     mats = dense_factor_matrices(net)
     sv = _singular_values(net.spec, mats, net.factors.core)
     if dtype is None:

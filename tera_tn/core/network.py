@@ -41,6 +41,7 @@ from .spec import TeRASpec, check_spec, prefix_rank
 __all__ = [
     "TeRANetwork",
     "network_of",
+    "decomposable_network",
     "spec_and_scales",
     "scaled_factors",
     "scale_factor_matrices",
@@ -177,6 +178,19 @@ def network_of(spec: object, factors: object, scales: object, alpha: object, cal
     return _unchecked(*_checked(spec, factors, scales, alpha, None, caller))
 
 
+def decomposable_network(spec: object, factors: object, scales: object, alpha: object, caller: str) -> TeRANetwork:
+    """:func:`network_of`, with every operand converted once, here, to what spectral analysis
+    decomposes: the backend and device of the first torch or JAX operand (else numpy), in a dtype
+    that backend decomposes (half precision and integers go to float32/float64: no half QR/SVD
+    on CPU). What is computed from the result (:func:`dense_factor_matrices`) converts nothing."""
+    net = network_of(spec, factors, scales, alpha, caller)
+    like = pick_like(*net.scales, net.factors.core)
+    like = namespace(like).decomposable(like)
+    converted = tuple(to_like(s, like) for s in net.scales)
+    factors = net.factors.to(like)
+    return _unchecked(net.spec, factors, converted, net.alpha, net.recipe)
+
+
 def spec_and_scales(spec: object, scales: object, caller: str) -> tuple[TeRASpec, tuple[Array, ...]]:
     """``(spec, scales)`` checked, or those of a :class:`TeRANetwork` given as ``spec``; for the
     functions that need no factors (:func:`theoretical_rank` and its kin)."""
@@ -256,11 +270,11 @@ def dense_factor_matrices(net: TeRANetwork) -> list[Array]:
     """Every ``A_n`` of a network (operands in one backend and dtype) as a ``(K_n, R_n)`` matrix,
     α folded into ``A_1``: :func:`scale_factor_matrices`, and ``diag(λ_n)`` for identity factors,
     which ΔW itself never forms. The operands that spectral analysis decomposes."""
-    if net.spec.diag == "identity":
-        mats = [namespace(s).diag(s) for s in net.scales]
-        mats[0] = mats[0] * net.alpha
-        return mats
-    return list(scale_factor_matrices(net.spec, net.factors.factors, net.scales, net.alpha))
+    if net.spec.diag != "identity":
+        return list(scale_factor_matrices(net.spec, net.factors.factors, net.scales, net.alpha))
+    mats = [namespace(s).diag(s) for s in net.scales]
+    mats[0] = mats[0] * net.alpha
+    return mats
 
 
 def kron_vectors(vectors: Sequence[Array]) -> Array:
