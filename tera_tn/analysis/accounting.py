@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 from ..checks import check_size
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, TeRASpec
 
-__all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "METHODS"]
+__all__ = ["LayerCost", "MethodTotals", "layer_cost", "method_totals", "spec_totals", "METHODS"]
 
 METHODS = ("tera", "lora", "vera", "hira")
 
@@ -111,12 +111,9 @@ def method_totals(
         spec_list = list(specs) if specs is not None else [
             TeRASpec.from_shape(o, i, order=order, ranks=ranks, diag=diag) for o, i in shapes
         ]
-        if len(spec_list) != len(shapes):
-            raise ValueError(f"got {len(spec_list)} specs for {len(shapes)} layer shapes")
-        layers = tuple(layer_cost("tera", o, i, spec=s) for (o, i), s in zip(shapes, spec_list))
-        frozen = sum(s.num_frozen for s in set(spec_list))
         ranks_label = "full" if ranks == "full" else f"ranks={ranks}"
         label = f"TeRA order {order}, {ranks_label}" + ("" if diag == DEFAULT_DIAG else f", diag={diag}")
+        return spec_totals(shapes, spec_list, label)
     else:
         layers = tuple(layer_cost(method, o, i, r=r) for o, i in shapes)
         frozen = 0
@@ -128,6 +125,27 @@ def method_totals(
         label=label,
         trainable=sum(lc.trainable for lc in layers),
         frozen_shared=frozen,
+        min_max_rank=min(lc.max_rank for lc in layers),
+        layers=layers,
+    )
+
+
+def spec_totals(shapes: Sequence[tuple[int, int]], specs: Sequence[TeRASpec], label: str) -> MethodTotals:
+    """TeRA's :func:`method_totals` from checked layer shapes and their specs (one per shape,
+    built once by the caller: a spec is validated where it is made, so nothing is rebuilt here);
+    frozen factors are counted once per distinct spec (shape group)."""
+    if len(specs) != len(shapes):
+        raise ValueError(f"got {len(specs)} specs for {len(shapes)} layer shapes")
+    for shape, spec in zip(shapes, specs):
+        if not isinstance(spec, TeRASpec) or spec.shape != tuple(shape):
+            got = spec if isinstance(spec, TeRASpec) else repr(spec)
+            raise ValueError(f"method 'tera' needs a TeRASpec of shape {tuple(shape)}, got {got}")
+    layers = tuple(LayerCost("tera", s.d_out, s.d_in, s.num_trainable, s.max_rank) for s in specs)
+    return MethodTotals(
+        method="tera",
+        label=label,
+        trainable=sum(lc.trainable for lc in layers),
+        frozen_shared=sum(s.num_frozen for s in set(specs)),
         min_max_rank=min(lc.max_rank for lc in layers),
         layers=layers,
     )

@@ -33,14 +33,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from .accounting import method_totals
+from .accounting import method_totals, spec_totals
 from ..core.factors import init_scales, random_factors
-from ..core.network import theoretical_rank
+from ..core.network import TeRANetwork, generic_rank
 from .methods import Method, adapter_file_bytes
 from .rank import summarize_singular_values
 from .shapes import LayerShape, as_layer_shapes, linear_shapes, model_shapes
 from ..core.spec import TeRASpec
-from .spectrum import tera_singular_values
+from .spectrum import network_singular_values
 
 __all__ = ["DEFAULT_METHODS", "ACHIEVED_MODES", "MethodRow", "ModelReport", "model_report"]
 
@@ -215,13 +215,16 @@ class ModelReport:
 
 
 def _achieved_rank(spec: TeRASpec, seed: int, mode: str, max_side: int) -> tuple[int, str, Optional[int]]:
-    """(rank, source, float32-threshold rank or None) at random λ for one shape group."""
+    """(rank, source, float32-threshold rank or None) at random λ for one shape group; ``spec``
+    was built (and so checked) once by the caller, and the network here is checked once where it
+    is made: the rank tools take it as it is."""
     scales = init_scales(spec, "random", seed=seed)
     p = spec.n_row
     side = min(math.prod(spec.ranks[:p]), math.prod(spec.ranks[p:]))
     if mode == "theoretical" or (mode == "auto" and side > max_side):
-        return theoretical_rank(spec, scales), "theoretical", None
-    sv = tera_singular_values(spec, random_factors(spec, seed), scales)
+        return generic_rank(spec, scales), "theoretical", None
+    # seeded numpy float64 operands: already what the spectrum decomposes
+    sv = network_singular_values(TeRANetwork(spec, random_factors(spec, seed), scales))
     # The float32 count predicts what a dense float32 SVD would see (see docs/rank-analysis.md).
     r64 = summarize_singular_values(sv, spec.shape, "float64").numerical_rank
     r32 = summarize_singular_values(sv, spec.shape, "float32").numerical_rank
@@ -292,9 +295,10 @@ def model_report(
 
 
 def _method_row(m: Method, layers, shapes, counts, dense, seed, achieved, max_side) -> MethodRow:
+    # each shape group's spec is built (and checked) once, here; everything below takes it
     specs = {s: m.spec(*s) for s in counts} if m.kind == "tera" else {}
     if m.kind == "tera":
-        totals = method_totals("tera", shapes, order=m.order, ranks=m.ranks, diag=m.diag, specs=[specs[s] for s in shapes])
+        totals = spec_totals(shapes, [specs[s] for s in shapes], m.label)
         config = {"order": list(m.order) if isinstance(m.order, tuple) else m.order,
                   "ranks": list(m.ranks) if isinstance(m.ranks, tuple) else m.ranks, "diag": m.diag}
     else:

@@ -55,6 +55,7 @@ from ..core.spec import TeRASpec
 
 __all__ = [
     "tera_singular_values",
+    "network_singular_values",
     "tera_rank_summary",
     "TeRAConditioning",
     "tera_conditioning",
@@ -166,6 +167,14 @@ def tera_singular_values(
     ``≤ ∏R_row × ∏R_col`` matrix (see the module docstring for padded specs).
     """
     net = decomposable_network(spec, factors, scales, alpha, "tera_singular_values")
+    mats = dense_factor_matrices(net)
+    return _singular_values(net.spec, mats, net.factors.core)
+
+
+def network_singular_values(net: TeRANetwork) -> Array:
+    """:func:`tera_singular_values` of a validated network whose operands already share one
+    backend and a dtype it decomposes (what :func:`tera_tn.core.network.decomposable_network`
+    returns, or seeded numpy float64 factors and scales): nothing is checked or converted again."""
     mats = dense_factor_matrices(net)
     return _singular_values(net.spec, mats, net.factors.core)
 
