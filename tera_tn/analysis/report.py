@@ -288,15 +288,17 @@ def model_report(
     rows = []
     for m in method_list:
         try:
-            rows.append(_method_row(m, layers, shapes, counts, dense, seed, achieved, structured_max_side))
+            # each shape group's spec is built (and checked) once, here; the row takes them as they are
+            specs = {s: m.spec(*s) for s in counts} if m.kind == "tera" else {}
+            rows.append(_method_row(m, specs, layers, shapes, counts, dense, seed, achieved, structured_max_side))
         except ValueError as err:
             raise ValueError(f"{m.label}: {err}") from None
     return ModelReport(name or label, len(layers), dense, counts, tuple(rows), seed)
 
 
-def _method_row(m: Method, layers, shapes, counts, dense, seed, achieved, max_side) -> MethodRow:
-    # each shape group's spec is built (and checked) once, here; everything below takes it
-    specs = {s: m.spec(*s) for s in counts} if m.kind == "tera" else {}
+def _method_row(m: Method, specs: dict, layers, shapes, counts, dense, seed, achieved, max_side) -> MethodRow:
+    found = {s: _achieved_rank(specs[s], seed, achieved, max_side) for s in counts} \
+        if m.kind == "tera" and achieved != "none" else {}
     if m.kind == "tera":
         totals = spec_totals(shapes, [specs[s] for s in shapes], m.label)
         config = {"order": list(m.order) if isinstance(m.order, tuple) else m.order,
@@ -306,16 +308,13 @@ def _method_row(m: Method, layers, shapes, counts, dense, seed, achieved, max_si
         config = {"r": m.r}
     per_shape = {(lc.d_out, lc.d_in): lc for lc in totals.layers}
     groups = []
-    achieved_ranks, sources = [], set()
     for s, c in counts.items():
         lc = per_shape[s]
-        ach = src = r32 = None
-        if m.kind == "tera" and achieved != "none":
-            ach, src, r32 = _achieved_rank(specs[s], seed, achieved, max_side)
-            achieved_ranks.append(ach)
-            sources.add(src)
+        ach, src, r32 = found.get(s, (None, None, None))
         groups.append(ShapeGroupRow(s[0], s[1], c, lc.trainable, lc.max_rank, ach, src, r32,
                                     str(specs[s]) if m.kind == "tera" else None))
+    achieved_ranks = [a for a, _, _ in found.values()]
+    sources = {src for _, src, _ in found.values()}
     return MethodRow(
         method=m.kind,
         label=m.label,

@@ -168,7 +168,8 @@ def tera_singular_values(
     """
     net = decomposable_network(spec, factors, scales, alpha, "tera_singular_values")
     mats = dense_factor_matrices(net)
-    return _singular_values(net.spec, mats, net.factors.core)
+    backend = namespace(net.factors.core)
+    return _singular_values(backend, net.spec, mats, net.factors.core)
 
 
 def network_singular_values(net: TeRANetwork) -> Array:
@@ -176,12 +177,13 @@ def network_singular_values(net: TeRANetwork) -> Array:
     backend and a dtype it decomposes (what :func:`tera_tn.core.network.decomposable_network`
     returns, or seeded numpy float64 factors and scales): nothing is checked or converted again."""
     mats = dense_factor_matrices(net)
-    return _singular_values(net.spec, mats, net.factors.core)
+    backend = namespace(net.factors.core)
+    return _singular_values(backend, net.spec, mats, net.factors.core)
 
 
-def _singular_values(spec: TeRASpec, mats: list, core: Array) -> Array:
-    """:func:`tera_singular_values` from the scaled factors and the core (one decomposable dtype)."""
-    backend = namespace(core)
+def _singular_values(backend: ModuleType, spec: TeRASpec, mats: list, core: Array) -> Array:
+    """:func:`tera_singular_values` from the scaled factors and the core (one decomposable dtype),
+    in their ``backend``."""
     grad = backend.needs_grad([*mats, core])
     sv = backend.svdvals(_core_matrix(backend, spec, mats, core, grad))
     k = min(spec.d_out, spec.d_in)
@@ -210,7 +212,8 @@ def tera_rank_summary(
     """
     net = decomposable_network(spec, factors, scales, alpha, "tera_rank_summary")
     mats = dense_factor_matrices(net)
-    sv = _singular_values(net.spec, mats, net.factors.core)
+    backend = namespace(net.factors.core)
+    sv = _singular_values(backend, net.spec, mats, net.factors.core)
     if dtype is None:
         dtype = dtype_name(sv.dtype)
     return summarize_singular_values(sv, net.spec.shape, dtype, rtol=rtol, atol=atol, energy=energy)
@@ -331,7 +334,7 @@ def tera_conditioning(
     if include_core:
         rows = math.prod(spec.ranks[:p])
         core_cond = _cond(np.linalg.svd(np.asarray(core).reshape(rows, -1), compute_uv=False))
-    sv = np.asarray(_singular_values(spec, mats, core), dtype=np.float64)
+    sv = np.asarray(_singular_values(namespace(core), spec, mats, core), dtype=np.float64)
     by_dtype = {}
     for name in ("float64", "float32", "bfloat16", "float16"):
         rtol = max(spec.shape) * dtype_eps(name)
