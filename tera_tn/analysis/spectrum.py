@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..backends import Array, dtype_name, namespace, pick_like, to_numpy
+from ..backends import Array, dtype_name, namespace, to_numpy
 from ..core.factors import TeRAFactors
 from ..core.modeproduct import multi_mode_product
 from ..core.network import (TeRANetwork, decomposable_network, dense_factor_matrices, generic_rank, network_of,
