@@ -291,3 +291,35 @@ def test_the_legacy_torch_file_goes_into_an_adapter_store(tmp_path):
     reference = _base()
     load_tera(reference, DATA / "legacy_torch.safetensors")
     torch.testing.assert_close(model(_x()), reference(_x()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_legacy_per_layer_scale_adapter_loads_through_peft_and_load_tera():
+    # A study adapter of the per-layer scale (alpha_scaling="w0_relative", α = 0.7) written by the
+    # format-1 PEFT writer on MiniLM: its file records ‖W0‖ per layer but not the layer's α, which
+    # the reader derives from the seed's frozen map. Loading it once raised KeyError (the fresh
+    # factor bank held no group for the spec).
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    import tera_tn.peft  # noqa: F401
+    from tera_tn.finetune import load_model
+    from tera_tn.torch.bank import FactorBank
+
+    folder = DATA / "legacy_peft_w0_relative"
+    meta = read_adapter_metadata(folder)
+    assert meta["lambda_layout"] == PER_LAYER and len(meta["layers"]) == 36
+    encoder, _ = load_model()
+    bank = FactorBank(2, "orthogonal", "float32")
+    for name, info in meta["layers"].items():
+        spec = TeRASpec.from_dict(info["spec"])
+        bank.add(spec)
+        w0 = encoder.get_submodule(name).weight.detach().double()
+        assert info["w0_norm"] == pytest.approx(float(torch.linalg.matrix_norm(w0)), rel=1e-6), name
+        assert info["alpha"] * bank.frozen_norm(spec) / info["w0_norm"] == pytest.approx(0.7, rel=1e-12), name
+    peft_model = PeftModel.from_pretrained(load_model()[0], str(folder))
+    plain = load_model()[0]
+    load_tera(plain, folder)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    torch.testing.assert_close(plain(input_ids=ids).last_hidden_state, peft_model(input_ids=ids).last_hidden_state,
+                               rtol=1e-5, atol=1e-5)

@@ -145,7 +145,9 @@ def _completed(meta: dict, keys: Iterable[str]) -> dict:
             e = meta["layers"][name]
             bank = banks.setdefault((e["seed"], e["factor_init"], e["factor_dtype"]),
                                     FactorBank(e["seed"], e["factor_init"], e["factor_dtype"]))
-            e["alpha"] = float(meta["alpha"]) * float(e["w0_norm"]) / bank.frozen_norm(TeRASpec.from_dict(e["spec"]))
+            spec = TeRASpec.from_dict(e["spec"])
+            bank.add(spec)  # a fresh bank holds no group yet: its frozen map comes from the seed
+            e["alpha"] = float(meta["alpha"]) * float(e["w0_norm"]) / bank.frozen_norm(spec)
     return meta
 
 
