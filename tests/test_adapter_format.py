@@ -25,24 +25,17 @@ from tera_tn.core.adapter_format import (  # noqa: E402
 from tera_tn.torch import CheckpointMismatch, TeRALayersConfig, add_tera, load_tera, save_tera, tera_layers  # noqa: E402
 from tera_tn.torch.adapter_file import read_adapter_metadata  # noqa: E402
 
+from tiny_models import TinyMLP  # noqa: E402
 from tolerance import assert_matches_golden  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(12, 24)
-        self.down = nn.Linear(24, 12)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def _base() -> nn.Module:
     torch.manual_seed(0)
-    return _Tiny()
+    return TinyMLP()
 
 
 def _trained(model, layers):
@@ -80,11 +73,14 @@ _specs = st.sampled_from([TeRASpec.from_shape(24, 12, order=3), TeRASpec.from_sh
                           TeRASpec.from_shape(24, 12, order=4, ranks=0.5, diag="both")])
 _entries = st.dictionaries(
     st.from_regex(r"[a-z]{1,6}(\.[0-9]{1,2})?", fullmatch=True),
-    st.builds(lambda spec, seed, alpha, w0, fifo: layer_entry(spec, seed=seed, factor_init="orthogonal",
-                                                             factor_dtype="float32", alpha=alpha, w0_norm=w0,
-                                                             fan_in_fan_out=fifo),
+    st.builds(lambda spec, seed, alpha, how, w0, fifo: layer_entry(
+                  spec, seed=seed, factor_init="orthogonal", factor_dtype="float32", alpha=alpha,
+                  alpha_scaling=how[0], update=how[1], w0_norm=w0 if how[2] else None, fan_in_fan_out=fifo),
               _specs, st.integers(0, 3), st.sampled_from([1.0, 0.5, 2.0]),
-              st.one_of(st.none(), st.floats(0.5, 9.0)), st.booleans()),
+              # (alpha_scaling, update, pins W0): the base weight's norm is stored exactly when either uses W0
+              st.sampled_from([("constant", "additive", False), ("w0_relative", "additive", True),
+                               ("constant", "multiplicative", True)]),
+              st.floats(0.5, 9.0), st.booleans()),
     min_size=1, max_size=5,
 )
 

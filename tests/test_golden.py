@@ -29,6 +29,7 @@ from tera_tn.core.spec import DIAG_PLACEMENTS
 from tera_tn.torch import TeRALayersConfig, add_tera, load_tera, save_tera
 from tera_tn.torch.checkpoint import CheckpointMismatch, read_tera_metadata
 
+from tiny_models import TinyMLP
 from tolerance import assert_matches_golden
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -80,21 +81,11 @@ def test_golden_delta(golden, name, init, diag):
 # --- the recipe in checkpoints ------------------------------------------------------------------
 
 
-class _Tiny(nn.Module):
-    """The model the legacy adapters were written for."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(12, 24)
-        self.down = nn.Linear(24, 12)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def _torch_model() -> nn.Module:
     torch.manual_seed(0)
-    m = _Tiny()
+    m = TinyMLP()
     # The legacy adapters were written with rank-side diagonals, the default of their day.
     add_tera(m, TeRALayersConfig(order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64"))
     return m
@@ -171,14 +162,14 @@ def _peft_model():
 
     torch.manual_seed(0)
     cfg = TeraConfig(target_modules=["up", "down"], order=3, diag="rank", alpha=2.0, seed=7, factor_dtype="float64")
-    return get_peft_model(_Tiny(), cfg)
+    return get_peft_model(TinyMLP(), cfg)
 
 
 def _peft_load(path):
     from peft import PeftModel
 
     torch.manual_seed(0)
-    return PeftModel.from_pretrained(_Tiny(), str(path))
+    return PeftModel.from_pretrained(TinyMLP(), str(path))
 
 
 def test_legacy_peft_adapter_loads_as_generator_version_1():

@@ -24,6 +24,8 @@ from tera_tn.analysis.spectrum import tera_singular_values, theoretical_multilin
 from tera_tn.torch import TeRALayersConfig, TeRALinear, add_tera, load_tera, save_tera
 from tera_tn.torch.autograd import FrozenNetwork, tera_linear
 
+from tiny_models import TinyMLP
+
 both_specs = specs(diags=("both",))
 
 
@@ -173,14 +175,6 @@ def test_both_backward_keeps_no_dense_tensor(strategy):
 # --- layers, merge, checkpoints -------------------------------------------------------------------
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(12, 24)
-        self.down = nn.Linear(24, 12)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def _randomize(lams, seed: int) -> None:
@@ -192,7 +186,7 @@ def _randomize(lams, seed: int) -> None:
 
 def test_both_torch_layer_merge_and_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = _Tiny()
+    model = TinyMLP()
     summary = add_tera(model, TeRALayersConfig(order=3, diag="both", alpha=2.0))
     layers = [m for m in model.modules() if isinstance(m, TeRALinear)]
     assert all(layer.spec.diag == "both" for layer in layers) and len(layers) == 2
@@ -212,7 +206,7 @@ def test_both_torch_layer_merge_and_checkpoint(tmp_path):
     assert torch.allclose(layers[0].base_layer.weight, w0, atol=1e-6)
     save_tera(model, tmp_path / "a.safetensors")
     torch.manual_seed(0)
-    fresh = _Tiny()
+    fresh = TinyMLP()
     add_tera(fresh, TeRALayersConfig(order=3, diag="both", alpha=2.0))
     load_tera(fresh, tmp_path / "a.safetensors")
     assert torch.equal(fresh(x), y)
@@ -227,7 +221,7 @@ def test_both_peft_roundtrip(tmp_path):
 
     torch.manual_seed(0)
     cfg = TeraConfig(target_modules=["up", "down"], order=3, diag="both", alpha=2.0)
-    model = get_peft_model(_Tiny(), cfg)
+    model = get_peft_model(TinyMLP(), cfg)
     layers = [m for m in model.modules() if isinstance(m, TeraLayer)]
     for i, layer in enumerate(layers):
         lam = layer.tera_lambda["default"]
@@ -242,7 +236,7 @@ def test_both_peft_roundtrip(tmp_path):
     assert relerr(delta.double().numpy(), delta_weight(spec, f, lams, 2.0)) < 1e-6
     save_adapter(model, tmp_path / "ad")
     torch.manual_seed(0)
-    loaded = PeftModel.from_pretrained(_Tiny(), tmp_path / "ad")
+    loaded = PeftModel.from_pretrained(TinyMLP(), tmp_path / "ad")
     assert torch.allclose(loaded(x), y, atol=1e-6)
     merged = loaded.merge_and_unload()
     assert torch.allclose(merged(x), y, atol=1e-5)
@@ -264,7 +258,7 @@ def test_scale_init_value_sets_the_nonzero_vectors(spec, value):
 
 def test_scale_init_value_reaches_the_layers():
     torch.manual_seed(0)
-    model = _Tiny()
+    model = TinyMLP()
     add_tera(model, TeRALayersConfig(order=3, scale_init_value=0.1))
     layer = model.up
     assert torch.all(layer.scales()[0] == 0)

@@ -215,6 +215,12 @@ BASELINES_2 = (
 #: ‖M_l‖/‖W0_l‖ over MiniLM's q/k/v/dense at α = 1 (0.53 to 1.18), so the average layer keeps the
 #: default's step at the same rate and only the spread across layers changes
 W0_SCALED = _tera("tera_w0_scaled", **DEFAULTS, alpha_scaling="w0_relative", alpha=0.7)
+#: the multiplicative variant at the default's trainable count: ΔW = α·W0 ⊙ N(λ) (HiRA's form with
+#: TeRA's full-rank N). α = 16 is the geometric mean of ‖M_l‖/‖W0_l ⊙ M_l‖ over MiniLM's q/k/v/dense
+#: (10.5 to 25.9; W0's entries have rms 0.04-0.10), so at unit λ the update has the additive default's
+#: size on average and the same rate grid applies; under Adam α trades against the rate, so the grid
+#: (extended past any winning edge) is the α sweep
+MULTIPLICATIVE = _tera("tera_multiplicative", **DEFAULTS, update="multiplicative", alpha=16.0)
 
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
@@ -240,9 +246,11 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     "v2": (Stage(CHOICE, (0, 1, 2), BASELINES_2, PROTOCOL_2, tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),
            Stage((HELD_OUT,), (0, 1, 2), BASELINES_2, PROTOCOL_2, lr_from=CHOICE, tune_seeds=(0,),
                  head_lr_from="head_only")),
-    # protocol 2's screen of the W0-aware variants on two choice datasets; head-only's runs are shared
+    # protocol 2's screen of the W0-aware variants on two choice datasets (run keys do not depend on a
+    # contender's position, so adding one re-runs nothing); head-only's runs are shared
     # with the v2 plan (same keys), so the head's rate is the one v2 chose
-    "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED), PROTOCOL_2,
+    "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED, MULTIPLICATIVE),
+                        PROTOCOL_2,
                         tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),),
     # the test suite's plan: a real model and data, a handful of steps
     "smoke": (Stage(("rotten_tomatoes",), (0,), (Contender("tera_smoke", "tera", (3e-2,), {"order": 4}),),

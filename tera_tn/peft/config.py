@@ -56,6 +56,9 @@ class TeraConfig(PeftConfig):
         specs: explicit specs per weight shape, ``{"768x384": TeRASpec or its dict}`` (tuples
             ``(d_out, d_in)`` are accepted as keys); other shapes follow ``order``/``ranks``/``diag``.
         alpha: global scale α of ΔW.
+        alpha_scaling: ``"constant"`` or ``"w0_relative"`` (α per layer relative to ``‖W0‖``).
+        update: ``"additive"`` (``W0 + ΔW``, default) or ``"multiplicative"`` (``W0 + W0 ⊙ ΔW``,
+            HiRA's form; tune ``alpha`` with the rate, see :class:`tera_tn.torch.TeRALayersConfig`).
         seed: seed of the frozen factors (bit-identical factors in every process).
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         factor_dtype: storage dtype of the frozen factors, ``"float32"`` or ``"float64"``.
@@ -95,6 +98,8 @@ class TeraConfig(PeftConfig):
     alpha: float = field(default=1.0, metadata={"help": "Global scale of ΔW"})
     alpha_scaling: str = field(
         default="constant", metadata={"help": "'constant' or 'w0_relative' (alpha·‖W0‖/‖M‖ per layer)"})
+    update: str = field(
+        default="additive", metadata={"help": "'additive' (W0 + ΔW) or 'multiplicative' (W0 + W0 ⊙ ΔW)"})
     seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})
     factor_init: str = field(default="orthogonal", metadata={"help": "Frozen factor init"})
     factor_dtype: str = field(default="float32", metadata={"help": "Storage dtype of frozen factors"})
@@ -163,6 +168,7 @@ class TeraConfig(PeftConfig):
             specs=specs,
             alpha=self.alpha,
             alpha_scaling=self.alpha_scaling,
+            update=self.update,
             seed=self.seed,
             factor_init=self.factor_init,
             scale_init=self.scale_init,

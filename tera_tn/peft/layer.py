@@ -172,7 +172,8 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
     # --- mixed-adapter batches -----------------------------------------------------------------
     def _mixed_plan(self, adapter_names, device: torch.device) -> list:
         """``[(group, used, batch_rows, which)]``: the rows of each group of adapters that share one
-        frozen network (same bank and spec), the adapters it uses and which of them each row takes.
+        frozen network (same bank, spec and update form), the adapters it uses and which of them each
+        row takes.
 
         Rows named ``"__base__"``, or an adapter this layer does not carry, are in no group (PEFT's
         convention). Kept for the last ``adapter_names`` seen, so ``generate`` plans once per layer.
@@ -186,7 +187,7 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             if name == BASE_ROW:
                 continue
             if name in self.tera_lambda:
-                group, ref = (id(self.tera_bank[name]), self.tera_spec[name]), name
+                group, ref = (id(self.tera_bank[name]), self.tera_spec[name], self.tera_update[name]), name
             elif slot is not None and name in slot[0]:
                 group, ref = "store", slot[0]._rows_of[name]
             else:
@@ -218,16 +219,20 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             )
         result = self.get_base_layer()(x, *args, **kwargs)
         for group, used, rows, which in self._mixed_plan(adapter_names, x.device):
-            if group == "store":
-                store, offset, spec, bank = self._tera_store_slot
-                table, alphas = store._rows(used, offset, spec.num_trainable)
-            else:
-                spec, bank = self.tera_spec[used[0]], self.tera_bank[used[0]]
-                table = torch.stack([self.tera_lambda[a] for a in used])
-                alphas = torch.tensor([self.tera_alpha[a] for a in used])
             every_row = len(rows) == len(x)
             xs = x if every_row else x.index_select(0, rows)
-            delta = self._rows_delta(xs, spec, bank, table, alphas, which).to(result.dtype)
+            if group != "store" and group[2] == "multiplicative":
+                delta = self._multiplicative_rows(xs, used, which)
+            else:
+                if group == "store":
+                    store, offset, spec, bank = self._tera_store_slot
+                    table, alphas = store._rows(used, offset, spec.num_trainable)
+                else:
+                    spec, bank = self.tera_spec[used[0]], self.tera_bank[used[0]]
+                    table = torch.stack([self.tera_lambda[a] for a in used])
+                    alphas = torch.tensor([self.tera_alpha[a] for a in used])
+                delta = self._rows_delta(xs, spec, bank, table, alphas, which)
+            delta = delta.to(result.dtype)
             result = result + delta if every_row else result.index_add(0, rows, delta)
         return result
 

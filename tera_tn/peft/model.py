@@ -342,7 +342,8 @@ class TeraModel(BaseTuner):
         alphas = {name: layer.tera_alpha[adapter_name] for name, layer in self.adapter_layers(adapter_name).items()}
         return adapter_signature(layers, seed=config.seed, factor_init=config.factor_init,
                                  factor_dtype=config.factor_dtype, alpha=config.alpha,
-                                 alpha_scaling=getattr(config, "alpha_scaling", "constant"), w0_norms=norms,
+                                 alpha_scaling=getattr(config, "alpha_scaling", "constant"),
+                                 update=getattr(config, "update", "additive"), w0_norms=norms,
                                  alphas=alphas, factors_included=bool(getattr(config, "save_factors", False)))
 
     # --- state dict hooks (save / load) ------------------------------------------------------
@@ -460,7 +461,7 @@ class TeraModel(BaseTuner):
             if key in present:
                 found, warned = layer_lambda_problems(
                     saved_key(key), present[key], layer, layer.tera_spec[adapter_name], layer.tera_bank[adapter_name],
-                    layer.tera_alpha[adapter_name],
+                    layer.tera_alpha[adapter_name], layer.tera_update[adapter_name],
                 )
                 problems += found
                 notes += warned

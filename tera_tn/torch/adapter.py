@@ -31,7 +31,7 @@ from ..core.factors import SCALE_INITS, check_scale_value, init_scales
 from ..core.spec import TeRASpec
 from .autograd import compute_dtype, merged_weight, mixed_delta, no_autocast, non_finite, tera_linear
 from .bank import FactorBank
-from .config import ALPHA_SCALINGS, LAYER_STRATEGIES
+from .config import ALPHA_SCALINGS, LAYER_STRATEGIES, UPDATES
 from .frozen import FrozenNetwork
 from .planning import layer_plan
 
@@ -78,11 +78,16 @@ def weight_norm(w: torch.Tensor) -> float:
     return math.sqrt(math.fsum(w.detach().to("cpu", torch.float64).square().reshape(-1).tolist()))
 
 
-def _check_options(alpha, alpha_scaling, scale_init, zero_mode, scale_init_value, dropout, strategy, check_finite,
-                   cache_delta) -> None:
+def _check_options(alpha, alpha_scaling, update, scale_init, zero_mode, scale_init_value, dropout, strategy,
+                   check_finite, cache_delta) -> None:
     """Validate the per-adapter options (the keys of :meth:`TeRALayersConfig.layer_options`)."""
     if alpha_scaling not in ALPHA_SCALINGS:
         raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {alpha_scaling!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if update == "multiplicative" and alpha_scaling != "constant":
+        raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {alpha_scaling!r}: W0 ⊙ ΔW is "
+                         "already relative to each weight, so tune alpha with the learning rate instead")
     if strategy not in LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
@@ -109,6 +114,8 @@ class TeRAAdapters:
     Attributes (dicts keyed by adapter name):
         tera_lambda: the trainable vectors ``λ_1..λ_N`` concatenated (fp32, ``spec.num_trainable``).
         tera_spec, tera_alpha, tera_strategy, tera_dropout: the adapter's spec, α, strategy, dropout.
+        tera_update, tera_alpha_scaling: the update form (``"additive"``: ``W0 + ΔW``;
+            ``"multiplicative"``: ``W0 + W0 ⊙ ΔW``) and how α was set.
         tera_check_finite: whether forward checks that the adapter's λ are finite.
         tera_cache_delta: whether inference reuses ``W0 + ΔW`` between calls.
     """
@@ -122,8 +129,15 @@ class TeRAAdapters:
         self.tera_dropout = nn.ModuleDict({})
         self.tera_spec: dict[str, TeRASpec] = {}
         self.tera_alpha: dict[str, float] = {}
-        # ‖W0‖_F each "w0_relative" adapter's α was computed from (checkpoints pin it)
+        self.tera_update: dict[str, str] = {}
+        self.tera_alpha_scaling: dict[str, str] = {}
+        # ‖W0‖_F that each "w0_relative" α was computed from, or each multiplicative ΔW multiplies
+        # (checkpoints pin it)
         self.tera_w0_norm: dict[str, float] = {}
+        # A multiplicative ΔW is W0 ⊙ N for the W0 with no adapter merged; while adapters are merged
+        # into the weight, that W0 is kept here (merge order and unmerge then cannot change it).
+        self._tera_folded: list[str] = []
+        self._tera_unmerged_w0: Optional[torch.Tensor] = None
         self.tera_strategy: dict[str, str] = {}
         self.tera_check_finite: dict[str, bool] = {}
         self.tera_cache_delta: dict[str, bool] = {}
@@ -149,14 +163,20 @@ class TeRAAdapters:
             )
         _check_options(**options)
         o = options
+        if o["update"] == "multiplicative" and self._tera_folded:
+            raise ValueError(f"{self._where(name)}: cannot add a multiplicative adapter while {self._tera_folded} "
+                             "are merged into the base weight (its ΔW multiplies the unmerged W0); unmerge first")
         bank.add(spec)
         self.tera_spec[name] = spec
         self.tera_alpha[name] = float(o["alpha"])
+        self.tera_update[name] = o["update"]
+        self.tera_alpha_scaling[name] = o["alpha_scaling"]
         self.tera_w0_norm.pop(name, None)
+        if o["alpha_scaling"] == "w0_relative" or o["update"] == "multiplicative":
+            why = "alpha_scaling='w0_relative'" if o["update"] == "additive" else "update='multiplicative'"
+            self.tera_w0_norm[name] = self._base_weight_norm(name, why)
         if o["alpha_scaling"] == "w0_relative":
-            w0_norm = self._base_weight_norm(name)
-            self.tera_alpha[name] *= w0_norm / bank.frozen_norm(spec)
-            self.tera_w0_norm[name] = w0_norm
+            self.tera_alpha[name] *= self.tera_w0_norm[name] / bank.frozen_norm(spec)
         self.tera_strategy[name] = o["strategy"]
         self.tera_check_finite[name] = o["check_finite"]
         self.tera_cache_delta[name] = o["cache_delta"]
@@ -170,17 +190,21 @@ class TeRAAdapters:
         self._tera_cache.pop(name, None)
 
     # --- helpers -----------------------------------------------------------------------------
-    def _base_weight_norm(self, name: str) -> float:
+    def _base_weight_norm(self, name: str, why: str) -> float:
         w0 = self.get_base_layer().weight
-        if not w0.is_floating_point() or w0.is_meta:
-            raise ValueError(f"{self._where(name)}: alpha_scaling='w0_relative' needs the base layer's weight "
-                             f"values, got a {'meta' if w0.is_meta else 'packed ' + str(w0.dtype)} tensor; create the "
-                             "adapter on a floating-point, materialized base")
+        if not self._dense_base or not w0.is_floating_point() or w0.is_meta:
+            kind = "meta" if w0.is_meta else f"packed {w0.dtype}" if not w0.is_floating_point() else "quantized"
+            raise ValueError(f"{self._where(name)}: {why} needs the base layer's weight values, got a {kind} "
+                             "tensor; create the adapter on a floating-point, materialized base")
         norm = weight_norm(w0)
         if not (math.isfinite(norm) and norm > 0):
-            raise ValueError(f"{self._where(name)}: alpha_scaling='w0_relative' needs a finite, non-zero base "
-                             f"weight, got ‖W0‖ = {norm}")
+            raise ValueError(f"{self._where(name)}: {why} needs a finite, non-zero base weight, got ‖W0‖ = {norm}")
         return norm
+
+    def _unmerged_w0(self) -> torch.Tensor:
+        """``W0`` with no adapter merged, laid out ``(d_out, d_in)`` (a view: never written)."""
+        w = self._tera_unmerged_w0 if self._tera_unmerged_w0 is not None else self.get_base_layer().weight
+        return w.T if self.fan_in_fan_out else w
 
     def scales(self, name: str = DEFAULT_ADAPTER) -> list[torch.Tensor]:
         """``λ_1..λ_N`` of adapter ``name`` as views of its trainable vector (``μ_n`` then ``λ_n``
@@ -238,12 +262,15 @@ class TeRAAdapters:
         work = torch.promote_types(out_dtype, torch.float32)
         lams = [lam.to(device=w0.device, dtype=work) for lam in self.scales(name)]
         dw = merged_weight(self._network(name, work, w0.device), lams, self.tera_alpha[name], None)
+        if self.tera_update[name] == "multiplicative":
+            dw.mul_(self._unmerged_w0().to(work))
         return (dw.T if self.fan_in_fan_out else dw).to(out_dtype)
 
     @torch.no_grad()
     def _fold(self, name: str, sign: int) -> None:
         """``W0 ← W0 ± ΔW`` of adapter ``name`` in place; a merge refuses a non-finite ΔW (e.g. NaN
-        λ after a diverged run) and leaves W0 as it is."""
+        λ after a diverged run) and leaves W0 as it is. On a layer with a multiplicative adapter the
+        unmerged ``W0`` is kept while anything is merged, and the last unmerge restores it exactly."""
         w0 = self.get_base_layer().weight
         delta = self.get_delta_weight(name)
         if sign > 0:
@@ -251,9 +278,17 @@ class TeRAAdapters:
             if bad is not None:
                 why = self._bad_scales(name) or "λ are finite: ΔW overflows W0 dtype"
                 raise ValueError(f"refusing to merge {self._where(name)}: ΔW has {bad} ({why}); the base weight was not changed")
+            if self._tera_unmerged_w0 is None and "multiplicative" in self.tera_update.values():
+                self._tera_unmerged_w0 = w0.detach().clone()
             w0.add_(delta)
+            self._tera_folded.append(name)
         else:
             w0.sub_(delta)
+            if name in self._tera_folded:
+                self._tera_folded.remove(name)
+            if not self._tera_folded and self._tera_unmerged_w0 is not None:
+                w0.copy_(self._tera_unmerged_w0)
+                self._tera_unmerged_w0 = None
         self._tera_cache.clear()
 
     # --- forward -----------------------------------------------------------------------------
@@ -269,7 +304,12 @@ class TeRAAdapters:
             return found[1]
         lams = [s.to(dt) for s in self.scales(name)]
         with no_autocast(x.device.type):
-            weight = merged_weight(self._network(name, dt, x.device), lams, self.tera_alpha[name], w0.to(dt))
+            if self.tera_update[name] == "multiplicative":
+                base = self._unmerged_w0().to(dt)
+                weight = merged_weight(self._network(name, dt, x.device), lams, self.tera_alpha[name], None)
+                weight = weight.mul_(base).add_(w0.to(dt))
+            else:
+                weight = merged_weight(self._network(name, dt, x.device), lams, self.tera_alpha[name], w0.to(dt))
         self._tera_cache[name] = (key, weight)
         return weight
 
@@ -299,16 +339,37 @@ class TeRAAdapters:
             if not needs_grad and self.tera_cache_delta[a]:
                 return F.linear(x, self._cached_weight(a, x, dt), None if base.bias is None else base.bias.to(dt))
             self._tera_cache.pop(a, None)
+            if self.tera_update[a] == "multiplicative":
+                return tera_linear(x, base.weight, base.bias, self._network(a, dt, x.device), self.scales(a),
+                                   self.tera_alpha[a], w0=self._unmerged_w0())
             strategy = self._pick_strategy(a, n, x, needs_grad)
             return tera_linear(x, base.weight, base.bias, self._network(a, dt, x.device), self.scales(a),
                                self.tera_alpha[a], strategy)
         result = base(x, *args, **kwargs)
         for a in active:
             xa = self.tera_dropout[a](x).to(result.dtype)
-            strategy = self._pick_strategy(a, n, xa, needs_grad)
             net = self._network(a, compute_dtype(xa), xa.device)
-            result = result + tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a], strategy)
+            if self.tera_update[a] == "multiplicative":
+                delta = tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a], w0=self._unmerged_w0())
+            else:
+                delta = tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a],
+                                    self._pick_strategy(a, n, xa, needs_grad))
+            result = result + delta
         return result
+
+    def _multiplicative_rows(self, x: torch.Tensor, names: list[str], which: torch.Tensor) -> torch.Tensor:
+        """``W0 ⊙ ΔW_{names[which[i]]}`` applied to row ``i`` of ``x``, in the compute dtype. ``W0 ⊙ ΔW``
+        has no factored chain that rows could share, so each adapter builds its own weight once and
+        runs on its rows (one GEMM per adapter in the batch)."""
+        dt = compute_dtype(x)
+        w0 = self._unmerged_w0()
+        out = x.new_zeros(x.shape[:-1] + (self.out_features,), dtype=dt)
+        for k, a in enumerate(names):
+            rows = (which == k).nonzero().squeeze(1)
+            delta = tera_linear(x.index_select(0, rows), None, None, self._network(a, dt, x.device), self.scales(a),
+                                self.tera_alpha[a], w0=w0)
+            out = out.index_copy(0, rows, delta)
+        return out
 
     def _rows_delta(self, x: torch.Tensor, spec: TeRASpec, bank: FactorBank, table: torch.Tensor,
                     alphas: torch.Tensor, which: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ __all__ = [
     "no_autocast",
     "non_finite",
     "TeRALinearFunction",
+    "MultiplicativeLinearFunction",
     "tera_linear",
     "merged_weight",
     "mixed_delta",
@@ -118,8 +119,11 @@ def _inner_weight(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float
 
 
 def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: float, x: torch.Tensor,
-                    g: torch.Tensor, w: Optional[torch.Tensor], need_x: bool):
+                    g: torch.Tensor, w: Optional[torch.Tensor], need_x: bool, hadamard: Optional[torch.Tensor] = None):
     """``(grad_x or None, D = gᵀx, KronVectors of the gradients)`` of the ``"dense"`` strategy.
+
+    With ``hadamard`` (the multiplicative form's ``W0``) the layer's update is ``W0 ⊙ ΔW``: ``grad_x``
+    uses ``w + W0 ⊙ ΔW`` and the chain is pulled back from ``D ⊙ W0``; ``D`` is returned as is.
 
     With ``ΔW = uk ⊙ N ⊙ vkᵀ`` (:func:`_inner_weight`) and ``D = ∂L/∂ΔW = gᵀ x``:
     ``∂uk = (D ⊙ N) vk``, ``∂vk = (D ⊙ N)ᵀ uk``; the rank side sees ``D' = uk ⊙ D ⊙ vkᵀ`` through
@@ -140,6 +144,8 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
         # Without a mode side ``inner`` is this call's own chain output, free to overwrite (and
         # not needed again); the merged weight is dropped before D exists.
         weff = inner if uk is None else inner * uk[:, None] * vk[None, :]
+        if hadamard is not None:
+            weff = weff.mul_(hadamard)  # a fresh product either way (see above)
         if w is not None:
             weff = weff.add_(w)
         gx = g @ weff
@@ -147,20 +153,21 @@ def _dense_backward(net: FrozenNetwork, lams: Sequence[torch.Tensor], alpha: flo
         if uk is None:
             del inner
     dw = g.T @ x
+    d_delta = dw if hadamard is None else dw * hadamard
     d_uk = d_vk = d_ur = d_vr = None
-    d_rank = dw
+    d_rank = d_delta
     if uk is not None:
-        e = dw * inner
+        e = d_delta * inner
         d_uk = pad_cols((e @ vk)[None], po)[0]
         d_vk = pad_cols((e.T @ uk)[None], pi)[0]
         del e, inner
         if kr.ur is not None:
-            d_rank = dw * uk[:, None] * vk[None, :]
+            d_rank = d_delta * uk[:, None] * vk[None, :]
     if kr.ur is not None:
         if (po, pi) != (d_out, d_in):
             d_rank = F.pad(d_rank, (0, pi - d_in, 0, po - d_out))
         if spec.diag == "identity":
-            h = d_rank.clone() if d_rank is dw else d_rank
+            h = d_rank.clone() if d_rank is dw else d_rank  # dw is returned: never scaled in place
         else:
             h = layer_product(d_rank.contiguous().reshape(spec.modes), [u.T for u in net.factors])
             h = h.reshape(net.g_mat.shape)
@@ -230,6 +237,51 @@ class TeRALinearFunction(torch.autograd.Function):
                 _as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None for i, (gr, lam) in enumerate(zip(grads, lams))
             ]
         return (gx, gw, gb, None, None, None, *grads_lam)
+
+
+class MultiplicativeLinearFunction(torch.autograd.Function):
+    """``y = x (weight + W0 ⊙ ΔW(λ))ᵀ + b``: the multiplicative form (``update="multiplicative"``).
+
+    ``W0 ⊙ ΔW`` has no factored form, so forward builds it (one chain and one elementwise pass)
+    and runs one GEMM, and backward is the ``"dense"`` strategy's with ``D ⊙ W0`` pulled back
+    through the network. Inputs: ``x (n, d_in)``, ``weight`` (added as is, or None), ``bias``,
+    ``w0 (d_out, d_in)``, the frozen network, ``alpha`` and the λ vectors. Saved for backward:
+    ``x``, ``weight``, ``w0`` (tensors the caller holds anyway) and the λ.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w0, net: FrozenNetwork, alpha: float, *lams):
+        dt = x.dtype
+        lams_c = [_as(lam, dt) for lam in lams]
+        weff = merged_weight(net, lams_c, alpha, None).mul_(_as(w0, dt))  # merged_weight returns a fresh tensor
+        if weight is not None:
+            weff.add_(_as(weight, dt))
+        ctx.net, ctx.alpha = net, alpha
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, w0, *lams)
+        return F.linear(x, weff, _as(bias, dt))
+
+    @staticmethod
+    def backward(ctx, g):
+        with no_autocast(g.device.type):
+            x, weight, w0, *lams = ctx.saved_tensors
+            net, alpha = ctx.net, ctx.alpha
+            need_x, need_w, need_b, need_w0 = ctx.needs_input_grad[:4]
+            dt = x.dtype
+            g = _as(g, dt).contiguous()
+            lams_c = [_as(lam, dt) for lam in lams]
+            w0c = _as(w0, dt)
+            gx, dw, dk = _dense_backward(net, lams_c, alpha, x, g, _as(weight, dt), need_x, hadamard=w0c)
+            gw = dw.to(weight.dtype) if need_w and weight is not None else None
+            gw0 = (dw * merged_weight(net, lams_c, alpha, None)).to(w0.dtype) if need_w0 else None
+            gb = g.sum(0) if need_b and ctx.has_bias else None
+            grads_lam: list[Optional[torch.Tensor]] = [None] * len(lams)
+            if any(ctx.needs_input_grad[6:]):
+                with single_threaded(x.device.type == "cpu"):
+                    grads = scale_grads(net, lams_c, alpha, dk)
+                grads_lam = [_as(gr, lam.dtype) if ctx.needs_input_grad[6 + i] else None
+                             for i, (gr, lam) in enumerate(zip(grads, lams))]
+        return (gx, gw, gb, gw0, None, None, *grads_lam)
 
 
 # --- per-strategy forward and backward, dispatched by registry name ----------------------------
@@ -356,13 +408,16 @@ def tera_linear(
     lams: Sequence[torch.Tensor],
     alpha: float = 1.0,
     strategy: str = "materialize",
+    w0: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Functional form of :class:`TeRALinearFunction` for ``x`` of shape ``(..., d_in)``.
 
     Returns ``x (weight + ΔW)ᵀ + bias`` of shape ``(..., d_out)`` (``ΔW x`` alone when
-    ``weight`` is None). Under autocast the layer computes in the autocast dtype, like
-    ``F.linear`` (pass ``net`` in that dtype, e.g. ``bank.network(spec, compute_dtype(x),
-    x.device)``, to avoid a cast per call); λ gradients stay float32.
+    ``weight`` is None). With ``w0`` (a ``(d_out, d_in)`` tensor) the update is the multiplicative
+    form ``W0 ⊙ ΔW`` (:class:`MultiplicativeLinearFunction`; ``strategy`` does not apply). Under
+    autocast the layer computes in the autocast dtype, like ``F.linear`` (pass ``net`` in that
+    dtype, e.g. ``bank.network(spec, compute_dtype(x), x.device)``, to avoid a cast per call); λ
+    gradients stay float32.
     """
     spec = net.spec
     check_input(x, spec.d_in, "tera_linear")
@@ -378,7 +433,10 @@ def tera_linear(
     x2 = _as(x2, dt)
     net = net.to(dt, x.device)
     with no_autocast(x.device.type):
-        y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
+        if w0 is None:
+            y = TeRALinearFunction.apply(x2, weight, bias, net, float(alpha), strategy, *lams)
+        else:
+            y = MultiplicativeLinearFunction.apply(x2, weight, bias, w0, net, float(alpha), *lams)
     return y.reshape(lead + (spec.d_out,))
 
 

@@ -12,7 +12,7 @@ from ..core.factors import FACTOR_INITS, SCALE_INITS, check_scale_value, check_s
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, check_modes
 from ..contract.strategies import strategy_names
 
-__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES"]
+__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES", "UPDATES"]
 
 #: ``"auto"`` and every strategy of the registry (:mod:`tera_tn.contract.strategies`).
 LAYER_STRATEGIES = ("auto",) + strategy_names()
@@ -20,8 +20,10 @@ _FACTOR_DTYPES = ("float32", "float64")
 #: how a layer's α is set: ``"constant"`` (``alpha`` itself) or ``"w0_relative"``
 #: (``alpha·‖W0‖_F / ‖M‖_F``, M the frozen map at unit λ: equal relative updates in every layer)
 ALPHA_SCALINGS = ("constant", "w0_relative")
+#: how ΔW enters the layer: ``"additive"`` (``W0 + ΔW``) or ``"multiplicative"`` (``W0 + W0 ⊙ ΔW``)
+UPDATES = ("additive", "multiplicative")
 _LAYER_OPTIONS = (
-    "alpha", "alpha_scaling", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
+    "alpha", "alpha_scaling", "update", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
 )
 
 
@@ -51,6 +53,15 @@ class TeRALayersConfig:
             MiniLM's layers). ``α_l`` is computed from the layer's weight when the adapter is
             created; checkpoints record ``‖W0_l‖`` and refuse another ``W0``. Needs a
             floating-point base weight.
+        update: ``"additive"`` (default): the layer computes ``(W0 + ΔW) x``. ``"multiplicative"``:
+            ``(W0 + W0 ⊙ ΔW) x``, HiRA's form with TeRA's full-rank ΔW, so the update scales each
+            entry of the weight it adapts (``W0 ⊙ ΔW`` is the layer's update; its rank can reach
+            ``min(d_out, d_in)``). Its entries are ~|W0| times smaller than an additive ΔW's, so
+            ``alpha`` is tuned with the learning rate (the adapter study used 16–64 on MiniLM).
+            Trains on the ``"dense"`` path whatever ``strategy`` says (``W0 ⊙ ΔW`` has no factored
+            form), is not served in mixed-adapter batches, needs a floating-point base weight and
+            ``alpha_scaling="constant"``; checkpoints pin ``‖W0‖`` and merge/unmerge use the
+            unmerged ``W0``.
         seed: seed of the frozen factors (the same seed gives bit-identical factors everywhere).
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         scale_init: λ initialization (``"zero_start"``: ΔW = 0 at step 0 with non-zero grads).
@@ -78,6 +89,7 @@ class TeRALayersConfig:
     specs: Union[Mapping[tuple[int, int], TeRASpec], tuple] = field(default=())
     alpha: float = 1.0
     alpha_scaling: str = "constant"
+    update: str = "additive"
     seed: int = 0
     factor_init: str = "orthogonal"
     scale_init: str = "zero_start"
@@ -121,6 +133,11 @@ class TeRALayersConfig:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
         if self.alpha_scaling not in ALPHA_SCALINGS:
             raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {self.alpha_scaling!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
+        if self.update == "multiplicative" and self.alpha_scaling != "constant":
+            raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {self.alpha_scaling!r}: "
+                             "W0 ⊙ ΔW is already relative to each weight, so tune alpha with the learning rate instead")
         if self.factor_init not in FACTOR_INITS:
             raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {self.factor_init!r}")
         if self.scale_init not in SCALE_INITS:

@@ -136,14 +136,17 @@ def _base_norm(layer: nn.Module) -> Optional[float]:
 
 
 def layer_lambda_problems(
-    key: str, t: object, layer: nn.Module, spec: TeRASpec, bank: FactorBank, alpha: float
+    key: str, t: object, layer: nn.Module, spec: TeRASpec, bank: FactorBank, alpha: float, update: str = "additive"
 ) -> tuple[list[str], list[str]]:
     """:func:`lambda_problems` for λ of ``spec`` meant for TeRA ``layer``: its compute dtype is its
     base weight's (float16 for a quantized base, the narrowest it computes in) and ``‖W0‖_F`` its
-    base weight's."""
+    base weight's. A multiplicative adapter's update ``W0 ⊙ ΔW`` is not the ``ΔW`` the ratio warning
+    measures, so it gets the finiteness and overflow checks only (its bound on ``|ΔW|`` also bounds
+    ``|W0 ⊙ ΔW| / max|W0|``)."""
     w = layer.get_base_layer().weight
     dtype = w.dtype if w.is_floating_point() else torch.float16
-    return lambda_problems(key, t, spec, bank=bank, alpha=alpha, dtype=dtype, base_norm=lambda: _base_norm(layer))
+    base_norm = None if update == "multiplicative" else (lambda: _base_norm(layer))
+    return lambda_problems(key, t, spec, bank=bank, alpha=alpha, dtype=dtype, base_norm=base_norm)
 
 
 def nonfinite_lambdas(tensors: Mapping[str, torch.Tensor]) -> list[str]:
