@@ -7,7 +7,7 @@ marginal energy), reloaded by PEFT as a plain ``LoraConfig`` adapter in a fresh 
 a LoRA server would serve — and evaluated on the run's own test split. The unexported TeRA adapter
 is evaluated the same way beside it, so each export's loss is paired item by item.
 
-    python -m experiments.export_tradeoff run [--limit N]   # resumable: one line per (run, setting)
+    python -m experiments.export_tradeoff run [--limit N] [--plan v2]   # resumable: one line per (run, setting)
     python -m experiments.export_tradeoff publish           # the table (Markdown)
 
 Results: ``experiments/results/export.jsonl`` (per-example predictions kept); ``--results-dir``
@@ -42,9 +42,20 @@ def setting_name(kind: str, value: float) -> str:
     return "tera (not exported)" if kind == "tera" else f"{kind}={value:g}"
 
 
-def trained_runs(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The study's runs that kept a trained TeRA adapter, in file order."""
-    return [r for r in records if r.get("method") == "tera" and r.get("adapter_dir")]
+def trained_runs(records: Iterable[Mapping[str, Any]], plan: str | None = None) -> list[Mapping[str, Any]]:
+    """The study's runs that kept a trained TeRA adapter, in file order; with ``plan``, only those at
+    the rate each TeRA contender's validation chose in that plan, seed 0 of every dataset first."""
+    records = list(records)
+    kept = [r for r in records if r.get("method") == "tera" and r.get("adapter_dir")]
+    if plan is None:
+        return kept
+    from experiments.study.plans import PLANS
+    from experiments.study.publish import collect
+
+    outcomes, _ = collect(records, plan, PLANS[plan])
+    chosen = {r["key"] for o in outcomes if o.contender.method == "tera" and o.lr is not None
+              for r in o.runs[o.lr].values()}
+    return sorted((r for r in kept if r["key"] in chosen), key=lambda r: r["seed"])
 
 
 def _classifier(encoder, head_state, num_labels: int, tok, max_length: int):
@@ -119,10 +130,10 @@ def evaluate_run(run: Mapping[str, Any], base, tok, settings: Sequence[tuple[str
         yield rec
 
 
-def run(limit: int | None = None, log=print, results_dir: Path = RESULTS_DIR) -> int:
+def run(limit: int | None = None, log=print, results_dir: Path = RESULTS_DIR, plan: str | None = None) -> int:
     from tera_tn.finetune import load_model
 
-    runs = trained_runs(ResultsFile(results_dir / "study.jsonl").records())
+    runs = trained_runs(ResultsFile(results_dir / "study.jsonl").records(), plan)
     version = code_version()
     out = ResultsFile(results_dir / "export.jsonl")
     done = out.keys()
@@ -178,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.export_tradeoff", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("run", "publish"))
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N new lines")
+    parser.add_argument("--plan", default=None, metavar="PLAN",
+                        help="only the runs at each TeRA contender's chosen rate in this study plan (e.g. v2)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, metavar="DIR",
                         help=f"the study's results folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
@@ -187,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        n = run(args.limit, log=lambda s: print(s, flush=True), results_dir=args.results_dir)
+        n = run(args.limit, log=lambda s: print(s, flush=True), results_dir=args.results_dir, plan=args.plan)
         print(f"{n} new lines in {args.results_dir / 'export.jsonl'}")
         return 0
     sys.stdout.write(table(list(ResultsFile(args.results_dir / "export.jsonl").records())))

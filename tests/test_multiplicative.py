@@ -235,8 +235,8 @@ def test_store_and_late_adapters_are_refused(tmp_path):
     additive = get_peft_model(_model(), TeraConfig(target_modules=["0", "2"], alpha=16.0))
     save_adapter(model, tmp_path / "m")
     store = AdapterStore(additive)
-    with pytest.raises(ValueError, match="the store serves additive adapters only"):
+    with pytest.raises(ValueError, match="the store serves the plain network only"):
         store.add("m", path=tmp_path / "m")
     additive.merge_adapter()
-    with pytest.raises(ValueError, match="cannot add a multiplicative adapter while"):
+    with pytest.raises(ValueError, match="cannot add an adapter with update=.multiplicative. while"):
         additive.add_adapter("late", config)

@@ -686,6 +686,11 @@ def test_export_tradeoff_scores_a_trained_adapter_exported_as_lora(tmp_path):
     assert full["test_predictions"] == tera["test_predictions"] and full["error_max"] < 1e-4
     assert set(one["ranks"]) == {1} and one["lora_numbers"] < full["lora_numbers"]
     assert "| energy=1 |" in export_tradeoff.table(recs)
+    # with a plan, only the runs at the rate validation chose are exported (every seed of it)
+    chosen = export_tradeoff.trained_runs(f.records(), "smoke2")
+    tera_runs = [r for r in f.records() if r["method"] == "tera"]
+    assert len({r["lr"] for r in chosen}) == 1 and {r["seed"] for r in chosen} == {0, 1}
+    assert len(chosen) < len(tera_runs) == len(export_tradeoff.trained_runs(f.records()))
 
 
 def test_a_plan_with_a_head_rate_source_refuses_contender_shards(tmp_path):

@@ -221,6 +221,11 @@ W0_SCALED = _tera("tera_w0_scaled", **DEFAULTS, alpha_scaling="w0_relative", alp
 #: size on average and the same rate grid applies; under Adam α trades against the rate, so the grid
 #: (extended past any winning edge) is the α sweep
 MULTIPLICATIVE = _tera("tera_multiplicative", **DEFAULTS, update="multiplicative", alpha=16.0)
+#: W0-aligned bases: ΔW = α U0 (G ⊙ u vᵀ) V0ᵀ, rank-side diagonals of order 3 in the adapted weight's
+#: singular coordinates (on the mode side W0's bases change nothing). The 1536-wide side is capped to
+#: W0's 384 singular vectors (ranks 48·32 → 24·16), so it trains 15,264 adapter numbers on MiniLM's
+#: q/k/v/dense, 97 % of the default's 15,744. ‖U0 G V0ᵀ‖ = ‖G‖ = ‖P G Qᵀ‖ at unit λ, so α stays 1.
+W0_BASIS = _tera("tera_w0_basis", diag="rank", order=3, basis="w0")
 
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
@@ -249,7 +254,8 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     # protocol 2's screen of the W0-aware variants on two choice datasets (run keys do not depend on a
     # contender's position, so adding one re-runs nothing); head-only's runs are shared
     # with the v2 plan (same keys), so the head's rate is the one v2 chose
-    "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED, MULTIPLICATIVE),
+    "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED, MULTIPLICATIVE,
+                                                                          W0_BASIS),
                         PROTOCOL_2,
                         tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),),
     # the test suite's plan: a real model and data, a handful of steps

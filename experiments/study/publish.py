@@ -50,11 +50,12 @@ FORMER_DEFAULT = "tera_default"
 LABELS = {DEFAULT: "TeRA default", FORMER_DEFAULT: "TeRA order 6 (former default)", "head_only": "head only",
           "lora_r1": "LoRA r=1", "tera_w0_scaled": "TeRA per-layer scale (α_l = 0.7·‖W0‖/‖M‖)",
           "tera_multiplicative": "TeRA multiplicative (W0 ⊙ ΔW, α 16)",
+          "tera_w0_basis": "TeRA in W0's singular bases (rank side)",
           "tera_order2": "TeRA order 2 (rank side)", "tera_order3": "TeRA order 3 (rank side)",
           "tera_diag_mode": "TeRA order 6 (mode side)", "full": "full fine-tuning", "hira_r32": "HiRA r=32"}
 #: ablation tables: a TeRA contender joins the first group whose test matches its adapter arguments
 ABLATIONS: tuple[tuple[str, Any], ...] = (
-    ("Variants tied to the adapted weight W0", lambda a: "alpha_scaling" in a or "update" in a),
+    ("Variants tied to the adapted weight W0", lambda a: "alpha_scaling" in a or "update" in a or "basis" in a),
     ("Variants beyond the paper: diagonals on both sides", lambda a: a.get("diag") == "both"),
     ("λ and factor initialization", lambda a: bool({"factor_init", "zero_mode", "scale_init", "scale_init_value"} & set(a))),
     ("Diagonal side", lambda a: "diag" in a),

@@ -22,8 +22,9 @@ use; ``save_tera`` writes it under the key ``tera_signature``, PEFT under
 The *shared fields* (:data:`SHARED_FIELDS`) describe each layer: ``seed``, the factor recipe
 (``factor_init``, ``core_scale``, ``generator_version``, ``factor_dtype``), ``alpha`` (the α that
 layer's ΔW is scaled by), ``alpha_scaling`` (``"constant"`` or ``"w0_relative"``), ``update``
-(``"additive"`` or ``"multiplicative"``; files without it are additive) and ``fan_in_fan_out``. A
-layer whose α or ΔW depends on its base weight (``"w0_relative"``, ``"multiplicative"``) carries the
+(``"additive"`` or ``"multiplicative"``; files without it are additive), ``basis`` (``"random"`` or
+``"w0"``; files without it use the random factors) and ``fan_in_fan_out``. A layer whose α or ΔW
+depends on its base weight (``"w0_relative"``, ``"multiplicative"``, ``"w0"``) carries the
 ``w0_norm`` it was made for, which loaders compare with the model's ``‖W0‖``. A top-level value is the default of every
 layer; a layer entry repeats a field only where its value differs (a PEFT adapter's are all
 top-level, a ``save_tera`` file hoists what its layers share). ``group`` numbers the frozen-factor
@@ -67,12 +68,12 @@ SIGNATURE_KEY = "tera_signature"
 HEADER_KEY = "tera_tn"
 PER_MODE, PER_LAYER = "per_mode", "per_layer"
 #: fields of every layer that a file may give once, at the top level
-SHARED_FIELDS = ("seed", *RECIPE_FIELDS, "alpha", "alpha_scaling", "update", "fan_in_fan_out")
+SHARED_FIELDS = ("seed", *RECIPE_FIELDS, "alpha", "alpha_scaling", "update", "basis", "fan_in_fan_out")
 _LAYER_FIELDS = ("spec", "group", *SHARED_FIELDS)
 #: fields compared as a block (recipe_diff explains them together)
-_FIELD_BLOCKS = (("seed",), RECIPE_FIELDS, ("alpha",), ("alpha_scaling",), ("update",), ("fan_in_fan_out",))
-#: the update form of a file that does not name one (every file before ``update`` existed)
-_DEFAULT_UPDATE = "additive"
+_FIELD_BLOCKS = (("seed",), RECIPE_FIELDS, ("alpha",), ("alpha_scaling",), ("update",), ("basis",), ("fan_in_fan_out",))
+#: the update form and bases of a file that does not name them (every file before the fields existed)
+_DEFAULT_UPDATE, _DEFAULT_BASIS = "additive", "random"
 #: fields a loader recomputes from the model in float64 (a "w0_relative" α, ‖W0‖): equal up to the
 #: rounding of another BLAS or thread count, never bit for bit
 _COMPUTED_FLOATS = ("alpha", "w0_norm")
@@ -95,20 +96,24 @@ def few(names: list[str]) -> str:
 
 def layer_entry(spec: TeRASpec, *, seed: int, factor_init: str, factor_dtype: str, alpha: float,
                 fan_in_fan_out: bool = False, alpha_scaling: str = "constant", update: str = _DEFAULT_UPDATE,
-                w0_norm: Optional[float] = None) -> dict:
+                basis: str = _DEFAULT_BASIS, w0_norm: Optional[float] = None) -> dict:
     """One layer's full entry (every field, no group yet). ``w0_norm`` (``‖W0‖_F``) is required
-    exactly when α or ΔW depends on the base weight (``alpha_scaling="w0_relative"`` or
-    ``update="multiplicative"``)."""
-    pinned = alpha_scaling != "constant" or update != _DEFAULT_UPDATE
-    if pinned != (w0_norm is not None):
-        raise ValueError(f"w0_norm must be given exactly when alpha_scaling is 'w0_relative' or update is "
-                         f"'multiplicative'; got alpha_scaling={alpha_scaling!r}, update={update!r}, w0_norm={w0_norm!r}")
+    exactly when α or ΔW depends on the base weight (``alpha_scaling="w0_relative"``,
+    ``update="multiplicative"`` or ``basis="w0"``)."""
+    if _pins_w0(alpha_scaling, update, basis) != (w0_norm is not None):
+        raise ValueError(f"w0_norm must be given exactly when alpha_scaling is 'w0_relative', update is "
+                         f"'multiplicative' or basis is 'w0'; got alpha_scaling={alpha_scaling!r}, update={update!r}, "
+                         f"basis={basis!r}, w0_norm={w0_norm!r}")
     entry = {"spec": spec.to_dict(), "seed": int(seed), **factor_recipe(factor_init, factor_dtype),
-             "alpha": float(alpha), "alpha_scaling": alpha_scaling, "update": update,
+             "alpha": float(alpha), "alpha_scaling": alpha_scaling, "update": update, "basis": basis,
              "fan_in_fan_out": bool(fan_in_fan_out)}
     if w0_norm is not None:
         entry["w0_norm"] = float(w0_norm)
     return entry
+
+
+def _pins_w0(alpha_scaling: str, update: str, basis: str) -> bool:
+    return alpha_scaling != "constant" or update != _DEFAULT_UPDATE or basis != _DEFAULT_BASIS
 
 
 def spec_groups(specs: Iterable[TeRASpec]) -> dict[TeRASpec, str]:
@@ -151,26 +156,27 @@ def adapter_signature(
     alpha: float,
     alpha_scaling: str = "constant",
     update: str = _DEFAULT_UPDATE,
+    basis: str = _DEFAULT_BASIS,
     w0_norms: Mapping[str, float] | None = None,
     alphas: Mapping[str, float] | None = None,
     factors_included: bool = False,
 ) -> dict:
     """The description of a PEFT adapter: ``layers`` maps each adapted module's qualified name to
-    ``(spec, fan_in_fan_out)`` in module order; seed, recipe, ``alpha``, ``alpha_scaling`` and
-    ``update`` are the config's (top level). With ``alpha_scaling="w0_relative"`` or
-    ``update="multiplicative"``, ``w0_norms`` gives every layer's ``‖W0‖_F``; with
+    ``(spec, fan_in_fan_out)`` in module order; seed, recipe, ``alpha``, ``alpha_scaling``,
+    ``update`` and ``basis`` are the config's (top level). Where any of the last three uses the
+    base weight, ``w0_norms`` gives every layer's ``‖W0‖_F``; with
     ``"w0_relative"``, ``alphas`` gives its α (``alpha·‖W0‖/‖M‖``), kept per layer."""
     relative = alpha_scaling != "constant"
-    pinned = relative or update != _DEFAULT_UPDATE
+    pinned = _pins_w0(alpha_scaling, update, basis)
     entries = {
         name: layer_entry(spec, seed=seed, factor_init=factor_init, factor_dtype=factor_dtype,
                           alpha=(alphas or {}).get(name, alpha) if relative else alpha, fan_in_fan_out=fan_in_fan_out,
-                          alpha_scaling=alpha_scaling, update=update,
+                          alpha_scaling=alpha_scaling, update=update, basis=basis,
                           w0_norm=float((w0_norms or {})[name]) if pinned else None)
         for name, (spec, fan_in_fan_out) in layers.items()
     }
     defaults = {"seed": int(seed), **factor_recipe(factor_init, factor_dtype), "alpha": float(alpha),
-                "alpha_scaling": alpha_scaling, "update": update}
+                "alpha_scaling": alpha_scaling, "update": update, "basis": basis}
     return adapter_metadata(entries, lambda_layout=PER_LAYER, factors_included=factors_included, defaults=defaults)
 
 
@@ -259,7 +265,7 @@ def _expand(meta: dict, bad) -> dict:
         raise bad(f"has 'layers' = {layers!r}; it must map each layer name to its settings")
     if meta.get("lambda_layout") not in (PER_MODE, PER_LAYER):
         raise bad(f"has 'lambda_layout' = {meta.get('lambda_layout')!r}; expected {PER_MODE!r} or {PER_LAYER!r}")
-    top = {"update": _DEFAULT_UPDATE, **{k: meta[k] for k in SHARED_FIELDS if k in meta}}
+    top = {"update": _DEFAULT_UPDATE, "basis": _DEFAULT_BASIS, **{k: meta[k] for k in SHARED_FIELDS if k in meta}}
     expanded = {}
     for name, info in layers.items():
         if not isinstance(info, dict):
@@ -275,12 +281,13 @@ def _expand(meta: dict, bad) -> dict:
             TeRASpec.from_dict(entry["spec"])
         except (TypeError, ValueError) as err:
             raise bad(f"entry of layer {name!r} has an invalid spec ({err})") from None
-        if entry["alpha_scaling"] == "w0_relative" and "w0_norm" not in entry:
-            raise bad(f"entry of layer {name!r} has alpha_scaling 'w0_relative' but no 'w0_norm'")
         if entry["update"] not in ("additive", "multiplicative"):
             raise bad(f"entry of layer {name!r} has update {entry['update']!r}; expected 'additive' or 'multiplicative'")
-        if entry["update"] == "multiplicative" and "w0_norm" not in entry:
-            raise bad(f"entry of layer {name!r} has update 'multiplicative' but no 'w0_norm'")
+        if entry["basis"] not in ("random", "w0"):
+            raise bad(f"entry of layer {name!r} has basis {entry['basis']!r}; expected 'random' or 'w0'")
+        if _pins_w0(entry["alpha_scaling"], entry["update"], entry["basis"]) and "w0_norm" not in entry:
+            raise bad(f"entry of layer {name!r} has alpha_scaling {entry['alpha_scaling']!r}, update "
+                      f"{entry['update']!r} and basis {entry['basis']!r} but no 'w0_norm'")
         expanded[name] = entry
     return {**meta, "layers": expanded}
 

@@ -59,6 +59,8 @@ class TeraConfig(PeftConfig):
         alpha_scaling: ``"constant"`` or ``"w0_relative"`` (α per layer relative to ``‖W0‖``).
         update: ``"additive"`` (``W0 + ΔW``, default) or ``"multiplicative"`` (``W0 + W0 ⊙ ΔW``,
             HiRA's form; tune ``alpha`` with the rate, see :class:`tera_tn.torch.TeRALayersConfig`).
+        basis: ``"random"`` (default) or ``"w0"``: the rank-side diagonals act in W0's singular
+            coordinates (needs ``diag="rank"``; see :class:`tera_tn.torch.TeRALayersConfig`).
         seed: seed of the frozen factors (bit-identical factors in every process).
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         factor_dtype: storage dtype of the frozen factors, ``"float32"`` or ``"float64"``.
@@ -100,6 +102,7 @@ class TeraConfig(PeftConfig):
         default="constant", metadata={"help": "'constant' or 'w0_relative' (alpha·‖W0‖/‖M‖ per layer)"})
     update: str = field(
         default="additive", metadata={"help": "'additive' (W0 + ΔW) or 'multiplicative' (W0 + W0 ⊙ ΔW)"})
+    basis: str = field(default="random", metadata={"help": "'random' (frozen factors) or 'w0' (W0's singular vectors)"})
     seed: int = field(default=0, metadata={"help": "Seed of the frozen factors"})
     factor_init: str = field(default="orthogonal", metadata={"help": "Frozen factor init"})
     factor_dtype: str = field(default="float32", metadata={"help": "Storage dtype of frozen factors"})
@@ -169,6 +172,7 @@ class TeraConfig(PeftConfig):
             alpha=self.alpha,
             alpha_scaling=self.alpha_scaling,
             update=self.update,
+            basis=self.basis,
             seed=self.seed,
             factor_init=self.factor_init,
             scale_init=self.scale_init,

@@ -101,11 +101,11 @@ def _heads(tera, adapter_name: str, stored: bool, mode: str) -> dict[str, torch.
 
 def _spectrum(layer: TeraLayer, adapter_name: str) -> np.ndarray:
     """All ``min(d_out, d_in)`` singular values of the layer's ΔW, descending, exact in float64
-    (structured where the network allows; a multiplicative ``W0 ⊙ ΔW`` has no structure to use, so
-    its spectrum is a dense float64 SVD)."""
+    (structured for the plain network; a multiplicative ``W0 ⊙ ΔW`` or W0's bases are not that
+    structure, so their spectrum is a dense float64 SVD)."""
     from ..analysis.spectrum import tera_singular_values as singular_values
 
-    if layer.tera_update.get(adapter_name) == "multiplicative":
+    if not layer._plain(adapter_name):
         return torch.linalg.svdvals(layer.get_delta_weight(adapter_name, dtype=torch.float64)).cpu().numpy()
     spec, bank, lams, alpha = layer.adapter_operands(adapter_name)
     stored = bank.group_tensors(spec)

@@ -61,7 +61,7 @@ def read_adapter_signature(path: Union[str, os.PathLike]) -> dict:
     :func:`tera_tn.torch.adapter_file.read_adapter_metadata`.
 
     ``{"format", "library_version", "factors_included", "lambda_layout", <adapter-wide "seed",
-    "factor_init", "core_scale", "generator_version", "factor_dtype", "alpha", "alpha_scaling", "update">,
+    "factor_init", "core_scale", "generator_version", "factor_dtype", "alpha", "alpha_scaling", "update", "basis">,
     "layers": {name: {"spec", "group", "seed", …, "alpha", "fan_in_fan_out"[, "w0_norm"]}}}``
     (see :mod:`tera_tn.core.adapter_format`); an adapter saved before the factor recipe was recorded
     reads as generator version 1 with its core scale. Raises ``FileNotFoundError`` for a missing file

@@ -108,6 +108,7 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._tera_cache.pop(adapter_name, None)  # its cached W0 + ΔW is a d_out × d_in tensor
+        self._drop_bases(adapter_name)
 
     # --- ΔW of any adapter this layer serves, and PEFT's LoRA conversion -----------------------
     def adapter_operands(self, adapter_name: str) -> tuple[TeRASpec, FactorBank, list[torch.Tensor], float]:
@@ -172,8 +173,8 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
     # --- mixed-adapter batches -----------------------------------------------------------------
     def _mixed_plan(self, adapter_names, device: torch.device) -> list:
         """``[(group, used, batch_rows, which)]``: the rows of each group of adapters that share one
-        frozen network (same bank, spec and update form), the adapters it uses and which of them each
-        row takes.
+        frozen network (same bank and spec, and the plain network or not), the adapters it uses and
+        which of them each row takes.
 
         Rows named ``"__base__"``, or an adapter this layer does not carry, are in no group (PEFT's
         convention). Kept for the last ``adapter_names`` seen, so ``generate`` plans once per layer.
@@ -187,7 +188,7 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             if name == BASE_ROW:
                 continue
             if name in self.tera_lambda:
-                group, ref = (id(self.tera_bank[name]), self.tera_spec[name], self.tera_update[name]), name
+                group, ref = (id(self.tera_bank[name]), self.tera_spec[name], self._plain(name)), name
             elif slot is not None and name in slot[0]:
                 group, ref = "store", slot[0]._rows_of[name]
             else:
@@ -221,8 +222,8 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
         for group, used, rows, which in self._mixed_plan(adapter_names, x.device):
             every_row = len(rows) == len(x)
             xs = x if every_row else x.index_select(0, rows)
-            if group != "store" and group[2] == "multiplicative":
-                delta = self._multiplicative_rows(xs, used, which)
+            if group != "store" and not group[2]:
+                delta = self._per_adapter_rows(xs, used, which)
             else:
                 if group == "store":
                     store, offset, spec, bank = self._tera_store_slot

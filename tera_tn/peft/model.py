@@ -343,7 +343,8 @@ class TeraModel(BaseTuner):
         return adapter_signature(layers, seed=config.seed, factor_init=config.factor_init,
                                  factor_dtype=config.factor_dtype, alpha=config.alpha,
                                  alpha_scaling=getattr(config, "alpha_scaling", "constant"),
-                                 update=getattr(config, "update", "additive"), w0_norms=norms,
+                                 update=getattr(config, "update", "additive"),
+                                 basis=getattr(config, "basis", "random"), w0_norms=norms,
                                  alphas=alphas, factors_included=bool(getattr(config, "save_factors", False)))
 
     # --- state dict hooks (save / load) ------------------------------------------------------
@@ -461,7 +462,7 @@ class TeraModel(BaseTuner):
             if key in present:
                 found, warned = layer_lambda_problems(
                     saved_key(key), present[key], layer, layer.tera_spec[adapter_name], layer.tera_bank[adapter_name],
-                    layer.tera_alpha[adapter_name], layer.tera_update[adapter_name],
+                    layer.tera_alpha[adapter_name], plain=layer._plain(adapter_name),
                 )
                 problems += found
                 notes += warned

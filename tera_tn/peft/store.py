@@ -151,9 +151,9 @@ class AdapterStore:
         # α may differ from the family's; the store keeps one α per adapter, so its layers must share it.
         problems = metadata_diff(signature, self._family, ignore=("alpha",))
         alphas = sorted({float(e["alpha"]) for e in signature["layers"].values()})
-        if any(e["update"] != "additive" for e in signature["layers"].values()):
-            problems.append("it is multiplicative (update='multiplicative'): the store serves additive adapters only "
-                            "(its mixed batches share one factored chain, which W0 ⊙ ΔW does not have)")
+        if any(e["update"] != "additive" or e["basis"] != "random" for e in signature["layers"].values()):
+            problems.append("it is multiplicative or uses W0's bases: the store serves the plain network only "
+                            "(update='additive', basis='random'), whose mixed batches share one factored chain")
         if len(alphas) > 1:
             problems.append(f"its layers use {len(alphas)} different α ({few([f'{a:.6g}' for a in alphas])}; "
                             "alpha_scaling='w0_relative'?); the store keeps one α per adapter, so expected one α for all layers")

@@ -31,9 +31,10 @@ from ..core.factors import SCALE_INITS, check_scale_value, init_scales
 from ..core.spec import TeRASpec
 from .autograd import compute_dtype, merged_weight, mixed_delta, no_autocast, non_finite, tera_linear
 from .bank import FactorBank
-from .config import ALPHA_SCALINGS, LAYER_STRATEGIES, UPDATES
+from .config import ALPHA_SCALINGS, LAYER_STRATEGIES, UPDATES, check_basis
 from .frozen import FrozenNetwork
 from .planning import layer_plan
+from .w0_basis import basis_sizes, check_basis_spec, w0_bases, w0_basis_delta
 
 __all__ = ["TeRAAdapters", "FP32ParameterDict", "DEFAULT_ADAPTER", "weight_norm"]
 
@@ -78,7 +79,7 @@ def weight_norm(w: torch.Tensor) -> float:
     return math.sqrt(math.fsum(w.detach().to("cpu", torch.float64).square().reshape(-1).tolist()))
 
 
-def _check_options(alpha, alpha_scaling, update, scale_init, zero_mode, scale_init_value, dropout, strategy,
+def _check_options(alpha, alpha_scaling, update, basis, scale_init, zero_mode, scale_init_value, dropout, strategy,
                    check_finite, cache_delta) -> None:
     """Validate the per-adapter options (the keys of :meth:`TeRALayersConfig.layer_options`)."""
     if alpha_scaling not in ALPHA_SCALINGS:
@@ -88,6 +89,7 @@ def _check_options(alpha, alpha_scaling, update, scale_init, zero_mode, scale_in
     if update == "multiplicative" and alpha_scaling != "constant":
         raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {alpha_scaling!r}: W0 ⊙ ΔW is "
                          "already relative to each weight, so tune alpha with the learning rate instead")
+    check_basis(basis, update, alpha_scaling)
     if strategy not in LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
@@ -114,8 +116,9 @@ class TeRAAdapters:
     Attributes (dicts keyed by adapter name):
         tera_lambda: the trainable vectors ``λ_1..λ_N`` concatenated (fp32, ``spec.num_trainable``).
         tera_spec, tera_alpha, tera_strategy, tera_dropout: the adapter's spec, α, strategy, dropout.
-        tera_update, tera_alpha_scaling: the update form (``"additive"``: ``W0 + ΔW``;
-            ``"multiplicative"``: ``W0 + W0 ⊙ ΔW``) and how α was set.
+        tera_update, tera_basis, tera_alpha_scaling: the update form (``"additive"``: ``W0 + ΔW``;
+            ``"multiplicative"``: ``W0 + W0 ⊙ ΔW``), the bases of the rank side (``"random"``: the
+            frozen factors; ``"w0"``: W0's singular vectors) and how α was set.
         tera_check_finite: whether forward checks that the adapter's λ are finite.
         tera_cache_delta: whether inference reuses ``W0 + ΔW`` between calls.
     """
@@ -130,7 +133,12 @@ class TeRAAdapters:
         self.tera_spec: dict[str, TeRASpec] = {}
         self.tera_alpha: dict[str, float] = {}
         self.tera_update: dict[str, str] = {}
+        self.tera_basis: dict[str, str] = {}
         self.tera_alpha_scaling: dict[str, str] = {}
+        # basis="w0": (U0[:, :a], V0[:, :b]) in float64 on the CPU, from the W0 the adapter was created on,
+        # and their copies per (dtype, device)
+        self._tera_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tera_bases_at: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # ‖W0‖_F that each "w0_relative" α was computed from, or each multiplicative ΔW multiplies
         # (checkpoints pin it)
         self.tera_w0_norm: dict[str, float] = {}
@@ -163,18 +171,24 @@ class TeRAAdapters:
             )
         _check_options(**options)
         o = options
-        if o["update"] == "multiplicative" and self._tera_folded:
-            raise ValueError(f"{self._where(name)}: cannot add a multiplicative adapter while {self._tera_folded} "
-                             "are merged into the base weight (its ΔW multiplies the unmerged W0); unmerge first")
+        uses_w0 = "update='multiplicative'" if o["update"] == "multiplicative" else "basis='w0'" if o["basis"] == "w0" else None
+        if uses_w0 and self._tera_folded:
+            raise ValueError(f"{self._where(name)}: cannot add an adapter with {uses_w0} while {self._tera_folded} are "
+                             "merged into the base weight (its ΔW is built from the unmerged W0); unmerge first")
+        if o["basis"] == "w0":
+            check_basis_spec(spec, self._where(name))
         bank.add(spec)
         self.tera_spec[name] = spec
         self.tera_alpha[name] = float(o["alpha"])
         self.tera_update[name] = o["update"]
+        self.tera_basis[name] = o["basis"]
         self.tera_alpha_scaling[name] = o["alpha_scaling"]
         self.tera_w0_norm.pop(name, None)
-        if o["alpha_scaling"] == "w0_relative" or o["update"] == "multiplicative":
-            why = "alpha_scaling='w0_relative'" if o["update"] == "additive" else "update='multiplicative'"
-            self.tera_w0_norm[name] = self._base_weight_norm(name, why)
+        self._drop_bases(name)
+        if o["alpha_scaling"] == "w0_relative" or uses_w0:
+            self.tera_w0_norm[name] = self._base_weight_norm(name, uses_w0 or "alpha_scaling='w0_relative'")
+        if o["basis"] == "w0":
+            self._tera_bases[name] = w0_bases(self._unmerged_w0(), *basis_sizes(spec))
         if o["alpha_scaling"] == "w0_relative":
             self.tera_alpha[name] *= self.tera_w0_norm[name] / bank.frozen_norm(spec)
         self.tera_strategy[name] = o["strategy"]
@@ -200,6 +214,30 @@ class TeRAAdapters:
         if not (math.isfinite(norm) and norm > 0):
             raise ValueError(f"{self._where(name)}: {why} needs a finite, non-zero base weight, got ‖W0‖ = {norm}")
         return norm
+
+    def _plain(self, name: str) -> bool:
+        """Whether adapter ``name`` is the factored network itself (additive, frozen-factor bases):
+        the form every strategy, the mixed-batch chain and the structured spectra apply to."""
+        return self.tera_update.get(name, "additive") == "additive" and self.tera_basis.get(name, "random") == "random"
+
+    def _drop_bases(self, name: str) -> None:
+        self._tera_bases.pop(name, None)
+        for key in [k for k in self._tera_bases_at if k[0] == name]:
+            del self._tera_bases_at[key]
+
+    def _bases(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (name, dtype, device)
+        found = self._tera_bases_at.get(key)
+        if found is None:
+            found = tuple(b.to(device=device, dtype=dtype) for b in self._tera_bases[name])
+            self._tera_bases_at[key] = found
+        return found
+
+    def _w0_basis_delta(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``ΔW`` of a ``basis="w0"`` adapter in ``dtype`` on ``device``, differentiable in its λ."""
+        lams = [s.to(device=device, dtype=dtype) for s in self.scales(name)]
+        return w0_basis_delta(self._network(name, dtype, device), lams, self.tera_alpha[name],
+                              self._bases(name, dtype, device))
 
     def _unmerged_w0(self) -> torch.Tensor:
         """``W0`` with no adapter merged, laid out ``(d_out, d_in)`` (a view: never written)."""
@@ -248,8 +286,10 @@ class TeRAAdapters:
         return found
 
     def clear_cache(self) -> None:
-        """Drop the cached merged weights of inference mode (``cache_delta``)."""
+        """Drop the cached merged weights of inference mode (``cache_delta``) and the copies of W0's
+        bases made for other dtypes and devices."""
         self._tera_cache.clear()
+        self._tera_bases_at.clear()
 
     # --- ΔW, merge, unmerge ------------------------------------------------------------------
     @torch.no_grad()
@@ -260,6 +300,9 @@ class TeRAAdapters:
         w0 = self.get_base_layer().weight
         out_dtype = dtype or (w0.dtype if w0.is_floating_point() else torch.float32)
         work = torch.promote_types(out_dtype, torch.float32)
+        if self.tera_basis[name] == "w0":
+            dw = self._w0_basis_delta(name, work, w0.device)
+            return (dw.T if self.fan_in_fan_out else dw).to(out_dtype)
         lams = [lam.to(device=w0.device, dtype=work) for lam in self.scales(name)]
         dw = merged_weight(self._network(name, work, w0.device), lams, self.tera_alpha[name], None)
         if self.tera_update[name] == "multiplicative":
@@ -304,7 +347,9 @@ class TeRAAdapters:
             return found[1]
         lams = [s.to(dt) for s in self.scales(name)]
         with no_autocast(x.device.type):
-            if self.tera_update[name] == "multiplicative":
+            if self.tera_basis[name] == "w0":
+                weight = self._w0_basis_delta(name, dt, x.device).add_(w0.to(dt))
+            elif self.tera_update[name] == "multiplicative":
                 base = self._unmerged_w0().to(dt)
                 weight = merged_weight(self._network(name, dt, x.device), lams, self.tera_alpha[name], None)
                 weight = weight.mul_(base).add_(w0.to(dt))
@@ -342,33 +387,39 @@ class TeRAAdapters:
             if self.tera_update[a] == "multiplicative":
                 return tera_linear(x, base.weight, base.bias, self._network(a, dt, x.device), self.scales(a),
                                    self.tera_alpha[a], w0=self._unmerged_w0())
+            if self.tera_basis[a] == "w0":
+                weight = self._w0_basis_delta(a, dt, x.device) + base.weight.to(dt)
+                return F.linear(x.to(dt), weight, None if base.bias is None else base.bias.to(dt))
             strategy = self._pick_strategy(a, n, x, needs_grad)
             return tera_linear(x, base.weight, base.bias, self._network(a, dt, x.device), self.scales(a),
                                self.tera_alpha[a], strategy)
         result = base(x, *args, **kwargs)
         for a in active:
             xa = self.tera_dropout[a](x).to(result.dtype)
-            net = self._network(a, compute_dtype(xa), xa.device)
-            if self.tera_update[a] == "multiplicative":
-                delta = tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a], w0=self._unmerged_w0())
-            else:
-                delta = tera_linear(xa, None, None, net, self.scales(a), self.tera_alpha[a],
-                                    self._pick_strategy(a, n, xa, needs_grad))
-            result = result + delta
+            strategy = self._pick_strategy(a, n, xa, needs_grad) if self._plain(a) else None
+            result = result + self._update_x(a, xa, strategy)
         return result
 
-    def _multiplicative_rows(self, x: torch.Tensor, names: list[str], which: torch.Tensor) -> torch.Tensor:
-        """``W0 ⊙ ΔW_{names[which[i]]}`` applied to row ``i`` of ``x``, in the compute dtype. ``W0 ⊙ ΔW``
-        has no factored chain that rows could share, so each adapter builds its own weight once and
-        runs on its rows (one GEMM per adapter in the batch)."""
+    def _update_x(self, name: str, x: torch.Tensor, strategy: Optional[str]) -> torch.Tensor:
+        """The update of adapter ``name`` applied to ``x`` (``ΔW x``, or ``(W0 ⊙ ΔW) x``) in the compute
+        dtype; ``strategy`` is the plain network's (unused by the other forms)."""
         dt = compute_dtype(x)
-        w0 = self._unmerged_w0()
-        out = x.new_zeros(x.shape[:-1] + (self.out_features,), dtype=dt)
+        if self.tera_basis[name] == "w0":
+            return F.linear(x.to(dt), self._w0_basis_delta(name, dt, x.device))
+        net = self._network(name, dt, x.device)
+        if self.tera_update[name] == "multiplicative":
+            return tera_linear(x, None, None, net, self.scales(name), self.tera_alpha[name], w0=self._unmerged_w0())
+        return tera_linear(x, None, None, net, self.scales(name), self.tera_alpha[name], strategy)
+
+    def _per_adapter_rows(self, x: torch.Tensor, names: list[str], which: torch.Tensor) -> torch.Tensor:
+        """The update of adapter ``names[which[i]]`` applied to row ``i`` of ``x``, in the compute dtype,
+        for adapters that are not the plain network (multiplicative, W0's bases): those have no
+        factored chain that rows could share, so each builds its own weight once and runs on its rows
+        (one GEMM per adapter in the batch)."""
+        out = x.new_zeros(x.shape[:-1] + (self.out_features,), dtype=compute_dtype(x))
         for k, a in enumerate(names):
             rows = (which == k).nonzero().squeeze(1)
-            delta = tera_linear(x.index_select(0, rows), None, None, self._network(a, dt, x.device), self.scales(a),
-                                self.tera_alpha[a], w0=w0)
-            out = out.index_copy(0, rows, delta)
+            out = out.index_copy(0, rows, self._update_x(a, x.index_select(0, rows), None))
         return out
 
     def _rows_delta(self, x: torch.Tensor, spec: TeRASpec, bank: FactorBank, table: torch.Tensor,

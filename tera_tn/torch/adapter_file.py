@@ -44,13 +44,14 @@ class CheckpointMismatch(ValueError):
 
 def describe_layer(layer: nn.Module, adapter: str = DEFAULT_ADAPTER) -> dict:
     """The full description entry (:func:`~tera_tn.core.adapter_format.layer_entry`) of ``adapter``
-    on a TeRA layer of either API: spec, seed, factor recipe, α, ``alpha_scaling``, ``update``,
+    on a TeRA layer of either API: spec, seed, factor recipe, α, ``alpha_scaling``, ``update``, ``basis``,
     ``fan_in_fan_out`` and, where α or ΔW depends on the base weight, the ``‖W0‖`` it was made for."""
     bank = layer.adapter_bank(adapter)
     return layer_entry(layer.tera_spec[adapter], seed=bank.seed, factor_init=bank.factor_init,
                        factor_dtype=bank.dtype_name, alpha=layer.tera_alpha[adapter],
                        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
                        alpha_scaling=layer.tera_alpha_scaling[adapter], update=layer.tera_update[adapter],
+                       basis=layer.tera_basis[adapter],
                        w0_norm=layer.tera_w0_norm.get(adapter))
 
 

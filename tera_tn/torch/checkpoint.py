@@ -89,7 +89,7 @@ def read_tera_metadata(path: Union[str, os.PathLike]) -> dict:
     """The validated description of an adapter file (or PEFT adapter folder), every setting in its
     layer's entry: ``{"format", "library_version", "factors_included", "lambda_layout", "layers":
     {name: {"spec", "group", "seed", "factor_init", "core_scale", "generator_version",
-    "factor_dtype", "alpha", "alpha_scaling", "update", "fan_in_fan_out"[, "w0_norm"]}}}``. Files written
+    "factor_dtype", "alpha", "alpha_scaling", "update", "basis", "fan_in_fan_out"[, "w0_norm"]}}}``. Files written
     before the recipe was recorded read as generator version 1 with its core scale.
 
     Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a missing path or a folder without an
@@ -164,10 +164,11 @@ def _adapt_from_checkpoint(model: nn.Module, path: Path, saved_layers: dict, str
         if "w0_norm" in info:
             have = weight_norm(module.weight)
             if not math.isclose(float(info["w0_norm"]), have, rel_tol=1e-9, abs_tol=0.0):
-                how = "ΔW multiplies" if info["update"] == "multiplicative" else "α was set from"
+                how = ("ΔW multiplies" if info["update"] == "multiplicative" else "bases came from"
+                       if info["basis"] == "w0" else "α was set from")
                 problems.append(f"layer {name!r}: the adapter's {how} a base weight of norm {info['w0_norm']!r} "
-                                f"(update={info['update']!r}, alpha_scaling={info['alpha_scaling']!r}), this model's "
-                                f"weight has norm {have!r}: another base model")
+                                f"(update={info['update']!r}, basis={info['basis']!r}, alpha_scaling="
+                                f"{info['alpha_scaling']!r}), this model's weight has norm {have!r}: another base model")
                 continue
         plan.append((name, module, spec, info))
     if problems:
@@ -181,7 +182,7 @@ def _adapt_from_checkpoint(model: nn.Module, path: Path, saved_layers: dict, str
         p.requires_grad_(False)
     for name, linear, spec, info in plan:
         bank = banks[info["seed"], info["factor_init"], info["factor_dtype"]]
-        layer = TeRALinear(linear, spec, bank=bank, alpha=info["alpha"], update=info["update"])
+        layer = TeRALinear(linear, spec, bank=bank, alpha=info["alpha"], update=info["update"], basis=info["basis"])
         if info["alpha_scaling"] == "w0_relative":  # α is the saved α_l; the layer keeps pinning the W0 it came from
             layer.tera_alpha_scaling[DEFAULT_ADAPTER] = "w0_relative"
             layer.tera_w0_norm[DEFAULT_ADAPTER] = float(info["w0_norm"])
@@ -247,7 +248,7 @@ def _load_into_adapted(model: nn.Module, path: Path, meta: dict, strict: bool) -
             lam = concatenated([t.float() for _, _, t in parts])
             label = f"{name}.lambda.*" if per_mode else parts[0][0]
             found_, warned = layer_lambda_problems(label, lam, layer, layer.spec, layer.tera_bank, layer.alpha,
-                                                   layer.tera_update[DEFAULT_ADAPTER])
+                                                   plain=layer._plain(DEFAULT_ADAPTER))
             absurd += found_
             notes += warned
     if absurd:

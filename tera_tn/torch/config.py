@@ -11,8 +11,9 @@ from typing import Mapping, Sequence, Union
 from ..core.factors import FACTOR_INITS, SCALE_INITS, check_scale_value, check_seed
 from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, check_modes
 from ..contract.strategies import strategy_names
+from .w0_basis import cap_ranks
 
-__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES", "UPDATES"]
+__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES", "UPDATES", "BASES"]
 
 #: ``"auto"`` and every strategy of the registry (:mod:`tera_tn.contract.strategies`).
 LAYER_STRATEGIES = ("auto",) + strategy_names()
@@ -22,9 +23,21 @@ _FACTOR_DTYPES = ("float32", "float64")
 ALPHA_SCALINGS = ("constant", "w0_relative")
 #: how ΔW enters the layer: ``"additive"`` (``W0 + ΔW``) or ``"multiplicative"`` (``W0 + W0 ⊙ ΔW``)
 UPDATES = ("additive", "multiplicative")
+#: where the rank-side diagonals act: ``"random"`` (the frozen factors' Kronecker bases) or ``"w0"``
+#: (the adapted weight's leading singular vectors, :mod:`tera_tn.torch.w0_basis`)
+BASES = ("random", "w0")
 _LAYER_OPTIONS = (
-    "alpha", "alpha_scaling", "update", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
+    "alpha", "alpha_scaling", "update", "basis", "scale_init", "zero_mode", "scale_init_value", "dropout", "strategy", "cache_delta", "check_finite",
 )
+
+
+def check_basis(basis, update, alpha_scaling) -> None:
+    """Validate ``basis`` and the options it combines with."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if basis == "w0" and (update != "additive" or alpha_scaling != "constant"):
+        raise ValueError(f"basis='w0' takes update='additive' and alpha_scaling='constant', got update={update!r}, "
+                         f"alpha_scaling={alpha_scaling!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,15 @@ class TeRALayersConfig:
             form), is not served in mixed-adapter batches, needs a floating-point base weight and
             ``alpha_scaling="constant"``; checkpoints pin ``‖W0‖`` and merge/unmerge use the
             unmerged ``W0``.
+        basis: ``"random"`` (default): ``ΔW = α P (G ⊙ u vᵀ) Qᵀ`` with the frozen Kronecker factors
+            ``P``, ``Q``. ``"w0"``: ``P`` and ``Q`` become W0's leading singular vectors (``W0 = U0 S
+            V0ᵀ``): ``ΔW = α U0 (G ⊙ u vᵀ) V0ᵀ``, so the trained pattern scales W0's principal
+            directions, coarse to fine (see :mod:`tera_tn.torch.w0_basis`). Needs ``diag="rank"``;
+            the rank policy is capped so that ``∏R`` per side is at most ``min(d_out, d_in)``
+            (explicit specs must fit). The bases are recomputed from W0 at creation and load (a
+            float64 SVD, never stored); checkpoints pin ``‖W0‖``. Trains a materialized ΔW (two
+            ``d × r`` GEMMs per layer per step) and needs a floating-point base weight, an additive
+            update and ``alpha_scaling="constant"``.
         seed: seed of the frozen factors (the same seed gives bit-identical factors everywhere).
         factor_init: ``"orthogonal"``, ``"gaussian"`` or ``"uniform"``.
         scale_init: λ initialization (``"zero_start"``: ΔW = 0 at step 0 with non-zero grads).
@@ -90,6 +112,7 @@ class TeRALayersConfig:
     alpha: float = 1.0
     alpha_scaling: str = "constant"
     update: str = "additive"
+    basis: str = "random"
     seed: int = 0
     factor_init: str = "orthogonal"
     scale_init: str = "zero_start"
@@ -138,6 +161,10 @@ class TeRALayersConfig:
         if self.update == "multiplicative" and self.alpha_scaling != "constant":
             raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {self.alpha_scaling!r}: "
                              "W0 ⊙ ΔW is already relative to each weight, so tune alpha with the learning rate instead")
+        check_basis(self.basis, self.update, self.alpha_scaling)
+        if self.basis == "w0" and self.diag != "rank":
+            raise ValueError(f"basis='w0' needs diag='rank' (the diagonals act in W0's singular coordinates; on the "
+                             f"mode side W0's bases change nothing), got diag={self.diag!r}")
         if self.factor_init not in FACTOR_INITS:
             raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {self.factor_init!r}")
         if self.scale_init not in SCALE_INITS:
@@ -206,6 +233,8 @@ class TeRALayersConfig:
                 f"no TeRA spec for a {d_out}×{d_in} layer with order={self.order!r}, ranks={self.ranks!r}: {e}; "
                 f"pass an explicit spec for the ({d_out}, {d_in}) shape in the config's specs"
             ) from None
+        if self.basis == "w0":
+            spec = cap_ranks(spec)
         if self.scale_init == "zero_start" and self.zero_mode >= spec.order:
             raise ValueError(f"zero_mode={self.zero_mode} is not a mode of {spec} (order {spec.order})")
         return spec

@@ -75,6 +75,9 @@ class TeRALinear(nn.Module, TeRAAdapters):
             frozen map at unit λ), see :class:`~tera_tn.torch.TeRALayersConfig`.
         update: ``"additive"`` (``W0 + ΔW``) or ``"multiplicative"`` (``W0 + W0 ⊙ ΔW``), see
             :class:`~tera_tn.torch.TeRALayersConfig`.
+        basis: ``"random"`` (the frozen factors) or ``"w0"`` (W0's singular vectors; needs a
+            rank-side spec whose ``∏R`` per side is at most ``min(d_out, d_in)``), see
+            :class:`~tera_tn.torch.TeRALayersConfig`.
         scale_init, zero_mode, scale_init_value: λ initialization (see :func:`tera_tn.init_scales`:
             ``scale_init_value`` is its ``value``, the starting magnitude of the non-zero vectors).
         dropout: dropout probability on the adapter's input only.
@@ -109,6 +112,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
         alpha: float = 1.0,
         alpha_scaling: str = "constant",
         update: str = "additive",
+        basis: str = "random",
         scale_init: str = "zero_start",
         zero_mode: int = 0,
         scale_init_value: float = 1.0,
@@ -138,7 +142,7 @@ class TeRALinear(nn.Module, TeRAAdapters):
         self._name = ""
         self.merged = False
         self.disable_adapter = False
-        options = dict(alpha=alpha, alpha_scaling=alpha_scaling, update=update, scale_init=scale_init, zero_mode=zero_mode, scale_init_value=scale_init_value,
+        options = dict(alpha=alpha, alpha_scaling=alpha_scaling, update=update, basis=basis, scale_init=scale_init, zero_mode=zero_mode, scale_init_value=scale_init_value,
                        dropout=dropout, strategy=strategy, check_finite=check_finite, cache_delta=cache_delta)
         spec = TeRASpec.from_shape(base_layer.out_features, base_layer.in_features) if spec is None else spec
         self._add_adapter(DEFAULT_ADAPTER, spec, bank, options, device=base_layer.weight.device)
@@ -236,9 +240,10 @@ class TeRALinear(nn.Module, TeRAAdapters):
             )
         if self.merged:
             raise RuntimeError(f"{self._where()} is merged (its own ΔW is in W0); unmerge() before passing row_lambdas")
-        if self.tera_update[DEFAULT_ADAPTER] == "multiplicative":
-            raise ValueError(f"{self._where()} is multiplicative (update='multiplicative'): row_lambdas batches share "
-                             "one factored chain across rows, which W0 ⊙ ΔW does not have; run one λ at a time")
+        if not self._plain(DEFAULT_ADAPTER):
+            raise ValueError(f"{self._where()} has update={self.tera_update[DEFAULT_ADAPTER]!r}, basis="
+                             f"{self.tera_basis[DEFAULT_ADAPTER]!r}: row_lambdas batches share one factored chain across "
+                             "rows, which only the plain network (additive, basis='random') has; run one λ at a time")
         y = self.base_layer(x)
         if self.disable_adapter:
             return y

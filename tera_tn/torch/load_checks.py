@@ -136,16 +136,17 @@ def _base_norm(layer: nn.Module) -> Optional[float]:
 
 
 def layer_lambda_problems(
-    key: str, t: object, layer: nn.Module, spec: TeRASpec, bank: FactorBank, alpha: float, update: str = "additive"
+    key: str, t: object, layer: nn.Module, spec: TeRASpec, bank: FactorBank, alpha: float, *, plain: bool = True
 ) -> tuple[list[str], list[str]]:
     """:func:`lambda_problems` for λ of ``spec`` meant for TeRA ``layer``: its compute dtype is its
     base weight's (float16 for a quantized base, the narrowest it computes in) and ``‖W0‖_F`` its
-    base weight's. A multiplicative adapter's update ``W0 ⊙ ΔW`` is not the ``ΔW`` the ratio warning
-    measures, so it gets the finiteness and overflow checks only (its bound on ``|ΔW|`` also bounds
-    ``|W0 ⊙ ΔW| / max|W0|``)."""
+    base weight's. An adapter that is not the plain network (``plain=False``: multiplicative, W0's
+    bases) does not have the ``ΔW`` the ratio warning measures, so it gets the finiteness and
+    overflow checks only (the bound holds for W0's orthonormal bases and, divided by ``max|W0|``,
+    for ``W0 ⊙ ΔW``)."""
     w = layer.get_base_layer().weight
     dtype = w.dtype if w.is_floating_point() else torch.float16
-    base_norm = None if update == "multiplicative" else (lambda: _base_norm(layer))
+    base_norm = (lambda: _base_norm(layer)) if plain else None
     return lambda_problems(key, t, spec, bank=bank, alpha=alpha, dtype=dtype, base_norm=base_norm)
 
 
