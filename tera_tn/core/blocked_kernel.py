@@ -35,6 +35,7 @@ with private buffers.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import List
 
 from .workspace import current_workspace, in_scope, usable_cores, workspace
@@ -219,33 +220,54 @@ def blocked_product(ops, core, matrices, order, out):
             cache.lock.release()
 
 
-def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_elems, blocked, cache, ws):
+@dataclass
+class _Pass:
+    """One pass of the plan: the group it applies and where its input and output live."""
+
+    grp: list
+    rest: list
+    layout: list
+    cur_dims: list
+    r_in: list
+    k_out: list
+    gin: int
+    gout: int
+    rest_rows: int
+    new_total: int
+    #: "out" (the pass writes ``out`` in order), "scatter" (into a permuted view of ``out``) or the
+    #: workspace role of its intermediate ("inter0"/"inter1", alternating so input and output never alias)
+    dst: str
+    #: "lead"/"trail": one GEMM over the whole tensor (a single product on the layout's first or last
+    #: mode); "blocked": gathered blocks through the scratch buffers
+    form: str
+    t: int = 0
+    blocks: list = field(default_factory=list)
+    buf_elems: int = 0
+    n_workers: int = 1
+
+
+def _plan_passes(ops, shape, ks, groups, scratch_elems, blocked, threaded) -> list[_Pass]:
+    """Every pass's layout, output and blocks, before any buffer exists (so the workspace is asked
+    for all of them at once)."""
     N = len(shape)
-    mats_t = [None if m is None else m.T for m in matrices]
     layout = list(range(N))
     sizes = list(shape)
-    src = core.reshape(-1)
-    total = src.shape[0]
-    n_pass = len(groups)
-    ws_role = 0
-
+    total = 1
+    for s in sizes:
+        total *= s
+    role = 0
+    passes = []
     for p, grp in enumerate(groups):
-        last = p == n_pass - 1
+        last = p == len(groups) - 1
         rest = [n for n in layout if n not in grp]
         new_layout = rest + list(grp)
         new_total = total
         for n in grp:
             new_total = new_total // sizes[n] * ks[n]
-        direct_out = last and new_layout == list(range(N))
-        if direct_out:
-            dst = out_flat
-        elif last:
-            dst = None  # scattered into a permuted view of ``out``
+        if last:
+            dst = "out" if new_layout == list(range(N)) else "scatter"
         else:
-            dst = workspace(ops, core, f"inter{ws_role}", new_total, cache)
-            ws_role ^= 1
-
-        cur_dims = [sizes[n] for n in layout]
+            dst, role = f"inter{role}", role ^ 1
         r_in = [sizes[n] for n in grp]
         k_out = [ks[n] for n in grp]
         gin = 1
@@ -255,91 +277,100 @@ def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_e
         for s in k_out:
             gout *= s
         rest_rows = total // gin if gin else 0
-
-        # Single product on the leading or trailing mode of the layout: one big GEMM
-        # over the whole tensor does the job without any gather.
-        if len(grp) == 1 and dst is not None and layout[0] == grp[0]:
-            n = grp[0]
-            a2 = src.reshape(sizes[n], rest_rows).T
-            o2 = dst.reshape(rest_rows, ks[n])
-            ops.mm(a2, mats_t[n], o2)
-        elif len(grp) == 1 and dst is not None and layout[-1] == grp[0]:
-            n = grp[0]
-            a2 = src.reshape(rest_rows, sizes[n])
-            o2 = dst.reshape(rest_rows, ks[n])
-            ops.mm(a2, mats_t[n], o2)
+        step = _Pass(grp, rest, layout, [sizes[n] for n in layout], r_in, k_out, gin, gout, rest_rows, new_total, dst,
+                     "blocked")
+        # A single product on the leading or trailing mode of the layout: one big GEMM over the
+        # whole tensor does the job without any gather.
+        if len(grp) == 1 and dst != "scatter" and layout[0] == grp[0]:
+            step.form = "lead"
+        elif len(grp) == 1 and dst != "scatter" and layout[-1] == grp[0]:
+            step.form = "trail"
         else:
-            _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, ks,
-                          r_in, k_out, gin, gout, rest_rows, [mats_t[n] for n in grp],
-                          scratch_elems, blocked, cache, ws)
-
+            footprint = _group_footprint(sizes, ks, grp)
+            rows_target = max(1, min(rest_rows, scratch_elems // max(footprint, 1))) if blocked else max(rest_rows, 1)
+            step.t, _, step.blocks = _block_list([sizes[n] for n in rest], rows_target)
+            step.buf_elems = max(b[4] for b in step.blocks) * footprint
+            workers = _n_workers(ops, max(rest_rows * gin, rest_rows * gout)) if blocked and threaded else 1
+            step.n_workers = min(workers, len(step.blocks))
+        passes.append(step)
         for n in grp:
             sizes[n] = ks[n]
         layout = new_layout
         total = new_total
+    return passes
+
+
+def _run_passes(ops, core, matrices, ks, shape, groups, out, out_flat, scratch_elems, blocked, cache, ws):
+    passes = _plan_passes(ops, shape, ks, groups, scratch_elems, blocked, ws is not None)
+    # Everything the passes use, lent at once: both intermediates at their largest, each worker's
+    # two scratch buffers at the largest block, and the pool's threads.
+    inter: dict[str, int] = {}
+    for p in passes:
+        if p.dst.startswith("inter"):
+            inter[p.dst] = max(inter.get(p.dst, 0), p.new_total)
+    workers = max(p.n_workers for p in passes)
+    buf_elems = max(p.buf_elems for p in passes)
+    lent = {role: workspace(ops, core, role, n, cache) for role, n in inter.items()}
+    scratch = [(workspace(ops, core, f"scratch{w}a", buf_elems, cache), workspace(ops, core, f"scratch{w}b", buf_elems, cache))
+               for w in range(workers if buf_elems else 0)]
+    pool = ws.pool(workers - 1) if workers > 1 else None
+
+    mats_t = [None if m is None else m.T for m in matrices]
+    src = core.reshape(-1)
+    for p in passes:
+        dst = out_flat if p.dst == "out" else None if p.dst == "scatter" else lent[p.dst][: p.new_total]
+        if p.form == "lead":
+            n = p.grp[0]
+            ops.mm(src.reshape(p.cur_dims[0], p.rest_rows).T, mats_t[n], dst.reshape(p.rest_rows, ks[n]))
+        elif p.form == "trail":
+            n = p.grp[0]
+            ops.mm(src.reshape(p.rest_rows, p.cur_dims[-1]), mats_t[n], dst.reshape(p.rest_rows, ks[n]))
+        else:
+            _blocked_pass(ops, src, dst, out, p, [mats_t[n] for n in p.grp], scratch, pool)
         if dst is not None:
             src = dst
     return out
 
 
-def _blocked_pass(ops, core, src, dst, out, layout, cur_dims, grp, rest, sizes, ks,
-                  r_in, k_out, gin, gout, rest_rows, mats_t, scratch_elems, blocked, cache, ws):
-    footprint = _group_footprint(sizes, ks, grp)
-    if blocked:
-        rows_target = max(1, min(rest_rows, scratch_elems // max(footprint, 1)))
-    else:
-        rows_target = max(rest_rows, 1)
-    rest_dims = [sizes[n] for n in rest]
-    t, inner, blocks = _block_list(rest_dims, rows_target)
-    max_rows = max(b[4] for b in blocks)
-
+def _blocked_pass(ops, src, dst, out, p: _Pass, mats_t, scratch, pool):
     # Source viewed as (group modes..., rest modes...), a strided view.
+    grp, rest, layout, t = p.grp, p.rest, p.layout, p.t
     perm = [layout.index(n) for n in grp] + [layout.index(n) for n in rest]
-    src_perm = ops.permute_view(src.reshape(cur_dims), perm)
-    if dst is None:
-        # Last pass whose layout (rest..., grp...) is not the natural order: write
-        # blocks into ``out`` seen in that layout.
-        dst_perm = ops.permute_view(out, rest + list(grp))
-    else:
-        dst_perm = None
+    src_perm = ops.permute_view(src.reshape(p.cur_dims), perm)
+    # The last pass whose layout (rest..., grp...) is not the natural order writes its blocks into
+    # ``out`` seen in that layout.
+    dst_perm = ops.permute_view(out, rest + list(grp)) if dst is None else None
     ng = len(grp)
 
-    n_workers = _n_workers(ops, max(rest_rows * gin, rest_rows * gout)) if blocked and ws is not None else 1
-    n_workers = min(n_workers, len(blocks))
-    buf_elems = max_rows * footprint
-
     def work(wid, my_blocks):
-        s1 = workspace(ops, core, f"scratch{wid}a", buf_elems, cache)
-        s2 = workspace(ops, core, f"scratch{wid}b", buf_elems, cache)
+        s1, s2 = scratch[wid]
         for prefix, c0, c1, row0, nrows in my_blocks:
             bidx = tuple(prefix) + (slice(c0, c1),) if t < len(rest) else ()
             blk_src = src_perm[(slice(None),) * ng + bidx]
-            gshape = tuple(r_in) + tuple(blk_src.shape[ng:])
-            S = s1[: gin * nrows]
+            gshape = tuple(p.r_in) + tuple(blk_src.shape[ng:])
+            S = s1[: p.gin * nrows]
             ops.copy(S.reshape(gshape), blk_src)
             if dst is not None:
-                o = dst[row0 * gout : (row0 + nrows) * gout]
-                o2 = o.reshape(-1, k_out[-1])
-                _apply_group_block(ops, s1, s2, o2, mats_t, r_in, k_out, nrows)
+                o = dst[row0 * p.gout : (row0 + nrows) * p.gout]
+                o2 = o.reshape(-1, p.k_out[-1])
+                _apply_group_block(ops, s1, s2, o2, mats_t, p.r_in, p.k_out, nrows)
             else:
-                res = _apply_group_block(ops, s1, s2, None, mats_t, r_in, k_out, nrows)
-                oshape = tuple(blk_src.shape[ng:]) + tuple(k_out)
+                res = _apply_group_block(ops, s1, s2, None, mats_t, p.r_in, p.k_out, nrows)
+                oshape = tuple(blk_src.shape[ng:]) + tuple(p.k_out)
                 ops.copy(dst_perm[bidx], res.reshape(oshape))
 
-    if n_workers <= 1:
-        work(0, blocks)
+    if p.n_workers <= 1:
+        work(0, p.blocks)
         return
     # Workers pull blocks from one shared iterator (``next`` on a list iterator is
     # atomic under the GIL): on a shared machine a static split leaves the whole
     # pass waiting for whichever core is being stolen from.
-    shared = iter(blocks)
-    pool = ws.pool(n_workers - 1)
+    shared = iter(p.blocks)
     pass_scope, worker_scope = ops.worker_scopes()
     with pass_scope:
-        futs = [pool.submit(in_scope, worker_scope, work, w, shared) for w in range(1, n_workers)]
+        futs = [pool.submit(in_scope, worker_scope, work, w, shared) for w in range(1, p.n_workers)]
         try:
             in_scope(worker_scope, work, 0, shared)
         finally:
             for f in futs:
                 f.result()
-
