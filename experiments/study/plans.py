@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from experiments.datasets import HELD_OUT
+from tera_tn.core.budget import specs_for_budget
 
 __all__ = ["Budget", "Contender", "PLANS", "PROTOCOL_2", "Stage", "TERA_BASE", "resolved_adapter"]
 
@@ -226,6 +227,13 @@ MULTIPLICATIVE = _tera("tera_multiplicative", **DEFAULTS, update="multiplicative
 #: W0's 384 singular vectors (ranks 48·32 → 24·16), so it trains 15,264 adapter numbers on MiniLM's
 #: q/k/v/dense, 97 % of the default's 15,744. ‖U0 G V0ᵀ‖ = ‖G‖ = ‖P G Qᵀ‖ at unit λ, so α stays 1.
 W0_BASIS = _tera("tera_w0_basis", diag="rank", order=3, basis="w0")
+#: MiniLM's adapted layers (q/k/v/dense of all-MiniLM-L6-v2): shape -> number of layers
+MINILM_SHAPES = {(384, 384): 24, (1536, 384): 6, (384, 1536): 6}
+#: budget fill at VeRA r=256's 29,952 adapter numbers (the equal-count row): specs_for_budget fills it
+#: exactly with order 2 on the mode side for the square layers and order 2 on the rank side at half
+#: ranks for the FFN's
+BUDGET_VERA = _tera("tera_budget_vera256", specs={f"{d_out}x{d_in}": spec.to_dict() for (d_out, d_in), spec
+                                                  in specs_for_budget(MINILM_SHAPES, 29_952).items()})
 
 PLANS: dict[str, tuple[Stage, ...]] = {
     # one dataset, one seed, a ~3-minute CPU budget: which knobs matter at all
@@ -255,7 +263,7 @@ PLANS: dict[str, tuple[Stage, ...]] = {
     # contender's position, so adding one re-runs nothing); head-only's runs are shared
     # with the v2 plan (same keys), so the head's rate is the one v2 chose
     "screen_v2": (Stage(("rotten_tomatoes", "election_tweets"), (0, 1, 2), (BASELINES_2[0], W0_SCALED, MULTIPLICATIVE,
-                                                                          W0_BASIS),
+                                                                          W0_BASIS, BUDGET_VERA),
                         PROTOCOL_2,
                         tune_seeds=(0,), confirm_top=2, head_lr_from="head_only"),),
     # the test suite's plan: a real model and data, a handful of steps

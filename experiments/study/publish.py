@@ -51,6 +51,7 @@ LABELS = {DEFAULT: "TeRA default", FORMER_DEFAULT: "TeRA order 6 (former default
           "lora_r1": "LoRA r=1", "tera_w0_scaled": "TeRA per-layer scale (α_l = 0.7·‖W0‖/‖M‖)",
           "tera_multiplicative": "TeRA multiplicative (W0 ⊙ ΔW, α 16)",
           "tera_w0_basis": "TeRA in W0's singular bases (rank side)",
+          "tera_budget_vera256": "TeRA budget fill at VeRA r=256's count",
           "tera_order2": "TeRA order 2 (rank side)", "tera_order3": "TeRA order 3 (rank side)",
           "tera_diag_mode": "TeRA order 6 (mode side)", "full": "full fine-tuning", "hira_r32": "HiRA r=32"}
 #: ablation tables: a TeRA contender joins the first group whose test matches its adapter arguments
