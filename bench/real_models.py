@@ -15,7 +15,9 @@ Methods: TeRA with PEFT ``TeraConfig()`` defaults (``tera``: order 3, diagonals 
 full ranks), the default order with the diagonals on the rank side (``tera_rank``: the paper's
 placement, the same trainable count), order 6 with rank-side diagonals (``tera_order6``: the
 defaults before tera_tn switched to order 3), and order 6 rank side with ranks ceil(K_n/2)
-(``tera_reduced``: the smallest TeRA member here), PEFT LoRA r=8, VeRA r=256, HiRA r=32, full
+(``tera_reduced``: the smallest TeRA member here), the two variants tied to the adapted weight
+(``tera_multiplicative``: ``W0 + W0 ⊙ ΔW``; ``tera_w0_basis``: rank side in W0's singular bases),
+PEFT LoRA r=8, VeRA r=256, HiRA r=32, full
 fine-tuning of the whole model, and full fine-tuning of the adapted layers only (their weights
 trained with AdamW, everything else frozen: the same GEMMs as the adapters, the floor proxy).
 
@@ -72,7 +74,8 @@ from bench import _harness as H  # noqa: E402
 from bench.suite import _loadavg, environment  # noqa: E402
 from tera_tn.core.spec import DEFAULT_DIAG, DEFAULT_ORDER  # noqa: E402
 
-METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_rank", "tera_order6", "tera_reduced", "lora_r8", "vera_r256", "hira_r32")
+METHODS = ("full_ft", "full_ft_adapted", "tera", "tera_rank", "tera_order6", "tera_reduced", "tera_multiplicative",
+           "tera_w0_basis", "lora_r8", "vera_r256", "hira_r32")
 LABELS = {
     "full_ft": "full fine-tuning (whole model)",
     "full_ft_adapted": "full fine-tuning (adapted layers only)",
@@ -80,6 +83,8 @@ LABELS = {
     "tera_rank": f"TeRA order {DEFAULT_ORDER}, rank-side diagonals, full ranks",
     "tera_order6": "TeRA order 6, rank-side diagonals, full ranks (former defaults)",
     "tera_reduced": "TeRA order 6, rank-side diagonals, ranks ceil(K/2)",
+    "tera_multiplicative": f"TeRA multiplicative, W0 + W0 ⊙ ΔW (order {DEFAULT_ORDER}, mode side, α 16)",
+    "tera_w0_basis": f"TeRA in W0's singular bases (order {DEFAULT_ORDER}, rank side)",
     "lora_r8": "PEFT LoRA r=8",
     "vera_r256": "PEFT VeRA r=256",
     "hira_r32": "PEFT HiRA r=32",
@@ -277,6 +282,10 @@ def _peft_config(method: str, case: ModelCase, **kw):
         return TeraConfig(target_modules=targets, order=6, diag="rank", **kw)
     if method == "tera_reduced":
         return TeraConfig(target_modules=targets, order=6, diag="rank", ranks=0.5, **kw)
+    if method == "tera_multiplicative":
+        return TeraConfig(target_modules=targets, update="multiplicative", alpha=16.0, **kw)
+    if method == "tera_w0_basis":
+        return TeraConfig(target_modules=targets, diag="rank", basis="w0", **kw)
     if method == "lora_r8":
         return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
     if method == "vera_r256":
@@ -325,7 +334,8 @@ def trainable_groups(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.\d+\.", ".*.", n) for n, p in model.named_parameters() if p.requires_grad})
 
 
-_LR = {"tera": "tera", "tera_rank": "tera", "tera_order6": "tera", "tera_reduced": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
+_LR = {"tera": "tera", "tera_rank": "tera", "tera_order6": "tera", "tera_reduced": "tera", "tera_multiplicative": "tera",
+       "tera_w0_basis": "tera", "lora_r8": "lora", "vera_r256": "vera", "hira_r32": "hira",
        "full_ft": "full", "full_ft_adapted": "full"}
 
 

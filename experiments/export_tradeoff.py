@@ -8,7 +8,7 @@ a LoRA server would serve — and evaluated on the run's own test split. The une
 is evaluated the same way beside it, so each export's loss is paired item by item.
 
     python -m experiments.export_tradeoff run [--limit N] [--plan v2]   # resumable: one line per (run, setting)
-    python -m experiments.export_tradeoff publish           # the table (Markdown)
+    python -m experiments.export_tradeoff publish [--plan v2]   # the table (Markdown); with --plan, per dataset over seeds
 
 Results: ``experiments/results/export.jsonl`` (per-example predictions kept); ``--results-dir``
 reads and writes another study's folder (a worker in a pinned worktree uses the main checkout's).
@@ -185,6 +185,59 @@ def table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(records: Sequence[Mapping[str, Any]], study: Sequence[Mapping[str, Any]], plan: str) -> str:
+    """Markdown: per dataset, every setting over the seeds of the chosen-rate runs of ``plan``: mean
+    LoRA size, kept energy, test accuracy, and the item- and seed-level paired bootstrap of its
+    difference to the unexported adapter; beside them the study's LoRA r=8 at its chosen rate (same
+    test items), paired on the seeds both have."""
+    import numpy as np
+
+    from experiments.study.plans import PLANS
+    from experiments.study.publish import collect, correctness
+    from tera_tn.analysis.stats import paired_bootstrap
+
+    chosen = {r["key"] for r in trained_runs(study, plan)}
+    outcomes, _ = collect(study, plan, PLANS[plan])
+    lora = {o.dataset: o for o in outcomes if o.name == "lora_r8" and o.lr is not None}
+    at: dict[tuple[str, str], dict[str, dict[int, Mapping[str, Any]]]] = {}
+    for r in records:
+        if r["run"] in chosen:
+            at.setdefault((r["dataset"], r["contender"]), {}).setdefault(r["setting"], {})[int(r["seed"])] = r
+    lines = ["| dataset | setting | seeds | LoRA numbers | kept energy (mean / min) | test % | "
+             "Δ vs TeRA, items and seeds [95 %] (pts) |", "|---|---|---|---|---|---|---|"]
+    order = [setting_name(*s) for s in SETTINGS]
+
+    def correct(by_seed, seeds):
+        return np.stack([np.equal(decode_labels(by_seed[s]["test_predictions"]), decode_labels(by_seed[s]["test_labels"]))
+                         for s in seeds]).astype(int)
+
+    for (dataset, _), settings in sorted(at.items()):
+        ref = settings.get(order[0], {})
+        for name in order:
+            by_seed = settings.get(name)
+            if not by_seed:
+                continue
+            seeds = sorted(by_seed)
+            paired = sorted(set(seeds) & set(ref))
+            delta = str(paired_bootstrap(correct(by_seed, paired), correct(ref, paired))) if name != order[0] and paired else "–"
+            sizes = [r["lora_numbers"] for r in by_seed.values() if "lora_numbers" in r]
+            size = f"{round(sum(sizes) / len(sizes)):,}" if sizes else f"{by_seed[seeds[0]]['tera_numbers']:,} (λ)"
+            e_mean = [r["kept_energy_mean"] for r in by_seed.values() if "kept_energy_mean" in r]
+            e_min = [r["kept_energy_min"] for r in by_seed.values() if "kept_energy_min" in r]
+            energy = f"{sum(e_mean) / len(e_mean):.3f} / {min(e_min):.3f}" if e_mean else "1"
+            acc = 100 * sum(r["test_accuracy"] for r in by_seed.values()) / len(seeds)
+            lines.append(f"| {dataset} | {name} | {len(seeds)} | {size} | {energy} | {acc:.1f} | {delta} |")
+        o = lora.get(dataset)
+        if o is not None and ref:
+            seeds = sorted(set(o.test) & set(ref))
+            theirs = correctness(o, seeds)
+            delta = str(paired_bootstrap(theirs, correct(ref, seeds))) if theirs is not None and seeds else "–"
+            acc = 100 * sum(o.test[s] for s in seeds) / len(seeds) if seeds else float("nan")
+            lines.append(f"| {dataset} | LoRA r=8 trained (study, lr {o.lr:g}) | {len(seeds)} | {o.params:,} with head "
+                         f"| – | {acc:.1f} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.export_tradeoff", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("run", "publish"))
@@ -203,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = run(args.limit, log=lambda s: print(s, flush=True), results_dir=args.results_dir, plan=args.plan)
         print(f"{n} new lines in {args.results_dir / 'export.jsonl'}")
         return 0
-    sys.stdout.write(table(list(ResultsFile(args.results_dir / "export.jsonl").records())))
+    records = list(ResultsFile(args.results_dir / "export.jsonl").records())
+    if args.plan is not None:
+        sys.stdout.write(summary(records, list(ResultsFile(args.results_dir / "study.jsonl").records()), args.plan))
+    else:
+        sys.stdout.write(table(records))
     return 0
 
 

@@ -25,18 +25,12 @@ from tera_tn.torch import (  # noqa: E402
 from tera_tn.torch.autograd import tera_linear  # noqa: E402
 from tera_tn.torch.bank import FactorBank  # noqa: E402
 
+from mixed_batches import assert_each_row_served_by_its_adapter  # noqa: E402
+from tiny_models import seeded_mlp  # noqa: E402
 from tolerance import assert_matches_golden  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 DIAGS = ("mode", "rank", "both", "identity")
-
-
-def _model(scale: float = 1.0) -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 12))
-    with torch.no_grad():
-        m[2].weight.mul_(scale)
-    return m
 
 
 def _core_delta(layer: TeRALinear) -> np.ndarray:
@@ -102,7 +96,7 @@ def test_merge_and_unmerge_use_the_unmerged_weight():
 
     from tera_tn.peft import TeraConfig
 
-    model = get_peft_model(_model(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=8.0,
+    model = get_peft_model(seeded_mlp(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=8.0,
                                                 scale_init="random"), adapter_name="a")
     model.add_adapter("b", TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=3.0, seed=5,
                                       scale_init="random"))
@@ -119,20 +113,20 @@ def test_merge_and_unmerge_use_the_unmerged_weight():
 
 
 def test_torch_checkpoint_round_trips_and_pins_the_base(tmp_path):
-    m = _model()
+    m = seeded_mlp()
     add_tera(m, TeRALayersConfig(update="multiplicative", alpha=16.0, scale_init="random"))
     path = save_tera(m, tmp_path / "a.safetensors")
     layers = read_tera_metadata(path)["layers"]
     assert all(e["update"] == "multiplicative" and e["w0_norm"] > 0 for e in layers.values())
-    plain = _model()
+    plain = seeded_mlp()
     load_tera(plain, path)
     x = torch.randn(3, 12)
     assert torch.equal(plain(x), m(x))
-    other = _model(scale=1.1)
+    other = seeded_mlp(scale=1.1)
     with pytest.raises(CheckpointMismatch, match=r"layer '2': the adapter's ΔW multiplies a base weight of norm"):
         load_tera(other, path)
     assert isinstance(other[2], nn.Linear)
-    additive = _model()
+    additive = seeded_mlp()
     add_tera(additive, TeRALayersConfig(alpha=16.0))
     with pytest.raises(CheckpointMismatch, match="update"):
         load_tera(additive, path)
@@ -144,17 +138,17 @@ def test_peft_adapter_round_trips_and_refuses_another_base(tmp_path):
 
     from tera_tn.peft import TeraAdapterMismatch, TeraConfig, save_adapter
 
-    model = get_peft_model(_model(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=16.0,
+    model = get_peft_model(seeded_mlp(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=16.0,
                                                 scale_init="random"))
     save_adapter(model, tmp_path / "a")
     x = torch.randn(3, 12)
-    loaded = PeftModel.from_pretrained(_model(), str(tmp_path / "a"))
+    loaded = PeftModel.from_pretrained(seeded_mlp(), str(tmp_path / "a"))
     assert torch.equal(loaded(x), model(x))
     assert loaded.peft_config["default"].update == "multiplicative"
     with pytest.raises(TeraAdapterMismatch, match="w0_norm"):
-        PeftModel.from_pretrained(_model(scale=1.1), str(tmp_path / "a"))
+        PeftModel.from_pretrained(seeded_mlp(scale=1.1), str(tmp_path / "a"))
     # the same file loads through the plain-torch API, and keeps its outputs
-    plain = _model()
+    plain = seeded_mlp()
     load_tera(plain, tmp_path / "a")
     assert torch.equal(plain(x), model(x))
 
@@ -165,19 +159,19 @@ def test_exact_export_to_lora(tmp_path):
 
     from tera_tn.peft import TeraConfig, export_lora
 
-    model = get_peft_model(_model(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=16.0,
+    model = get_peft_model(seeded_mlp(), TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=16.0,
                                                 scale_init="random"))
     x = torch.randn(4, 12)
     report = export_lora(model, tmp_path / "lora", rank_set=None, check_inputs=x)
     assert report.update_error <= 1e-5
-    lora = PeftModel.from_pretrained(_model(), str(tmp_path / "lora"))
+    lora = PeftModel.from_pretrained(seeded_mlp(), str(tmp_path / "lora"))
     torch.testing.assert_close(lora(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_golden_delta_of_the_recipe():
     # fixed W0 (seeded), fixed λ: ΔW must never move for adapters saved with this update form
     with np.load(DATA / "golden_multiplicative.npz") as z:
-        m = _model()
+        m = seeded_mlp()
         add_tera(m, TeRALayersConfig(update="multiplicative", alpha=16.0, factor_dtype="float64"))
         for name, layer in tera_layers(m):
             with torch.no_grad():
@@ -207,21 +201,13 @@ def test_mixed_batches_serve_each_row_its_adapter():
     from tera_tn.peft import TeraConfig
 
     kw = dict(target_modules=["0", "2"], scale_init="random")
-    model = get_peft_model(_model(), TeraConfig(update="multiplicative", alpha=16.0, **kw), adapter_name="m")
+    model = get_peft_model(seeded_mlp(), TeraConfig(update="multiplicative", alpha=16.0, **kw), adapter_name="m")
     model.add_adapter("n", TeraConfig(update="multiplicative", alpha=4.0, seed=3, **kw))
     model.add_adapter("a", TeraConfig(alpha=2.0, **kw))  # additive, same bank and spec as "m"
     model.eval()
     x = torch.randn(5, 12)
     names = ["m", "a", "__base__", "n", "m"]
-    got = model(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                want = model(x[i : i + 1])
-        else:
-            model.set_adapter(name)
-            want = model(x[i : i + 1])
-        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-6)
+    assert_each_row_served_by_its_adapter(model, x, names)
 
 
 def test_store_and_late_adapters_are_refused(tmp_path):
@@ -231,8 +217,8 @@ def test_store_and_late_adapters_are_refused(tmp_path):
     from tera_tn.peft import AdapterStore, TeraConfig, save_adapter
 
     config = TeraConfig(target_modules=["0", "2"], update="multiplicative", alpha=16.0, scale_init="random")
-    model = get_peft_model(_model(), config)
-    additive = get_peft_model(_model(), TeraConfig(target_modules=["0", "2"], alpha=16.0))
+    model = get_peft_model(seeded_mlp(), config)
+    additive = get_peft_model(seeded_mlp(), TeraConfig(target_modules=["0", "2"], alpha=16.0))
     save_adapter(model, tmp_path / "m")
     store = AdapterStore(additive)
     with pytest.raises(ValueError, match="the store serves the plain network only"):

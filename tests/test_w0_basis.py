@@ -28,17 +28,11 @@ from tera_tn.torch import (  # noqa: E402
 from tera_tn.torch.bank import FactorBank  # noqa: E402
 from tera_tn.torch.w0_basis import basis_sizes, cap_ranks, w0_bases  # noqa: E402
 
+from mixed_batches import assert_each_row_served_by_its_adapter  # noqa: E402
+from tiny_models import seeded_mlp  # noqa: E402
 from tolerance import assert_matches_golden  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def _model(scale: float = 1.0) -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 12))
-    with torch.no_grad():
-        m[2].weight.mul_(scale)
-    return m
 
 
 def _numpy_bases(w0: np.ndarray, a: int, b: int):
@@ -151,16 +145,16 @@ def test_another_process_with_one_thread_builds_the_same_delta(tmp_path):
 
 
 def test_torch_checkpoint_round_trips_and_pins_the_base(tmp_path):
-    m = _model()
+    m = seeded_mlp()
     add_tera(m, TeRALayersConfig(diag="rank", basis="w0", scale_init="random"))
     path = save_tera(m, tmp_path / "a.safetensors")
     assert all(e["basis"] == "w0" and e["w0_norm"] > 0 for e in read_tera_metadata(path)["layers"].values())
-    plain = _model()
+    plain = seeded_mlp()
     load_tera(plain, path)
     x = torch.randn(3, 12)
     assert torch.equal(plain(x), m(x))
     with pytest.raises(CheckpointMismatch, match=r"layer '2': the adapter's bases came from a base weight of norm"):
-        load_tera(_model(scale=1.1), path)
+        load_tera(seeded_mlp(scale=1.1), path)
 
 
 def test_peft_round_trip_merge_mixed_batches_and_export(tmp_path):
@@ -170,27 +164,19 @@ def test_peft_round_trip_merge_mixed_batches_and_export(tmp_path):
     from tera_tn.peft import TeraAdapterMismatch, TeraConfig, export_lora, save_adapter
 
     kw = dict(target_modules=["0", "2"], diag="rank", scale_init="random")
-    model = get_peft_model(_model(), TeraConfig(basis="w0", **kw), adapter_name="w")
+    model = get_peft_model(seeded_mlp(), TeraConfig(basis="w0", **kw), adapter_name="w")
     model.add_adapter("r", TeraConfig(alpha=2.0, **kw))  # the same spec on the random factors
     model.eval()
     x = torch.randn(4, 12)
     names = ["w", "r", "__base__", "w"]
-    got = model(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                want = model(x[i : i + 1])
-        else:
-            model.set_adapter(name)
-            want = model(x[i : i + 1])
-        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-6)
+    assert_each_row_served_by_its_adapter(model, x, names)
     model.set_adapter("w")
     y = model(x)
     save_adapter(model, tmp_path / "a", selected_adapters=["w"])  # PEFT writes a non-default adapter to a/w
-    loaded = PeftModel.from_pretrained(_model(), str(tmp_path / "a" / "w"))
+    loaded = PeftModel.from_pretrained(seeded_mlp(), str(tmp_path / "a" / "w"))
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
     with pytest.raises(TeraAdapterMismatch, match="w0_norm"):
-        PeftModel.from_pretrained(_model(scale=1.1), str(tmp_path / "a" / "w"))
+        PeftModel.from_pretrained(seeded_mlp(scale=1.1), str(tmp_path / "a" / "w"))
     report = export_lora(model, tmp_path / "lora", adapter_name="w", rank_set=None, check_inputs=x)
     assert report.update_error <= 1e-5
     layer = model.base_model.model[2]
@@ -206,7 +192,7 @@ def test_peft_round_trip_merge_mixed_batches_and_export(tmp_path):
 def test_golden_delta_of_the_recipe():
     # fixed W0 (seeded), fixed λ: ΔW must never move for adapters saved with W0's bases
     with np.load(DATA / "golden_w0_basis.npz") as z:
-        m = _model()
+        m = seeded_mlp()
         add_tera(m, TeRALayersConfig(diag="rank", basis="w0", factor_dtype="float64"))
         for name, layer in tera_layers(m):
             with torch.no_grad():
