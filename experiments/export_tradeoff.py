@@ -152,6 +152,16 @@ def run(limit: int | None = None, log=print, results_dir: Path = RESULTS_DIR, pl
     return n
 
 
+def _setting_order(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The settings of :data:`SETTINGS` in their order (the unexported adapter first), then any other
+    setting the records hold, in first-seen order."""
+    order = [setting_name(*s) for s in SETTINGS]
+    for r in records:
+        if r["setting"] not in order:
+            order.append(r["setting"])
+    return order
+
+
 def table(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: per trained run, each setting's test accuracy, LoRA size and kept energy, and the
     item-level paired difference to the unexported adapter (a bootstrap over test items)."""
@@ -162,8 +172,7 @@ def table(records: Sequence[Mapping[str, Any]]) -> str:
     by_run: dict[str, dict[str, Mapping[str, Any]]] = {}
     for r in records:
         by_run.setdefault(r["run"], {})[r["setting"]] = r
-    order = [setting_name(*s) for s in SETTINGS]
-    order += [r["setting"] for r in records if r["setting"] not in order]
+    order = _setting_order(records)
     lines = ["| dataset | run (seed, lr) | setting | LoRA numbers | kept energy (mean / min) | test acc % | "
              "Δ vs TeRA, items [95 %] (pts) |", "|---|---|---|---|---|---|---|"]
     for key, at in by_run.items():
@@ -205,7 +214,7 @@ def summary(records: Sequence[Mapping[str, Any]], study: Sequence[Mapping[str, A
             at.setdefault((r["dataset"], r["contender"]), {}).setdefault(r["setting"], {})[int(r["seed"])] = r
     lines = ["| dataset | setting | seeds | LoRA numbers | kept energy (mean / min) | test % | "
              "Δ vs TeRA, items and seeds [95 %] (pts) |", "|---|---|---|---|---|---|---|"]
-    order = [setting_name(*s) for s in SETTINGS]
+    order = _setting_order(records)
 
     def correct(by_seed, seeds):
         return np.stack([np.equal(decode_labels(by_seed[s]["test_predictions"]), decode_labels(by_seed[s]["test_labels"]))

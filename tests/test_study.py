@@ -691,6 +691,11 @@ def test_export_tradeoff_scores_a_trained_adapter_exported_as_lora(tmp_path):
     tera_runs = [r for r in f.records() if r["method"] == "tera"]
     assert len({r["lr"] for r in chosen}) == 1 and {r["seed"] for r in chosen} == {0, 1}
     assert len(chosen) < len(tera_runs) == len(export_tradeoff.trained_runs(f.records()))
+    # the per-dataset summary pairs every setting with the unexported adapter over items and seeds
+    both = [rec for r in chosen for rec in export_tradeoff.evaluate_run(r, base, tok, (("tera", 0), ("rank", 1)), set(),
+                                                                       log=lambda s: None, results_dir=tmp_path)]
+    text = export_tradeoff.summary(both, list(f.records()), "smoke2")
+    assert "| rotten_tomatoes | rank=1 | 2 |" in text and "| rotten_tomatoes | tera (not exported) | 2 |" in text
 
 
 def test_a_plan_with_a_head_rate_source_refuses_contender_shards(tmp_path):
