@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from experiments import generative
 from experiments.datasets import HELD_OUT
+from tera_tn import TeRASpec
 from experiments.study.plans import TERA_BASE, Contender, Stage
 from experiments.study.results import ResultsFile
 from experiments.study.runner import MAX_EXTENSIONS, choose_rate, extend_grid, run_key, stage_budget
@@ -191,7 +192,15 @@ def _label(name: str) -> str:
 def _settings(c: Contender) -> str:
     # a TeRA contender's arguments are stated against TERA_BASE, not against today's library defaults
     shown = c.adapter or (TERA_BASE if c.method == "tera" else {})
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "library defaults"
+    return ", ".join(_setting(k, v) for k, v in shown.items()) or "library defaults"
+
+
+def _setting(key: str, value: Any) -> str:
+    if key != "specs":
+        return f"{key}={value}"
+    # explicit specs per shape, as each spec describes itself
+    specs = (TeRASpec.from_dict(d) for d in value.values())
+    return "specs: " + "; ".join(str(s).removeprefix("TeRASpec(").removesuffix(")") for s in specs)
 
 
 def _pct(x: float) -> str:

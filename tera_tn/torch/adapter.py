@@ -31,7 +31,7 @@ from ..core.factors import SCALE_INITS, check_scale_value, init_scales
 from ..core.spec import TeRASpec
 from .autograd import compute_dtype, merged_weight, mixed_delta, no_autocast, non_finite, tera_linear
 from .bank import FactorBank
-from .config import ALPHA_SCALINGS, LAYER_STRATEGIES, UPDATES, check_basis
+from .config import LAYER_STRATEGIES, check_form
 from .frozen import FrozenNetwork
 from .planning import layer_plan
 from .w0_basis import basis_sizes, check_basis_spec, w0_bases, w0_basis_delta
@@ -82,14 +82,7 @@ def weight_norm(w: torch.Tensor) -> float:
 def _check_options(alpha, alpha_scaling, update, basis, scale_init, zero_mode, scale_init_value, dropout, strategy,
                    check_finite, cache_delta) -> None:
     """Validate the per-adapter options (the keys of :meth:`TeRALayersConfig.layer_options`)."""
-    if alpha_scaling not in ALPHA_SCALINGS:
-        raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {alpha_scaling!r}")
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-    if update == "multiplicative" and alpha_scaling != "constant":
-        raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {alpha_scaling!r}: W0 ⊙ ΔW is "
-                         "already relative to each weight, so tune alpha with the learning rate instead")
-    check_basis(basis, update, alpha_scaling)
+    check_form(update, basis, alpha_scaling)
     if strategy not in LAYER_STRATEGIES:
         raise ValueError(f"strategy must be one of {LAYER_STRATEGIES}, got {strategy!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:

@@ -13,7 +13,7 @@ from ..core.spec import DEFAULT_DIAG, DEFAULT_ORDER, DIAG_PLACEMENTS, TeRASpec, 
 from ..contract.strategies import strategy_names
 from .w0_basis import cap_ranks
 
-__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES", "UPDATES", "BASES"]
+__all__ = ["TeRALayersConfig", "LAYER_STRATEGIES", "ALPHA_SCALINGS", "UPDATES", "BASES", "check_form"]
 
 #: ``"auto"`` and every strategy of the registry (:mod:`tera_tn.contract.strategies`).
 LAYER_STRATEGIES = ("auto",) + strategy_names()
@@ -31,8 +31,15 @@ _LAYER_OPTIONS = (
 )
 
 
-def check_basis(basis, update, alpha_scaling) -> None:
-    """Validate ``basis`` and the options it combines with."""
+def check_form(update, basis, alpha_scaling) -> None:
+    """Validate the update form (``update``, ``basis``) and the α scaling it combines with."""
+    if alpha_scaling not in ALPHA_SCALINGS:
+        raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {alpha_scaling!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if update == "multiplicative" and alpha_scaling != "constant":
+        raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {alpha_scaling!r}: W0 ⊙ ΔW is "
+                         "already relative to each weight, so tune alpha with the learning rate instead")
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if basis == "w0" and (update != "additive" or alpha_scaling != "constant"):
@@ -154,14 +161,7 @@ class TeRALayersConfig:
             TeRASpec._resolve_ranks((2,), self.ranks)
         if self.diag not in DIAG_PLACEMENTS:
             raise ValueError(f"diag must be one of {DIAG_PLACEMENTS}, got {self.diag!r}")
-        if self.alpha_scaling not in ALPHA_SCALINGS:
-            raise ValueError(f"alpha_scaling must be one of {ALPHA_SCALINGS}, got {self.alpha_scaling!r}")
-        if self.update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
-        if self.update == "multiplicative" and self.alpha_scaling != "constant":
-            raise ValueError(f"update='multiplicative' takes alpha_scaling='constant', got {self.alpha_scaling!r}: "
-                             "W0 ⊙ ΔW is already relative to each weight, so tune alpha with the learning rate instead")
-        check_basis(self.basis, self.update, self.alpha_scaling)
+        check_form(self.update, self.basis, self.alpha_scaling)
         if self.basis == "w0" and self.diag != "rank":
             raise ValueError(f"basis='w0' needs diag='rank' (the diagonals act in W0's singular coordinates; on the "
                              f"mode side W0's bases change nothing), got diag={self.diag!r}")
