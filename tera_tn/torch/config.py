@@ -77,11 +77,12 @@ class TeRALayersConfig:
             ``(W0 + W0 ⊙ ΔW) x``, HiRA's form with TeRA's full-rank ΔW, so the update scales each
             entry of the weight it adapts (``W0 ⊙ ΔW`` is the layer's update; its rank can reach
             ``min(d_out, d_in)``). Its entries are ~|W0| times smaller than an additive ΔW's, so
-            ``alpha`` is tuned with the learning rate (the adapter study used 16–64 on MiniLM).
-            Trains on the ``"dense"`` path whatever ``strategy`` says (``W0 ⊙ ΔW`` has no factored
-            form), is not served in mixed-adapter batches, needs a floating-point base weight and
-            ``alpha_scaling="constant"``; checkpoints pin ``‖W0‖`` and merge/unmerge use the
-            unmerged ``W0``.
+            ``alpha`` is tuned with the learning rate (the adapter study used 16 on MiniLM: the
+            geometric mean of ``‖M‖/‖W0 ⊙ M‖`` over its layers). Trains on the ``"dense"`` path
+            whatever ``strategy`` says (``W0 ⊙ ΔW`` has no factored form); mixed-adapter batches
+            run one GEMM per such adapter, ``row_lambdas`` and ``AdapterStore`` refuse it. Needs a
+            floating-point base weight and ``alpha_scaling="constant"``; checkpoints pin ``‖W0‖``
+            and merge/unmerge use the unmerged ``W0``.
         basis: ``"random"`` (default): ``ΔW = α P (G ⊙ u vᵀ) Qᵀ`` with the frozen Kronecker factors
             ``P``, ``Q``. ``"w0"``: ``P`` and ``Q`` become W0's leading singular vectors (``W0 = U0 S
             V0ᵀ``): ``ΔW = α U0 (G ⊙ u vᵀ) V0ᵀ``, so the trained pattern scales W0's principal
