@@ -15,7 +15,7 @@ its diagonals on the rank side.
 **Reproducibility.** The bases are recomputed from ``W0`` whenever an adapter is created or
 loaded and never stored: a float64 LAPACK SVD on the CPU (whatever device the layer is on), with
 each singular pair's sign fixed so that the largest-magnitude entry of ``U0[:, i]`` is positive.
-One build of LAPACK gives the same bits on every call and thread count; another build agrees to
+Another process with another thread count agrees to 1e-9 (tested); another LAPACK build agrees to
 about ``eps_64 · σ_max / gap_i`` per vector, which is far below float32 resolution unless two of
 W0's singular values nearly coincide. Checkpoints pin ``‖W0‖_F`` so a file never pairs its λ with
 another base weight.
