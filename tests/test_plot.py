@@ -45,6 +45,8 @@ def test_spectra_data_ranks():
 def test_spectra_rejects_hira():
     with pytest.raises(ValueError, match="HiRA"):
         plot.spectra_data(16, 16, ["hira:r=2"])
+    with pytest.raises(ValueError, match=r"d_in must be a positive integer, got 64.5"):
+        plot.spectra_data(48, 64.5)  # not truncated to 64
 
 
 def test_planner_data_matches_plan():

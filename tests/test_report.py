@@ -287,6 +287,16 @@ def test_report_settings_are_checked_when_made_and_name_the_value():
         ReportSettings(models=("minilm",), formats=("gif",))
     with pytest.raises(ValueError, match="ReportSettings achieved"):
         ReportSettings(models=("minilm",), achieved="sometimes")
+    # the figures' layers and seed fail when made, not after every model's table
+    with pytest.raises(ValueError, match=r"ReportSettings seed must be an integer >= 0, got -1"):
+        ReportSettings(models=("minilm",), seed=-1)
+    with pytest.raises(ValueError, match=r"spectra_shape\[1\] \(d_in\) must be a positive integer, got 768.5"):
+        ReportSettings(models=("minilm",), spectra_shape=(768, 768.5))
+    with pytest.raises(ValueError, match=r"planner_shape must be a layer shape \(d_out, d_in\), got 4096"):
+        ReportSettings(models=("minilm",), planner_shape=4096)
+    with pytest.raises(ValueError, match="order 6 asks for 2 row modes, but d_out=2"):
+        ReportSettings(models=("minilm",), planner_shape=(2, 3))
+    assert ReportSettings(models=("minilm",), planner_shape=[64, 64]).planner_spec == TeRASpec.from_shape(64, 64, order=6)
 
 
 def test_report_renders_text_json_and_readme_without_figures():

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .accounting import layer_cost
+from ..checks import check_size
 from ..contract.contraction import plan
 from ..core.factors import init_scales, random_factors
 from .rank import summarize_singular_values
@@ -241,9 +242,7 @@ def spectra_data(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence[s
     """
     from .report import Method
 
-    d_out, d_in = int(d_out), int(d_in)
-    if d_out < 1 or d_in < 1:
-        raise ValueError(f"layer shape must be positive, got {(d_out, d_in)}")
+    d_out, d_in = check_size("d_out", d_out), check_size("d_in", d_in)
     methods = list(methods) if methods is not None else _default_spectra_methods(d_out, d_in)
     series = []
     for text in methods:

@@ -9,13 +9,14 @@ writes the folder (:meth:`Report.write`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import report
 from .methods import Method
 from .report import ACHIEVED_MODES, DEFAULT_METHODS, ModelReport
 from .shapes import model_shapes
+from ..checks import check_size
 from ..core.spec import TeRASpec
 
 __all__ = ["ReportSettings", "Report", "build_report", "REPORT_STRUCTURED_MAX_SIDE"]
@@ -56,6 +57,8 @@ class ReportSettings:
         seed, achieved, structured_max_side: as in :func:`model_report`.
         formats: figure formats (``png``, ``svg``, ``pdf``); empty: no figures.
         spectra_shape, planner_shape: the layers of the spectra and planner figures.
+        planner_spec: the planner figure's spec (order 6 on ``planner_shape``), made with the
+            settings so that a shape it cannot tensorize fails before any work.
     """
 
     models: tuple[str, ...] = ()
@@ -67,6 +70,7 @@ class ReportSettings:
     formats: tuple[str, ...] = ("png", "svg")
     spectra_shape: tuple[int, int] = (768, 768)
     planner_shape: tuple[int, int] = (4096, 4096)
+    planner_spec: TeRASpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .shapes import available_models, model_config
@@ -86,6 +90,10 @@ class ReportSettings:
         set_("formats", tuple(self.formats))
         if any(f not in _FORMATS for f in self.formats):
             raise ValueError(f"ReportSettings formats must be among {_FORMATS}, got {self.formats!r}")
+        set_("seed", check_size("ReportSettings seed", self.seed, low=0))
+        set_("spectra_shape", _layer_shape("spectra_shape", self.spectra_shape))
+        set_("planner_shape", _layer_shape("planner_shape", self.planner_shape))
+        set_("planner_spec", TeRASpec.from_shape(*self.planner_shape, order=6))
 
     @property
     def method_list(self) -> tuple[Method, ...]:
@@ -96,6 +104,12 @@ class ReportSettings:
                 "method_specs": list(self.methods), "targets": None if self.targets is None else list(self.targets),
                 "seed": self.seed, "achieved": self.achieved, "structured_max_side": self.structured_max_side,
                 "formats": list(self.formats)}
+
+
+def _layer_shape(name: str, value: object) -> tuple[int, int]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"ReportSettings {name} must be a layer shape (d_out, d_in), got {value!r}")
+    return check_size(f"ReportSettings {name}[0] (d_out)", value[0]), check_size(f"ReportSettings {name}[1] (d_in)", value[1])
 
 
 @dataclass(frozen=True)
@@ -238,6 +252,6 @@ def build_report(settings: Optional[ReportSettings] = None, *, created=None, on_
         step("plot: spectra")
         spectra = plot.spectra_data(*settings.spectra_shape, seed=settings.seed)
         step("plot: planner")
-        planner = plot.planner_data(TeRASpec.from_shape(*settings.planner_shape, order=6))
+        planner = plot.planner_data(settings.planner_spec)
         plots = {"tradeoff": tradeoff, "spectra": spectra, "planner": planner}
     return Report(settings, tuple(reports), plots, created, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from ..checks import check_real, check_size
 
-__all__ = ["balanced_factorization", "padded_factorization", "imbalance"]
+__all__ = ["balanced_factorization", "padded_factorization", "padded_factorization_of_checked", "imbalance"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -82,9 +82,15 @@ def padded_factorization(
     ``m - n`` rows or columns are padding. Raises ValueError when no size within
     ``n * (1 + max_padding)`` qualifies.
     """
-    n, order = check_size("n", n), check_size("order", order)
-    max_imbalance = check_real("max_imbalance", max_imbalance, 1.0, "a finite number >= 1.0 (1.0 = perfectly balanced)")
-    max_padding = check_real("max_padding", max_padding, 0.0, "a finite fraction >= 0 (0.25 = up to 25% padding)")
+    return padded_factorization_of_checked(
+        check_size("n", n), check_size("order", order),
+        check_real("max_imbalance", max_imbalance, 1.0, "a finite number >= 1.0 (1.0 = perfectly balanced)"),
+        check_real("max_padding", max_padding, 0.0, "a finite fraction >= 0 (0.25 = up to 25% padding)"))
+
+
+def padded_factorization_of_checked(n: int, order: int, max_imbalance: float, max_padding: float) -> tuple[int, ...]:
+    """:func:`padded_factorization` of arguments its checks have already passed (the spec's
+    ``from_shape`` checks them once at its boundary)."""
     limit = max(n, math.floor(n * (1.0 + max_padding)))
     for m in range(n, limit + 1):
         factors = _balanced(m, order)

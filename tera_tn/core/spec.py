@@ -26,7 +26,7 @@ from typing import Literal, Sequence, Union
 import numpy as np
 
 from ..checks import check_real, check_size
-from .factorize import padded_factorization
+from .factorize import padded_factorization_of_checked
 
 __all__ = ["TeRASpec", "Diag", "DIAG_PLACEMENTS", "DEFAULT_ORDER", "DEFAULT_DIAG", "BUDGET_FAMILIES", "check_spec"]
 
@@ -180,7 +180,7 @@ class TeRASpec:
                     f"{name}={d} is larger than {MAX_FACTORIZED_SIZE} (2**31), the largest size from_shape "
                     f"factorizes; give the modes explicitly: TeRASpec(row_modes, col_modes, d_out=..., d_in=...)"
                 )
-        # Checked here too: the order bound below needs it before padded_factorization sees it.
+        max_imbalance = check_real("max_imbalance", max_imbalance, 1.0, "a finite number >= 1.0 (1.0 = perfectly balanced)")
         max_padding = check_real("max_padding", max_padding, 0.0, "a finite fraction >= 0 (0.25 = up to 25% padding)")
         p, q = cls._split_order(d_out, d_in, order)
         for side, name, d, k in (("row", "d_out", d_out, p), ("column", "d_in", d_in, q)):
@@ -191,8 +191,8 @@ class TeRASpec:
                     f"order {order!r} asks for {k} {side} modes, but {name}={d} (with max_padding="
                     f"{max_padding:g}) allows at most {most} modes of size >= 2; use a lower order"
                 )
-        rows = padded_factorization(d_out, p, max_imbalance=max_imbalance, max_padding=max_padding)
-        cols = padded_factorization(d_in, q, max_imbalance=max_imbalance, max_padding=max_padding)
+        rows = padded_factorization_of_checked(d_out, p, max_imbalance, max_padding)
+        cols = padded_factorization_of_checked(d_in, q, max_imbalance, max_padding)
         resolved = cls._resolve_ranks(rows + cols, ranks)
         return cls(rows, cols, resolved, diag, d_out, d_in)
 
