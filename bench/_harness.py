@@ -48,7 +48,6 @@ if _ROOT not in sys.path:
 
 from bench.bench_layer import FORCED, frozen_linear, peft_model, tera_layer, train_step  # noqa: E402
 from tera_tn import TeRASpec  # noqa: E402
-from tera_tn.torch import TeRALinear  # noqa: E402
 from tera_tn.torch.planning import layer_plan  # noqa: E402
 
 ORDER = 6
@@ -219,7 +218,7 @@ def memory_profile(names: Sequence[str], d: int, ns: Sequence[int], device: str 
             g = torch.randn(n, d, device=device)
             step = train_step(module, x, g)
 
-            def clear() -> None:
+            def clear(x: torch.Tensor = x, module: torch.nn.Module = module) -> None:
                 x.grad = None
                 for p in module.parameters():
                     p.grad = None
@@ -227,7 +226,7 @@ def memory_profile(names: Sequence[str], d: int, ns: Sequence[int], device: str 
             peak = step_peak_bytes(step, clear, device)
             total, extra = saved_tensor_bytes(module, x)
             out[name][str(n)] = {"peak_bytes": peak, "saved_bytes": total, "saved_extra_bytes": extra}
-            del x, g, step
+            del x, g, step  # the next size's base memory must not hold this one's tensors
         del module
     return out
 

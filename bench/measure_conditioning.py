@@ -1,11 +1,18 @@
 """Measures the float32 conditioning gap quoted in docs/rank-analysis.md (dense float32 numerical rank of a
 full-rank order-6 4096×4096 ΔW, Gaussian vs orthogonal factors) and the structured conditioning report.
 Slow: two dense 4096² SVDs plus two structured ones at full rank (≈ 2 min idle, 2 cores)."""
-import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np, torch, time, json
-from tera_tn import *
-from tera_tn.analysis.rank import numerical_rank
-from tera_tn.analysis.spectrum import tera_conditioning, tera_singular_values
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tera_tn import TeRASpec, delta_weight, init_scales, random_factors  # noqa: E402
+from tera_tn.analysis.rank import numerical_rank  # noqa: E402
+from tera_tn.analysis.spectrum import tera_conditioning  # noqa: E402
+
 spec = TeRASpec.from_shape(4096, 4096, order=6, diag="rank")
 out = {}
 for init in ("gaussian", "orthogonal"):

@@ -97,10 +97,10 @@ def _runs():
     """Two datasets; LoRA and VeRA with three seeds, two TeRA variants (one with a single seed)."""
     rows = []
     for dataset, shift in (("sst", 0.0), ("news", -0.1)):
-        for contender, method, params, base in (("lora_r8", "lora", 330_000, 0.80), ("vera_r256", "vera", 30_000, 0.78),
-                                                ("tera_default", "tera", 2_500, 0.77)):
+        for contender, method, count, base in (("lora_r8", "lora", 330_000, 0.80), ("vera_r256", "vera", 30_000, 0.78),
+                                               ("tera_default", "tera", 2_500, 0.77)):
             for seed in (0, 1, 2):
-                rows.append({"dataset": dataset, "contender": contender, "method": method, "params": params,
+                rows.append({"dataset": dataset, "contender": contender, "method": method, "params": count,
                              "seed": seed, "lr": 0.1, "value": base + shift + 0.01 * seed})
         rows.append({"dataset": dataset, "contender": "tera_order4", "method": "tera", "params": 4_100, "seed": 0,
                      "lr": 0.03, "value": 0.75 + shift})

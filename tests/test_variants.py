@@ -306,16 +306,16 @@ shapes = st.tuples(st.integers(4, 5000), st.integers(4, 5000))
 def test_for_budget_never_exceeds_is_monotone_and_deterministic(shape, budgets):
     d_out, d_in = shape
     picked = []
-    for params in sorted(budgets):
+    for budget in sorted(budgets):
         try:
-            spec = TeRASpec.for_budget(d_out, d_in, params)
+            spec = TeRASpec.for_budget(d_out, d_in, budget)
         except ValueError as e:
-            assert f"params={params} is below" in str(e)
+            assert f"params={budget} is below" in str(e)
             assert not picked  # once a budget fits, every larger one does
             continue
-        assert spec.shape == (d_out, d_in) and spec.num_trainable <= params
+        assert spec.shape == (d_out, d_in) and spec.num_trainable <= budget
         assert (spec.diag, spec.order) in {(d, o) for d, o, _ in BUDGET_FAMILIES}
-        assert TeRASpec.for_budget(d_out, d_in, params) == spec
+        assert TeRASpec.for_budget(d_out, d_in, budget) == spec
         picked.append(spec.num_trainable)
     assert picked == sorted(picked)
 
@@ -328,11 +328,11 @@ def test_for_budget_takes_the_largest_member_and_prefers_earlier_rows():
         except ValueError:
             pass
     # 56, 84, 112 and 168 are each reached by two rows: the earlier must win
-    for params in (22, 56, 84, 96, 100, 112, 168, 500, 1024, 3072, 10**6):
-        fits = [(i, s) for i, s in members if s.num_trainable <= params]
+    for budget in (22, 56, 84, 96, 100, 112, 168, 500, 1024, 3072, 10**6):
+        fits = [(i, s) for i, s in members if s.num_trainable <= budget]
         most = max(s.num_trainable for _, s in fits)
         first = min(i for i, s in fits if s.num_trainable == most)
-        assert TeRASpec.for_budget(768, 768, params) == dict(members)[first]
+        assert TeRASpec.for_budget(768, 768, budget) == dict(members)[first]
     # VeRA r=256's per-layer count on a 768x768 weight is 768 + 256
     assert 800 <= TeRASpec.for_budget(768, 768, 1024).num_trainable <= 1024
 
