@@ -45,6 +45,7 @@ __all__ = [
     "tradeoff_data",
     "tradeoff_figure",
     "spectra_data",
+    "spectra_data_of_checked",
     "spectra_figure",
     "planner_data",
     "planner_figure",
@@ -240,9 +241,14 @@ def spectra_data(d_out: int = 768, d_in: int = 768, methods: Optional[Sequence[s
         "summary"}]}`` — ``sv`` the singular values (descending, length ``min(d_out, d_in)``),
         ``summary`` a :class:`tera_tn.analysis.rank.RankSummary` dict (float64 threshold).
     """
+    return spectra_data_of_checked(check_size("d_out", d_out), check_size("d_in", d_in), methods, seed=seed)
+
+
+def spectra_data_of_checked(d_out: int, d_in: int, methods: Optional[Sequence[str]] = None, *, seed: int = 0) -> dict:
+    """:func:`spectra_data` of a layer shape that is already checked (a report's settings check
+    theirs when they are made)."""
     from .report import Method
 
-    d_out, d_in = check_size("d_out", d_out), check_size("d_in", d_in)
     methods = list(methods) if methods is not None else _default_spectra_methods(d_out, d_in)
     series = []
     for text in methods:

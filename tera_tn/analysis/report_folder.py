@@ -250,7 +250,7 @@ def build_report(settings: Optional[ReportSettings] = None, *, created=None, on_
             step(f"plot: trade-off {name}")
             tradeoff[name] = plot.tradeoff_data(name, target_modules=targets)
         step("plot: spectra")
-        spectra = plot.spectra_data(*settings.spectra_shape, seed=settings.seed)
+        spectra = plot.spectra_data_of_checked(*settings.spectra_shape, seed=settings.seed)
         step("plot: planner")
         planner = plot.planner_data(settings.planner_spec)
         plots = {"tradeoff": tradeoff, "spectra": spectra, "planner": planner}
