@@ -2,6 +2,8 @@
 
     python -m bench.serving --smoke          # tiny sizes, a few seconds: checks that everything runs
     python -m bench.serving --out DIR        # the measurement (B = 64 rows, A = 1, 8, 64, 1024)
+    python -m bench.serving --diag mode --order 3 --hidden 1024 --layers 2 --seq 16 --adapters 64
+                                             # the library's defaults (mode side) at one point
 
 A tiny Llama built from a config (no download) carries TeRA on q/v/down projections. A batch of
 ``B`` rows, each drawn from ``A`` adapters held in an :class:`tera_tn.peft.AdapterStore` (every row
@@ -191,8 +193,21 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that everything runs")
     ap.add_argument("--out", default="bench-serving", help="folder for serving.json (default: %(default)s)")
+    default = ServingConfig()
+    for field in ("hidden", "layers", "seq", "batch", "order", "rounds"):
+        ap.add_argument(f"--{field}", type=int, default=getattr(default, field), help="default: %(default)s")
+    ap.add_argument("--adapters", default=",".join(map(str, default.adapters)),
+                    help="comma-separated adapter counts A (default: %(default)s)")
+    ap.add_argument("--diag", default=default.diag, choices=("rank", "mode", "both"), help="default: %(default)s")
     args = ap.parse_args(argv)
-    results = run(SMOKE if args.smoke else ServingConfig())
+    if args.smoke:
+        cfg = SMOKE
+    else:
+        adapters = tuple(int(a) for a in args.adapters.split(","))
+        cfg = ServingConfig(hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch, adapters=adapters,
+                            lora_adapters=default.lora_adapters if default.lora_adapters in adapters else adapters[-1],
+                            order=args.order, diag=args.diag, rounds=args.rounds)
+    results = run(cfg)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "serving.json")
     with open(path, "w") as f:
