@@ -44,7 +44,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tera_tn.peft import AdapterStore, TeraConfig  # noqa: E402
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
+#: the adapted projections by default; ``--targets all`` adapts the seven of a Llama block
+TARGETS = ("q_proj", "v_proj", "down_proj")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class ServingConfig:
     order: int = 4
     #: rank side: what the published serving figures were measured with
     diag: str = "rank"
+    #: ``"full"`` or a fraction of each mode's size (``TeRASpec.from_shape``'s ``ranks``)
+    ranks: str | float = "full"
+    targets: tuple[str, ...] = TARGETS
     rounds: int = 7
     seed: int = 0
 
@@ -105,7 +110,8 @@ def timed(fns: dict, rounds: int) -> dict:
 def run(cfg: ServingConfig, log=print) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     tokens = torch.randint(0, 256, (cfg.batch, cfg.seq), generator=gen)
-    tera_cfg = TeraConfig(target_modules=TARGETS, order=cfg.order, diag=cfg.diag, seed=cfg.seed, scale_init="random")
+    tera_cfg = TeraConfig(target_modules=list(cfg.targets), order=cfg.order, diag=cfg.diag, ranks=cfg.ranks,
+                          seed=cfg.seed, scale_init="random")
     model = get_peft_model(build_base(cfg), tera_cfg, adapter_name="default").eval()
     store = AdapterStore(model)
     layers = _tera_layers(model, "default")
@@ -169,7 +175,7 @@ def run(cfg: ServingConfig, log=print) -> dict:
 
 def lora_mixed(cfg: ServingConfig, tokens: torch.Tensor, gen: torch.Generator) -> tuple[float, int]:
     """Median of PEFT LoRA r=8's own mixed batch over ``cfg.lora_adapters`` adapters, and the bytes of one."""
-    lcfg = dict(r=8, target_modules=TARGETS, init_lora_weights=False)
+    lcfg = dict(r=8, target_modules=list(cfg.targets), init_lora_weights=False)
     model = get_peft_model(build_base(cfg), LoraConfig(**lcfg), adapter_name="l0")
     for i in range(1, cfg.lora_adapters):
         model.add_adapter(f"l{i}", LoraConfig(**lcfg))
@@ -199,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default=",".join(map(str, default.adapters)),
                     help="comma-separated adapter counts A (default: %(default)s)")
     ap.add_argument("--diag", default=default.diag, choices=("rank", "mode", "both"), help="default: %(default)s")
+    ap.add_argument("--ranks", default="full", help="'full' or a fraction in (0, 1] (default: %(default)s)")
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help="comma-separated projections, or 'all' for the seven of a Llama block (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.smoke:
         cfg = SMOKE
@@ -206,7 +215,9 @@ def main(argv=None) -> int:
         adapters = tuple(int(a) for a in args.adapters.split(","))
         cfg = ServingConfig(hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch, adapters=adapters,
                             lora_adapters=default.lora_adapters if default.lora_adapters in adapters else adapters[-1],
-                            order=args.order, diag=args.diag, rounds=args.rounds)
+                            order=args.order, diag=args.diag, rounds=args.rounds,
+                            ranks=args.ranks if args.ranks == "full" else float(args.ranks),
+                            targets=ALL_PROJECTIONS if args.targets == "all" else tuple(args.targets.split(",")))
     results = run(cfg)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "serving.json")
