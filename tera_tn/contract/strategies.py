@@ -29,7 +29,7 @@ from .costmodel import CostModel
 
 __all__ = [
     "Strategy", "StrategyCost", "LayerTerms", "REGISTRY", "PREFERENCE", "get_strategy", "strategy_names",
-    "layer_terms", "factored_equation", "factored_expression",
+    "layer_terms", "factored_through_product", "factored_equation", "factored_expression",
 ]
 
 
@@ -202,6 +202,13 @@ def _projection_seconds(model: CostModel, n: int, modes, ranks, itemsize: int) -
     return total
 
 
+def factored_through_product(spec: TeRASpec) -> bool:
+    """Whether torch's factored chain ``x → Q → G → P`` runs as one GEMM with the kept ``P G Qᵀ``:
+    mode-side diagonals only and full ranks, where the chain's core GEMM alone is that GEMM's size
+    (``n · ∏K_row · ∏K_col``) and the projections come on top."""
+    return spec.diag == "mode" and spec.is_full_rank
+
+
 def layer_terms(spec: TeRASpec, n: int, training: bool, itemsize: int, model: CostModel,
                 costs: Mapping[str, StrategyCost]) -> LayerTerms:
     """The pieces of a layer call on ``n`` tokens; ``costs`` are :func:`tera_tn.plan`'s ``ΔW x`` costs."""
@@ -215,8 +222,12 @@ def layer_terms(spec: TeRASpec, n: int, training: bool, itemsize: int, model: Co
         delta = model.stream_seconds(4 * po * pi * itemsize, calls=2)
     else:
         delta = costs["materialize"].seconds - base  # the materialize cost is the chain plus this GEMM
+    factored = costs["factored"].seconds
+    if factored_through_product(spec):
+        # one GEMM with the kept product between two elementwise passes over (n, ·) rows
+        factored = model.gemm_seconds(n, po, d_in, itemsize) + model.stream_seconds(3 * n * (d_in + po) * itemsize)
     if not training:
-        return LayerTerms(base, delta, w0_add, costs["factored"].seconds)
+        return LayerTerms(base, delta, w0_add, factored)
     p = spec.n_row
     r_row, r_col = math.prod(spec.ranks[:p]), math.prod(spec.ranks[p:])
     proj = _projection_seconds(model, n, spec.row_modes, spec.ranks[:p], itemsize)
@@ -233,7 +244,7 @@ def layer_terms(spec: TeRASpec, n: int, training: bool, itemsize: int, model: Co
         pull_back = delta + model.stream_seconds(3 * r_row * r_col * itemsize, calls=3)
     if spec.diag in ("mode", "both"):  # a mode side
         pull_back += model.stream_seconds(5 * grid, calls=3)  # D ⊙ N and its two matvecs
-    return LayerTerms(base, delta, w0_add, costs["factored"].seconds, proj, h, pull_back,
+    return LayerTerms(base, delta, w0_add, factored, proj, h, pull_back,
                       model.gemm_seconds(n, d_in, d_out, itemsize), model.gemm_seconds(d_out, d_in, n, itemsize))
 
 
@@ -266,7 +277,8 @@ REGISTRY: dict[str, Strategy] = {
                  "network (wins once the token count exceeds the width); torch layers only",
                  None, _dense_layer, training_only=True),
         Strategy("factored", "contract x through the column factors, the core and the row factors (an opt_einsum "
-                 "path), never forming d_out × d_in; backward mirrors the forward",
+                 "path), never forming d_out × d_in (torch layers with mode-side diagonals at full ranks: one GEMM "
+                 "with the shape group's kept P G Qᵀ instead); backward mirrors the forward",
                  _factored_cost, _factored_layer),
     )
 }

@@ -33,7 +33,7 @@ from .autograd import compute_dtype, merged_weight, mixed_delta, no_autocast, no
 from .bank import FactorBank
 from .config import LAYER_STRATEGIES, check_form
 from .frozen import FrozenNetwork
-from .planning import layer_plan, mixed_strategy
+from .planning import layer_plan
 from .w0_basis import basis_sizes, check_basis_spec, w0_bases, w0_basis_delta
 
 __all__ = ["TeRAAdapters", "FP32ParameterDict", "DEFAULT_ADAPTER", "weight_norm"]
@@ -423,7 +423,5 @@ class TeRAAdapters:
         dt = compute_dtype(x)
         per_row = math.prod(x.shape[1:-1])
         tokens = which.repeat_interleave(per_row) if per_row != 1 else which
-        strategy = mixed_strategy(spec, tokens.shape[0], device=x.device.type, dtype=str(dt).removeprefix("torch."))
-        delta = mixed_delta(bank.network(spec, dt, x.device), table, alphas, tokens, x.reshape(-1, spec.d_in).to(dt),
-                            strategy)
+        delta = mixed_delta(bank.network(spec, dt, x.device), table, alphas, tokens, x.reshape(-1, spec.d_in).to(dt))
         return delta.reshape(x.shape[:-1] + (spec.d_out,))

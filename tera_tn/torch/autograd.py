@@ -441,8 +441,7 @@ def tera_linear(
 
 
 def mixed_delta(
-    net: FrozenNetwork, table: torch.Tensor, alphas: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
-    strategy: str = "factored",
+    net: FrozenNetwork, table: torch.Tensor, alphas: torch.Tensor, rows: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
     """``ΔW_{rows[i]} x_i`` for every row ``i`` of ``x`` ``(n, d_in)``: one adapter per row, one contraction.
 
@@ -450,26 +449,17 @@ def mixed_delta(
     (rows of the same frozen network), ``alphas`` ``(A,)`` their α and ``rows`` ``(n,)`` which adapter
     each row of ``x`` uses. The Kronecker vectors of the factored chain are built once per adapter,
     ``(A, ∏R)``, gathered per row and applied as row-indexed diagonals, so the frozen core and factors
-    run once for the whole batch whatever the number of adapters in it. ``strategy="frozen_product"``
-    (mode-side diagonals only; :func:`tera_tn.torch.planning.mixed_strategy` picks it where it is
-    cheaper) runs one GEMM with the network's kept ``P G Qᵀ`` between the row-gathered diagonals
-    instead of the chain. Meant for serving: gradients, if asked for, come from plain autograd rather
-    than :class:`TeRALinearFunction`'s lean backward. Computed in ``x``'s dtype; returns ``(n, d_out)``.
+    run once for the whole batch whatever the number of adapters in it (with mode-side diagonals at
+    full ranks the chain is one GEMM with the shape group's kept ``P G Qᵀ``:
+    :func:`~tera_tn.contract.strategies.factored_through_product`). Meant for serving: gradients, if
+    asked for, come from plain autograd rather than :class:`TeRALinearFunction`'s lean backward.
+    Computed in ``x``'s dtype; returns ``(n, d_out)``.
     """
     spec = net.spec
     dt = x.dtype
     lams = torch.split(table.to(device=x.device, dtype=dt), list(spec.scale_sizes), dim=1)
     kr = scale_kron(net, lams, alphas.to(device=x.device, dtype=dt)[:, None])
     net = net.to(dt, x.device)
-    if strategy == "frozen_product":
-        if spec.diag != "mode":
-            raise ValueError(f"strategy 'frozen_product' needs mode-side diagonals (diag='mode'), got diag={spec.diag!r}")
-        d_out, d_in = spec.shape
-        product = net.frozen_product()[:d_out, :d_in]  # padding rows and columns meet only zeros
-        with no_autocast(x.device.type):
-            return ((x * kr.vk[rows, :d_in]) @ product.T) * kr.uk[rows, :d_out]
-    if strategy != "factored":
-        raise ValueError(f"mixed_delta's strategy must be 'factored' or 'frozen_product', got {strategy!r}")
     per_row = KronVectors(*(None if v is None else v[rows] for v in kr))
     with no_autocast(x.device.type):
         y, *_ = factored_delta(net, per_row, x)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..contract.strategies import factored_through_product
 from .frozen import FrozenNetwork
 from .scales import KronVectors
 
@@ -123,10 +124,18 @@ def factored_delta(net: FrozenNetwork, kr: KronVectors, x2: torch.Tensor):
     """``(ΔW x, s, z, xq)`` for the factored strategy: ``x → ⊙vk → Q → ⊙vr → G_matᵀ (= s) →
     ⊙ur → P (= z) → ⊙uk``. Of the intermediates only what backward reads is returned (the others
     are None): ``s`` for the ``ur`` gradient, ``z`` for ``uk``'s and ``xq`` (before ``⊙vr``) for
-    ``vr``'s, so backward never projects again."""
+    ``vr``'s, so backward never projects again. Where the spec allows it
+    (:func:`~tera_tn.contract.strategies.factored_through_product`), ``z`` is one GEMM with the kept
+    ``P G Qᵀ`` (:meth:`FrozenNetwork.frozen_product`, one ``d_out × d_in`` tensor per shape group,
+    the one the dense strategies keep too)."""
     spec = net.spec
     po, pi = spec.padded_shape
     p = spec.n_row
+    if factored_through_product(net.spec):
+        # padded columns of x are zeros: only the product's first d_in columns meet data (the
+        # Kronecker vectors are one per call, or one per row in mixed batches: slice their last dim)
+        z = (x2 * kr.vk[..., : spec.d_in]) @ net.frozen_product()[:, : spec.d_in].T
+        return (z * kr.uk)[:, : spec.d_out], None, z, None
     xq = project(_mul(pad_cols(x2, pi), kr.vk), net.col_factors, spec.col_modes)
     s = _core_mm(_mul(xq, kr.vr), net.g_mat.T)
     z = expand(_mul(s, kr.ur), net.row_factors, spec.ranks[:p])
@@ -162,6 +171,11 @@ def factored_scale_grads(net: FrozenNetwork, kr: KronVectors, x2, g2, s, z, xq, 
     po, pi = spec.padded_shape
     p = spec.n_row
     gpad = pad_cols(g2, po)
+    if factored_through_product(net.spec):
+        w = (gpad * kr.uk) @ net.frozen_product()[:, : spec.d_in]
+        d_vk = pad_cols((x2 * w).sum(0)[None], pi)[0]
+        gx = w.mul_(kr.vk[..., : spec.d_in]) if need_x else None
+        return gx, KronVectors((gpad * z).sum(0), d_vk, None, None)
     xp = pad_cols(x2, pi)
     d_uk = None if kr.uk is None else (gpad * z).sum(0)
     gp = project(_mul(gpad, kr.uk), net.row_factors, spec.row_modes)

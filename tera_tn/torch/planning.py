@@ -35,10 +35,7 @@ from ..contract.costmodel import DTYPES, CostModel, cost_model, normalize_key
 from ..contract.strategies import PREFERENCE, REGISTRY, layer_terms
 from ..core.spec import TeRASpec, check_spec
 
-__all__ = ["LayerPlan", "layer_plan", "MIXED_STRATEGIES", "mixed_strategy"]
-
-#: How a mixed-adapter batch applies its rows' updates (:func:`mixed_strategy`).
-MIXED_STRATEGIES = ("factored", "frozen_product")
+__all__ = ["LayerPlan", "layer_plan"]
 
 
 @dataclass(frozen=True)
@@ -107,33 +104,3 @@ def _layer_plan(spec: TeRASpec, n_tokens: int, training: bool, device: str, dtyp
     candidates = [name for name in PREFERENCE if training or not REGISTRY[name].training_only]
     strategy = min(candidates, key=seconds.__getitem__)
     return LayerPlan(spec, n_tokens, training, device, dtype, seconds["materialize"], seconds["dense"], seconds["factored"], strategy)
-
-
-def mixed_strategy(spec: TeRASpec, n_tokens: int, *, device: str = "cpu", dtype: str = "float32",
-                   model: CostModel | None = None) -> str:
-    """How a batch of ``n_tokens`` rows, each with its own adapter of ``spec``, computes its ``ΔW x``
-    (inference; :func:`tera_tn.torch.autograd.mixed_delta`): ``"factored"``, the chain with
-    row-gathered diagonals, or ``"frozen_product"``, one ``n × d_in × d_out`` GEMM with the shared
-    ``P G Qᵀ`` between the two row-gathered Kronecker diagonals. Only mode-side diagonals
-    (``diag="mode"``) leave every adapter of a shape group the same frozen product; the cheaper of
-    the two under the cost model wins (``"factored"`` on a tie: it forms no ``d_out × d_in`` tensor).
-    """
-    check_spec(spec, "mixed_strategy")
-    n_tokens = check_tokens(n_tokens)
-    _, device, dtype = normalize_key("torch", device, dtype)
-    if model is None:
-        model = cost_model("torch", device, dtype)
-    elif not isinstance(model, CostModel):
-        raise ValueError(f"model must be a CostModel or None, got {type(model).__name__}: {model!r}")
-    if spec.diag != "mode":
-        return "factored"
-    return _mixed_strategy(spec, n_tokens, device, dtype, model)
-
-
-@lru_cache(maxsize=4096)
-def _mixed_strategy(spec: TeRASpec, n_tokens: int, device: str, dtype: str, model: CostModel) -> str:
-    # Both gather and apply the same two row diagonals; they differ in what runs between them.
-    factored = plan(spec, n_tokens, backend="torch", device=device, dtype=dtype, model=model).costs["factored"].seconds
-    po, pi = spec.padded_shape
-    product = model.gemm_seconds(n_tokens, po, pi, DTYPES[dtype])
-    return "frozen_product" if product < factored else "factored"
