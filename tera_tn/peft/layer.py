@@ -10,6 +10,7 @@ by :func:`~tera_tn.torch.autograd.mixed_delta`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -20,8 +21,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..core.spec import TeRASpec
 from ..torch.adapter import TeRAAdapters
-from ..torch.autograd import check_input, merged_weight
+from ..torch.autograd import check_input, compute_dtype, merged_weight, tera_linear
 from ..torch.bank import FactorBank
+from ..torch.planning import layer_plan
 from ..torch.layer import check_base_weight
 
 __all__ = ["TeraLayer", "Linear"]
@@ -218,8 +220,15 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
                 f"cannot pass adapter_names while adapters {self.merged_adapters} are merged into the base "
                 "weights; call unmerge_adapter() first"
             )
+        plan = self._mixed_plan(adapter_names, x.device)
+        if len(plan) == 1 and len(plan[0][1]) == 1 and len(plan[0][2]) == len(x):
+            # Every row takes one adapter (one tenant, or the store's active adapter): the
+            # single-adapter path, whose planner may fold ΔW into the base GEMM.
+            single = self._one_adapter_forward(x, plan[0][0], plan[0][1], *args, **kwargs)
+            if single is not None:
+                return single
         result = self.get_base_layer()(x, *args, **kwargs)
-        for group, used, rows, which in self._mixed_plan(adapter_names, x.device):
+        for group, used, rows, which in plan:
             every_row = len(rows) == len(x)
             xs = x if every_row else x.index_select(0, rows)
             if group != "store" and not group[2]:
@@ -236,6 +245,25 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             delta = delta.to(result.dtype)
             result = result + delta if every_row else result.index_add(0, rows, delta)
         return result
+
+
+    def _one_adapter_forward(self, x: torch.Tensor, group, used, *args, **kwargs) -> Optional[torch.Tensor]:
+        """The output with one adapter on every row (``used[0]``: a model adapter, or a row of the
+        store), or None where only the mixed path serves a stored one (a quantized or transposed
+        base, extra arguments)."""
+        if group != "store":
+            return self._adapters_forward(x, [used[0]], *args, **kwargs)
+        if args or kwargs or not self._dense_base or self.fan_in_fan_out:
+            return None
+        store, offset, spec, bank = self._tera_store_slot
+        table, alphas = store._rows(used, offset, spec.num_trainable)
+        dt = compute_dtype(x)
+        n = max(1, math.prod(x.shape[:-1]))
+        strategy = layer_plan(spec, n, training=torch.is_grad_enabled() and x.requires_grad,
+                              device=x.device.type, dtype=str(dt).removeprefix("torch.")).strategy
+        base = self.get_base_layer()
+        lams = torch.split(table[0].to(device=x.device, dtype=dt), list(spec.scale_sizes))
+        return tera_linear(x, base.weight, base.bias, bank.network(spec, dt, x.device), lams, float(alphas[0]), strategy)
 
 
 class Linear(nn.Module, TeraLayer):
