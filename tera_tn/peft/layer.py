@@ -246,7 +246,6 @@ class TeraLayer(BaseTunerLayer, TeRAAdapters):
             result = result + delta if every_row else result.index_add(0, rows, delta)
         return result
 
-
     def _one_adapter_forward(self, x: torch.Tensor, group, used, *args, **kwargs) -> Optional[torch.Tensor]:
         """The output with one adapter on every row (``used[0]``: a model adapter, or a row of the
         store), or None where only the mixed path serves a stored one (a quantized or transposed
