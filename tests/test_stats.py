@@ -6,10 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tera_tn.analysis.stats import mean_interval, paired_bootstrap, sampling_error
+from tera_tn.analysis.stats import mean_interval, paired_bootstrap, pooled_paired_bootstrap, sampling_error
 
 
 def test_t_interval_matches_tables_and_a_hand_computation():
@@ -81,3 +81,27 @@ def test_bootstrap_refuses_unpaired_or_non_binary_input(a, b, needle):
     with pytest.raises(ValueError) as err:
         paired_bootstrap(a, b, resamples=100)
     assert needle in str(err.value)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 40), st.integers(0, 2**16))
+def test_pooled_bootstrap_of_one_dataset_is_the_paired_bootstrap(seeds, items, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 2, (seeds, items)), rng.integers(0, 2, (seeds, items))
+    one, pooled = paired_bootstrap(a, b, resamples=300, seed=seed), pooled_paired_bootstrap([(a, b)], resamples=300, seed=seed)
+    assert (pooled.mean, pooled.low, pooled.high, pooled.datasets) == (one.mean, one.low, one.high, 1)
+
+
+def test_pooled_bootstrap_weighs_datasets_alike_and_teaches():
+    rng = np.random.default_rng(1)
+    small = (np.ones((3, 10)), np.zeros((3, 10)))                               # +1 on 10 items
+    large = (rng.integers(0, 2, (3, 2000)), rng.integers(0, 2, (3, 2000)))       # ≈ 0 on 2,000 items
+    r = pooled_paired_bootstrap([small, large], resamples=500)
+    assert r.mean == pytest.approx((1.0 + float((large[0] - large[1]).mean())) / 2)
+    assert r.low <= r.mean <= r.high and str(r).startswith("+")
+    swapped = pooled_paired_bootstrap([(small[1], small[0]), (large[1], large[0])], resamples=500)
+    assert swapped.mean == pytest.approx(-r.mean)
+    with pytest.raises(ValueError, match="at least one"):
+        pooled_paired_bootstrap([])
+    with pytest.raises(ValueError, match=r"pairs\[1\] must pair seeds and items"):
+        pooled_paired_bootstrap([small, (np.ones((2, 5)), np.ones((3, 5)))])

@@ -33,7 +33,7 @@ from tera_tn import TeRASpec
 from experiments.study.plans import TERA_BASE, Contender, Stage
 from experiments.study.results import ResultsFile
 from experiments.study.runner import MAX_EXTENSIONS, choose_rate, extend_grid, run_key, stage_budget
-from tera_tn.analysis.stats import mean_interval, paired_bootstrap
+from tera_tn.analysis.stats import mean_interval, paired_bootstrap, pooled_paired_bootstrap
 
 __all__ = ["Outcome", "collect", "generative_section", "publish", "render", "write_page"]
 
@@ -364,6 +364,29 @@ def statements(outcomes: list[Outcome]) -> list[str]:
     return sorted(lines, key=lambda s: (" leads " in s or " ties " in s))
 
 
+def pooled_statements(outcomes: Sequence[Outcome]) -> list[str]:
+    """The TeRA default against each reference pooled over the datasets where both finished with
+    per-example predictions (each dataset weighs the same: :func:`pooled_paired_bootstrap`)."""
+    by = {(o.dataset, o.name): o for o in outcomes}
+    lines = []
+    for ref_name, ref_label in REFERENCES.items():
+        pairs, names = [], []
+        for dataset in dict.fromkeys(o.dataset for o in outcomes):
+            a, b = by.get((dataset, DEFAULT)), by.get((dataset, ref_name))
+            if a is None or b is None or a.lr is None or b.lr is None:
+                continue
+            seeds = sorted(set(a.test) & set(b.test))
+            ca, cb = correctness(a, seeds), correctness(b, seeds)
+            if ca is not None and cb is not None:
+                pairs.append((ca, cb))
+                names.append(dataset)
+        if len(pairs) > 1:
+            lines.append(f"Pooled over {len(pairs)} datasets ({', '.join(names)}; each weighs the same, items and "
+                         f"seeds resampled within each), {LABELS[DEFAULT]} minus {ref_label}: "
+                         f"{pooled_paired_bootstrap(pairs)} points (95 % interval).")
+    return lines
+
+
 def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]], *,
            all_plans: Mapping[str, Sequence[Stage]] | None = None, figures: Mapping[str, str] | None = None,
            lm_records: Sequence[Mapping[str, Any]] | None = None, lm_card: Mapping[str, Any] | None = None) -> str:
@@ -390,7 +413,7 @@ def render(plan: str, stages: Sequence[Stage], records: list[Mapping[str, Any]],
     if figures:
         out += [f"![Test accuracy against trainable parameters]({figures['frontier']})", "",
                 f"![Validation accuracy against learning rate]({figures['lr']})", ""]
-    said = statements(outcomes)
+    said = statements(outcomes) + pooled_statements(outcomes)
     out += ["### Where TeRA stands against LoRA and VeRA", ""]
     out += [f"- {s}" for s in said] or ["- No TeRA configuration and reference share a finished dataset yet."]
     out.append("")

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["PairedDifference", "mean_interval", "paired_bootstrap", "sampling_error"]
+__all__ = ["PairedDifference", "PooledDifference", "mean_interval", "paired_bootstrap", "pooled_paired_bootstrap",
+           "sampling_error"]
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, Optional[float]]:
@@ -97,7 +98,20 @@ def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed
         raise ValueError(f"level must be in (0, 1), got {level}")
     d = a - b                                   # (seeds, items) of -1, 0, 1
     n_seeds, n_items = d.shape
-    rng = np.random.default_rng(seed)
+    out = _resampled_differences(d, np.random.default_rng(seed), resamples, resample_seeds)
+    tail = (1 - level) / 2
+    low, high = np.quantile(out, [tail, 1 - tail])
+    seed_means = d.mean(axis=1)
+    _, half = mean_interval(seed_means.tolist(), level) if n_seeds > 1 else (None, None)
+    # one seed's difference of accuracies on the same items: the variance of the per-item difference
+    se = float(np.sqrt(d.var(axis=1, ddof=1).mean() / n_items)) if n_items > 1 else float("nan")
+    return PairedDifference(mean=float(d.mean()), low=float(low), high=float(high), level=level, seeds=n_seeds,
+                            items=n_items, seed_half=half, sampling_error=se)
+
+
+def _resampled_differences(d: np.ndarray, rng: np.random.Generator, resamples: int, resample_seeds: bool) -> np.ndarray:
+    """``resamples`` bootstrap means of the ``(seeds, items)`` differences ``d`` (see :func:`paired_bootstrap`)."""
+    n_seeds, n_items = d.shape
     out = np.empty(resamples)
     chunk = max(1, 2_000_000 // (n_seeds * n_items))
     for start in range(0, resamples, chunk):
@@ -108,11 +122,50 @@ def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed
             pick = rng.integers(0, n_seeds, size=(k, n_seeds))
             per_seed = np.take_along_axis(per_seed, pick, axis=1)
         out[start:start + k] = per_seed.mean(axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class PooledDifference:
+    """The mean over datasets of paired differences of accuracy, with its bootstrap interval
+    (:func:`pooled_paired_bootstrap`); fractions, not points."""
+
+    mean: float
+    low: float
+    high: float
+    level: float
+    datasets: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
+
+def pooled_paired_bootstrap(pairs, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> PooledDifference:
+    """Mean over datasets of ``mean(a) − mean(b)``, each dataset weighing the same, with an item- and
+    seed-level bootstrap interval.
+
+    ``pairs`` holds one ``(a, b)`` per dataset, ``(seeds, items)`` correctness arrays as in
+    :func:`paired_bootstrap` (items and seeds may differ between datasets). Each resample draws
+    every dataset's items and seeds as :func:`paired_bootstrap` does, from one generator, and
+    averages the datasets' differences; with one dataset it is :func:`paired_bootstrap`'s interval.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pooled_paired_bootstrap needs at least one (a, b) pair, got none")
+    if resamples < 100:
+        raise ValueError(f"resamples must be at least 100, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    means = []
+    for i, (a, b) in enumerate(pairs):
+        a, b = _correctness(a, f"pairs[{i}][0]"), _correctness(b, f"pairs[{i}][1]")
+        if a.shape != b.shape:
+            raise ValueError(f"pairs[{i}] must pair seeds and items, got shapes {a.shape} and {b.shape}")
+        d = a - b
+        means.append(float(d.mean()))
+        total += _resampled_differences(d, rng, resamples, True)
     tail = (1 - level) / 2
-    low, high = np.quantile(out, [tail, 1 - tail])
-    seed_means = d.mean(axis=1)
-    _, half = mean_interval(seed_means.tolist(), level) if n_seeds > 1 else (None, None)
-    # one seed's difference of accuracies on the same items: the variance of the per-item difference
-    se = float(np.sqrt(d.var(axis=1, ddof=1).mean() / n_items)) if n_items > 1 else float("nan")
-    return PairedDifference(mean=float(d.mean()), low=float(low), high=float(high), level=level, seeds=n_seeds,
-                            items=n_items, seed_half=half, sampling_error=se)
+    low, high = np.quantile(total / len(pairs), [tail, 1 - tail])
+    return PooledDifference(float(np.mean(means)), float(low), float(high), level, len(pairs))
